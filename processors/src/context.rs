@@ -1,0 +1,393 @@
+//! Context: what is happening with a customer right now, keyed by canonical id —
+//! the current session, the cart, recent interactions across channels, and active
+//! engagements (an open support case with its chat transcript, so a phone agent sees
+//! the chat). Each part has its TTL from `topology.yaml`; expired parts vanish from
+//! reads at once, and a durable timer rewrites (or tombstones) the `context` record when
+//! they expire. On a merge the anonymous cart and session follow the customer.
+
+use crate::processor::{Ctx, ProcessError, Processor, Record};
+use crate::resolved::{forward_state_on_merge, parse_record, AbsorbBody, Kind, MergeBody, Resolved, RESOLVED_TOPIC};
+use crate::task::ProcessorSpec;
+use crate::topology::{ContextConfig, Topology};
+use chorus_schemas::Event;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+pub const NAME: &str = "context";
+pub const STORE: &str = "context";
+pub const TOPIC: &str = "context";
+
+pub fn spec(topology: &Topology) -> ProcessorSpec {
+    let config = topology.context.clone();
+    ProcessorSpec {
+        name: NAME,
+        inputs: vec![RESOLVED_TOPIC.into()],
+        stores: vec![STORE],
+        outputs: vec![TOPIC.into(), RESOLVED_TOPIC.into()],
+        factory: Box::new(move || Box::new(ContextStage { config: config.clone() })),
+    }
+}
+
+pub struct ContextStage {
+    config: ContextConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Session {
+    pub id: String,
+    pub channel: Option<String>,
+    pub device: Option<String>,
+    pub started: i64,
+    pub last_activity: i64,
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CartItem {
+    pub product_id: String,
+    pub category: Option<String>,
+    pub price: f64,
+    pub quantity: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cart {
+    pub items: BTreeMap<String, CartItem>,
+    pub value: f64,
+    pub channel: Option<String>,
+    pub updated_at: i64,
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Interaction {
+    pub event_type: String,
+    pub channel: Option<String>,
+    pub at: i64,
+    pub details: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TranscriptLine {
+    pub at: i64,
+    pub channel: Option<String>,
+    pub agent: Option<String>,
+    pub text: Option<String>,
+    pub duration_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SupportCase {
+    pub case_id: String,
+    pub subject: Option<String>,
+    pub opened_at: i64,
+    pub channel: Option<String>,
+    pub transcript: Vec<TranscriptLine>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Engagements {
+    pub support_case: Option<SupportCase>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CustomerContext {
+    pub canonical_id: String,
+    pub session: Option<Session>,
+    pub cart: Option<Cart>,
+    pub recent_interactions: Vec<Interaction>,
+    pub engagements: Engagements,
+    pub updated_at: i64,
+    /// When the expiry timer is set for, so it can be moved.
+    #[serde(default)]
+    pub timer_at: Option<i64>,
+}
+
+impl CustomerContext {
+    fn new(id: &str) -> Self {
+        CustomerContext { canonical_id: id.to_owned(), ..Default::default() }
+    }
+
+    /// Drop what has expired at `now`. Returns whether anything changed.
+    pub fn expire(&mut self, now: i64, config: &ContextConfig) -> bool {
+        let before = (self.session.is_some(), self.cart.is_some(), self.recent_interactions.len());
+        if self.session.as_ref().is_some_and(|s| s.expires_at <= now) {
+            self.session = None;
+        }
+        if self.cart.as_ref().is_some_and(|c| c.expires_at <= now) {
+            self.cart = None;
+        }
+        let ttl = config.recent_interactions.ttl.ms();
+        self.recent_interactions.retain(|i| i.at.saturating_add(ttl) > now);
+        before != (self.session.is_some(), self.cart.is_some(), self.recent_interactions.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.session.is_none()
+            && self.cart.is_none()
+            && self.recent_interactions.is_empty()
+            && self.engagements.support_case.is_none()
+    }
+
+    /// The earliest time something in here expires.
+    fn next_expiry(&self, config: &ContextConfig) -> Option<i64> {
+        let ttl = config.recent_interactions.ttl.ms();
+        [
+            self.session.as_ref().map(|s| s.expires_at),
+            self.cart.as_ref().map(|c| c.expires_at),
+            self.recent_interactions.iter().map(|i| i.at.saturating_add(ttl)).min(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    pub fn apply(&mut self, event: &Event, now: i64, config: &ContextConfig) {
+        let at = event.timestamp_ms;
+        self.expire(now, config);
+        self.touch_session(event, config);
+        match event.event_type.as_str() {
+            "cart.item_added" | "cart.item_removed" => self.update_cart(event, config),
+            "order.completed" => self.cart = None,
+            "support.case_opened" => {
+                self.engagements.support_case = Some(SupportCase {
+                    case_id: event.payload_str("case_id").unwrap_or(&event.event_id).to_owned(),
+                    subject: event.payload_str("subject").map(str::to_owned),
+                    opened_at: at,
+                    channel: event.channel.clone(),
+                    transcript: Vec::new(),
+                })
+            }
+            "support.case_closed" => {
+                let closes = match (&self.engagements.support_case, event.payload_str("case_id")) {
+                    (Some(case), Some(id)) => case.case_id == id,
+                    (Some(_), None) => true,
+                    (None, _) => false,
+                };
+                if closes {
+                    self.engagements.support_case = None;
+                }
+            }
+            "chat.message" | "call.completed" => {
+                if let Some(case) = self.engagements.support_case.as_mut() {
+                    let same_case = event.payload_str("case_id").is_none_or(|id| id == case.case_id);
+                    if same_case {
+                        case.transcript.push(TranscriptLine {
+                            at,
+                            channel: event.channel.clone(),
+                            agent: event.payload_str("agent").map(str::to_owned),
+                            text: event.payload_str("text").map(str::to_owned),
+                            duration_s: event.payload_f64("duration_s"),
+                        });
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.recent_interactions.push(Interaction {
+            event_type: event.event_type.clone(),
+            channel: event.channel.clone(),
+            at,
+            details: event.payload.clone(),
+        });
+        self.recent_interactions.sort_by_key(|i| i.at);
+        let max = config.recent_interactions.max;
+        if self.recent_interactions.len() > max {
+            let excess = self.recent_interactions.len() - max;
+            self.recent_interactions.drain(..excess);
+        }
+    }
+
+    fn touch_session(&mut self, event: &Event, config: &ContextConfig) {
+        let at = event.timestamp_ms;
+        let timeout = config.session_timeout.ms();
+        let continues = match (&self.session, &event.session_id) {
+            (Some(s), Some(id)) => &s.id == id,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if continues {
+            if let Some(s) = self.session.as_mut() {
+                s.last_activity = s.last_activity.max(at);
+                s.expires_at = s.last_activity.saturating_add(timeout);
+                if event.channel.is_some() {
+                    s.channel = event.channel.clone();
+                }
+                if event.context.device_type.is_some() {
+                    s.device = event.context.device_type.clone();
+                }
+            }
+        } else {
+            self.session = Some(Session {
+                id: event.session_id.clone().unwrap_or_else(|| format!("s_{}", event.event_id)),
+                channel: event.channel.clone(),
+                device: event.context.device_type.clone(),
+                started: at,
+                last_activity: at,
+                expires_at: at.saturating_add(timeout),
+            });
+        }
+    }
+
+    fn update_cart(&mut self, event: &Event, config: &ContextConfig) {
+        let at = event.timestamp_ms;
+        let Some(product_id) = event.payload_str("product_id") else { return };
+        let quantity = event.payload_f64("quantity").unwrap_or(1.0).max(0.0) as i64;
+        let cart = self.cart.get_or_insert_with(|| Cart {
+            items: BTreeMap::new(),
+            value: 0.0,
+            channel: None,
+            updated_at: at,
+            expires_at: at,
+        });
+        if event.event_type == "cart.item_added" {
+            let item = cart.items.entry(product_id.to_owned()).or_insert_with(|| CartItem {
+                product_id: product_id.to_owned(),
+                category: event.payload_str("category").map(str::to_owned),
+                price: event.payload_f64("price").unwrap_or(0.0),
+                quantity: 0,
+            });
+            item.quantity += quantity.max(1);
+            if let Some(price) = event.payload_f64("price") {
+                item.price = price;
+            }
+        } else if let Some(item) = cart.items.get_mut(product_id) {
+            item.quantity -= quantity.max(1);
+            if item.quantity <= 0 {
+                cart.items.remove(product_id);
+            }
+        }
+        cart.channel = event.channel.clone().or(cart.channel.take());
+        cart.updated_at = cart.updated_at.max(at);
+        cart.expires_at = cart.updated_at.saturating_add(config.cart_ttl.ms());
+        cart.value = (cart.items.values().map(|i| i.price * i.quantity as f64).sum::<f64>() * 100.0).round() / 100.0;
+        if cart.items.is_empty() {
+            self.cart = None;
+        }
+    }
+
+    /// Fold the context of a merged-away id of the same customer into this one.
+    pub fn absorb(&mut self, other: CustomerContext, config: &ContextConfig) {
+        match (&self.session, other.session) {
+            (Some(mine), Some(theirs)) if theirs.last_activity > mine.last_activity => self.session = Some(theirs),
+            (None, theirs) => self.session = theirs,
+            _ => {}
+        }
+        if let Some(theirs) = other.cart {
+            match self.cart.as_mut() {
+                None => self.cart = Some(theirs),
+                Some(mine) => {
+                    for (id, item) in theirs.items {
+                        mine.items.entry(id).and_modify(|i| i.quantity += item.quantity).or_insert(item);
+                    }
+                    mine.updated_at = mine.updated_at.max(theirs.updated_at);
+                    mine.expires_at = mine.updated_at.saturating_add(config.cart_ttl.ms());
+                    mine.value = (mine.items.values().map(|i| i.price * i.quantity as f64).sum::<f64>() * 100.0).round() / 100.0;
+                }
+            }
+        }
+        self.recent_interactions.extend(other.recent_interactions);
+        self.recent_interactions.sort_by_key(|i| i.at);
+        let max = config.recent_interactions.max;
+        if self.recent_interactions.len() > max {
+            let excess = self.recent_interactions.len() - max;
+            self.recent_interactions.drain(..excess);
+        }
+        if self.engagements.support_case.is_none() {
+            self.engagements.support_case = other.engagements.support_case;
+        }
+    }
+
+    /// The record published on `context` and served by the API.
+    pub fn snapshot(&self) -> Value {
+        serde_json::json!({
+            "canonical_id": self.canonical_id,
+            "session": self.session,
+            "cart": self.cart.as_ref().map(|c| serde_json::json!({
+                "items": c.items.values().collect::<Vec<_>>(),
+                "value": c.value,
+                "channel": c.channel,
+                "updated_at": c.updated_at,
+                "expires_at": c.expires_at,
+            })),
+            "recent_interactions": self.recent_interactions,
+            "engagements": self.engagements,
+            "updated_at": self.updated_at,
+        })
+    }
+}
+
+impl Processor for ContextStage {
+    fn process(&mut self, ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
+        let resolved: Resolved = parse_record(record)?;
+        match resolved.kind {
+            Kind::Event => {
+                let mut event: Event = serde_json::from_value(resolved.body)
+                    .map_err(|e| ProcessError::reject("invalid_resolved", e.to_string()))?;
+                event.timestamp_ms = resolved.at;
+                if event.event_type == "identify" {
+                    return Ok(());
+                }
+                let id = resolved.canonical_id;
+                let mut context = self.load(ctx, &id)?;
+                context.apply(&event, ctx.now, &self.config);
+                ctx.mark_visible(resolved.at);
+                self.save(ctx, context)
+            }
+            Kind::Merge => {
+                let merge: MergeBody = serde_json::from_value(resolved.body)
+                    .map_err(|e| ProcessError::reject("invalid_resolved", e.to_string()))?;
+                forward_state_on_merge(ctx, NAME, STORE, &merge, Some(TOPIC))
+            }
+            Kind::Absorb => {
+                let absorb: AbsorbBody = serde_json::from_value(resolved.body)
+                    .map_err(|e| ProcessError::reject("invalid_resolved", e.to_string()))?;
+                if absorb.stage != NAME {
+                    return Ok(());
+                }
+                let other: CustomerContext = serde_json::from_value(absorb.state)
+                    .map_err(|e| ProcessError::reject("invalid_resolved", e.to_string()))?;
+                let mut context = self.load(ctx, &resolved.canonical_id)?;
+                context.absorb(other, &self.config);
+                context.expire(ctx.now, &self.config);
+                self.save(ctx, context)
+            }
+            Kind::Request | Kind::Consent | Kind::Tick => Ok(()),
+        }
+    }
+
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>, key: &[u8], _payload: &[u8]) -> Result<(), ProcessError> {
+        let id = String::from_utf8_lossy(key).into_owned();
+        let Some(mut context) = ctx.get_json::<CustomerContext>(STORE, &id)? else { return Ok(()) };
+        context.timer_at = None;
+        context.expire(ctx.now, &self.config);
+        self.save(ctx, context)
+    }
+}
+
+impl ContextStage {
+    fn load(&self, ctx: &mut Ctx<'_>, id: &str) -> Result<CustomerContext, ProcessError> {
+        Ok(ctx.get_json::<CustomerContext>(STORE, id)?.unwrap_or_else(|| CustomerContext::new(id)))
+    }
+
+    /// Persist, publish, and move the expiry timer to the next expiry.
+    fn save(&self, ctx: &mut Ctx<'_>, mut context: CustomerContext) -> Result<(), ProcessError> {
+        let id = context.canonical_id.clone();
+        if let Some(old) = context.timer_at.take() {
+            ctx.cancel(old, id.as_bytes())?;
+        }
+        if context.is_empty() {
+            ctx.delete(STORE, &id)?;
+            ctx.emit_tombstone(TOPIC, &id);
+            return Ok(());
+        }
+        if let Some(at) = context.next_expiry(&self.config) {
+            ctx.schedule(at, id.as_bytes(), &[])?;
+            context.timer_at = Some(at);
+        }
+        context.updated_at = ctx.now;
+        ctx.put_json(STORE, &id, &context)?;
+        ctx.emit_json(TOPIC, &id, &context.snapshot())
+    }
+}

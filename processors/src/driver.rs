@@ -1,0 +1,233 @@
+//! The TestDriver runs a whole topology in memory, in the spirit of Kafka Streams'
+//! TopologyTestDriver, but with partitions: every topic has its configured number of
+//! partitions (keys placed by Kafka's murmur2), every processor has one task per
+//! partition with its own stores, and which pending record is processed next is chosen
+//! by a seeded RNG. The same seed gives the same run; many seeds explore many
+//! interleavings, so invariants can be property-tested across partition counts.
+
+use crate::partition::partition_for;
+use crate::processor::{Counter, Output, ProcessError, Record};
+use crate::store::{MemStoreSet, StoreSet};
+use crate::task::{ProcessorSpec, Task};
+use crate::topology::Topology;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
+use std::collections::{BTreeMap, VecDeque};
+
+/// A record as it sits in a topic partition of the driver.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggedRecord {
+    pub partition: u32,
+    pub offset: i64,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+    pub timestamp: i64,
+}
+
+impl LoggedRecord {
+    pub fn key_str(&self) -> String {
+        String::from_utf8_lossy(&self.key).into_owned()
+    }
+
+    pub fn json(&self) -> Option<Value> {
+        self.value.as_deref().and_then(|v| serde_json::from_slice(v).ok())
+    }
+}
+
+struct DriverTask {
+    task: Task,
+    stores: MemStoreSet,
+}
+
+/// Index into `specs` and partition.
+type TaskId = (usize, u32);
+
+pub struct TestDriver {
+    topology: Topology,
+    specs: Vec<ProcessorSpec>,
+    tasks: BTreeMap<TaskId, DriverTask>,
+    /// Pending input per task and input topic, in log order.
+    queues: BTreeMap<(TaskId, String), VecDeque<Record>>,
+    logs: BTreeMap<String, Vec<Vec<LoggedRecord>>>,
+    rng: ChaCha8Rng,
+    wall_now: i64,
+    counters: BTreeMap<Counter, u64>,
+}
+
+impl TestDriver {
+    /// A driver for the standard pipeline.
+    pub fn new(topology: Topology, seed: u64) -> TestDriver {
+        let specs = crate::processor_specs(&topology);
+        TestDriver::with_specs(topology, specs, seed)
+    }
+
+    pub fn with_specs(topology: Topology, specs: Vec<ProcessorSpec>, seed: u64) -> TestDriver {
+        let mut tasks = BTreeMap::new();
+        for (i, spec) in specs.iter().enumerate() {
+            let partitions = spec.inputs.iter().map(|t| topology.partitions_of(t)).max().unwrap_or(1);
+            for p in 0..partitions {
+                let stores = MemStoreSet::with_stores(spec.all_stores());
+                tasks.insert((i, p), DriverTask { task: Task::new(spec, &topology, p), stores });
+            }
+        }
+        TestDriver {
+            topology,
+            specs,
+            tasks,
+            queues: BTreeMap::new(),
+            logs: BTreeMap::new(),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            wall_now: 0,
+            counters: BTreeMap::new(),
+        }
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Set the wall clock (used under `clock: wall`).
+    pub fn set_wall_clock(&mut self, ms: i64) {
+        self.wall_now = ms;
+    }
+
+    /// Append a record to a topic, as a producer would.
+    pub fn pipe(&mut self, topic: &str, key: &[u8], value: Option<Vec<u8>>, timestamp: i64) {
+        self.append(Output { topic: topic.to_owned(), key: key.to_vec(), value, timestamp, partition: None });
+    }
+
+    pub fn pipe_json(&mut self, topic: &str, key: &str, value: &Value, timestamp: i64) {
+        self.pipe(topic, key.as_bytes(), Some(value.to_string().into_bytes()), timestamp);
+    }
+
+    /// Append to every partition of a topic (clock ticks).
+    pub fn broadcast_json(&mut self, topic: &str, key: &str, value: &Value, timestamp: i64) {
+        for p in 0..self.topology.partitions_of(topic) {
+            self.append(Output {
+                topic: topic.to_owned(),
+                key: key.as_bytes().to_vec(),
+                value: Some(value.to_string().into_bytes()),
+                timestamp,
+                partition: Some(p),
+            });
+        }
+    }
+
+    fn append(&mut self, out: Output) {
+        let partitions = self.topology.partitions_of(&out.topic);
+        let partition = out.partition.unwrap_or_else(|| partition_for(&out.key, partitions)) % partitions;
+        let log = self.logs.entry(out.topic.clone()).or_insert_with(|| vec![Vec::new(); partitions as usize]);
+        let offset = log[partition as usize].len() as i64;
+        log[partition as usize].push(LoggedRecord {
+            partition,
+            offset,
+            key: out.key.clone(),
+            value: out.value.clone(),
+            timestamp: out.timestamp,
+        });
+        for (i, spec) in self.specs.iter().enumerate() {
+            if spec.inputs.contains(&out.topic) {
+                let record = Record {
+                    topic: out.topic.clone(),
+                    partition,
+                    offset,
+                    key: Some(out.key.clone()),
+                    value: out.value.clone(),
+                    timestamp: out.timestamp,
+                };
+                self.queues.entry(((i, partition), out.topic.clone())).or_default().push_back(record);
+            }
+        }
+    }
+
+    /// Process pending records, one at a time in a seeded random order, until none is
+    /// left. Returns how many were processed.
+    pub fn run(&mut self) -> Result<usize, ProcessError> {
+        let mut processed = 0;
+        loop {
+            let ready: Vec<(TaskId, String)> =
+                self.queues.iter().filter(|(_, q)| !q.is_empty()).map(|(k, _)| k.clone()).collect();
+            if ready.is_empty() {
+                return Ok(processed);
+            }
+            let pick = ready[self.rng.random_range(0..ready.len())].clone();
+            let record = self.queues.get_mut(&pick).and_then(VecDeque::pop_front).expect("picked a non-empty queue");
+            let (task_id, _) = pick;
+            let wall_now = self.wall_now;
+            let entry = self.tasks.get_mut(&task_id).expect("every queue belongs to a task");
+            let out = entry.task.process(&mut entry.stores, &record, wall_now)?;
+            self.absorb(out);
+            processed += 1;
+        }
+    }
+
+    /// Fire due timers on every task (wall-clock punctuation), then run.
+    pub fn punctuate(&mut self) -> Result<usize, ProcessError> {
+        let ids: Vec<TaskId> = self.tasks.keys().copied().collect();
+        for id in ids {
+            let wall_now = self.wall_now;
+            let entry = self.tasks.get_mut(&id).expect("listed task");
+            let out = entry.task.punctuate(&mut entry.stores, wall_now)?;
+            self.absorb(out);
+        }
+        self.run()
+    }
+
+    fn absorb(&mut self, out: crate::task::TaskOutput) {
+        for c in out.counters {
+            *self.counters.entry(c).or_default() += 1;
+        }
+        for o in out.outputs {
+            self.append(o);
+        }
+    }
+
+    /// Every record of a topic, partition by partition, each in offset order.
+    pub fn read(&self, topic: &str) -> Vec<LoggedRecord> {
+        self.logs.get(topic).map(|parts| parts.iter().flatten().cloned().collect()).unwrap_or_default()
+    }
+
+    /// The latest value per key of a topic (what compaction keeps); tombstones remove.
+    pub fn table(&self, topic: &str) -> BTreeMap<String, Value> {
+        let mut table = BTreeMap::new();
+        for r in self.read(topic) {
+            match r.json() {
+                Some(v) => {
+                    table.insert(r.key_str(), v);
+                }
+                None => {
+                    table.remove(&r.key_str());
+                }
+            }
+        }
+        table
+    }
+
+    pub fn counter(&self, name: &str, label: &str) -> u64 {
+        self.counters
+            .iter()
+            .filter(|(c, _)| c.name == name && c.label == label)
+            .map(|(_, n)| *n)
+            .sum()
+    }
+
+    /// A stored value of a processor's store, looked up in the partition owning `key`
+    /// under `topic`'s partitioning; decoded from its expiry header.
+    pub fn store_get(&mut self, processor: &str, store: &str, partition: u32, key: &str) -> Option<Vec<u8>> {
+        let i = self.specs.iter().position(|s| s.name == processor)?;
+        let entry = self.tasks.get_mut(&(i, partition))?;
+        let stored = entry.stores.store(store).ok()?.get(key.as_bytes()).ok()??;
+        crate::store::decode_value(key.as_bytes(), &stored).ok().map(|(_, v)| v)
+    }
+
+    /// Total entries of a store across partitions.
+    pub fn store_len(&mut self, processor: &str, store: &str) -> u64 {
+        let Some(i) = self.specs.iter().position(|s| s.name == processor) else { return 0 };
+        self.tasks
+            .iter_mut()
+            .filter(|((s, _), _)| *s == i)
+            .filter_map(|(_, t)| t.stores.store(store).ok().map(|s| s.approximate_len()))
+            .sum()
+    }
+}

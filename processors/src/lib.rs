@@ -1,0 +1,33 @@
+//! chorus business logic. Everything here is pure: processors are functions of
+//! (stores, record, now) → outputs and timers, with no Kafka, RocksDB, threads or clocks,
+//! so every rule runs in the in-memory [`TestDriver`] in microseconds, across any number
+//! of partitions and any interleaving. The Kafka runtime (`src/`) drives the very same
+//! [`Task`] code with RocksDB-backed stores.
+
+pub mod context;
+pub mod driver;
+pub mod identity;
+pub mod orchestrator;
+pub mod partition;
+pub mod processor;
+pub mod profile;
+pub mod resolved;
+pub mod store;
+pub mod task;
+pub mod topology;
+
+pub use driver::TestDriver;
+pub use processor::{Counter, Ctx, Output, ProcessError, Processor, Record};
+pub use store::{MemStore, Store, StoreError, StoreSet};
+pub use task::{ProcessorSpec, Task};
+pub use topology::{ConfigError, Topology};
+
+/// The processors of the pipeline, in pipeline order.
+pub fn processor_specs(topology: &Topology) -> Vec<ProcessorSpec> {
+    vec![
+        identity::spec(topology),
+        profile::spec(topology),
+        context::spec(topology),
+        orchestrator::spec(topology),
+    ]
+}

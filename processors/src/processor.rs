@@ -1,0 +1,217 @@
+//! The Processor API: a processor sees one record at a time with its key, reads and
+//! writes the named stores handed to it, emits records to output topics and schedules
+//! timers — all through [`Ctx`], with `now` given, never read from a clock.
+
+use crate::store::{decode_value, encode_value, prefix_end, StoreError, StoreSet};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// An input record as consumed from a topic partition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    /// Record timestamp, ms since the epoch.
+    pub timestamp: i64,
+}
+
+/// A record to produce. `partition: None` lets the key choose (murmur2, as Kafka does).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub topic: String,
+    pub key: Vec<u8>,
+    /// `None` is a tombstone.
+    pub value: Option<Vec<u8>>,
+    pub timestamp: i64,
+    pub partition: Option<u32>,
+}
+
+/// A metric increment a processor asks the runtime to record (processors stay free of
+/// any metrics library).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Counter {
+    pub name: &'static str,
+    pub label: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The input record is bad; it goes to `events.dlq` with this reason and processing
+    /// continues.
+    #[error("{reason}: {detail}")]
+    Reject { reason: &'static str, detail: String },
+    /// The task cannot go on (storage failure); the runtime aborts the transaction.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot encode {what}: {message}")]
+    Encode { what: String, message: String },
+}
+
+impl ProcessError {
+    pub fn reject(reason: &'static str, detail: impl Into<String>) -> Self {
+        ProcessError::Reject { reason, detail: detail.into() }
+    }
+}
+
+/// Store holding scheduled timers: key = due time (8 bytes BE) ++ timer key.
+pub const TIMERS_STORE: &str = "__timers";
+/// Store indexing expiring entries: key = expiry (8 bytes BE) ++ store ++ 0 ++ key.
+pub const EXPIRY_STORE: &str = "__expiry";
+
+/// Everything a processor may touch while handling one record or timer.
+pub struct Ctx<'a> {
+    pub now: i64,
+    pub partition: u32,
+    stores: &'a mut dyn StoreSet,
+    partitions: &'a BTreeMap<String, u32>,
+    pub(crate) outputs: Vec<Output>,
+    pub(crate) counters: Vec<Counter>,
+    pub(crate) visible: Vec<i64>,
+}
+
+impl<'a> Ctx<'a> {
+    pub fn new(now: i64, partition: u32, stores: &'a mut dyn StoreSet, partitions: &'a BTreeMap<String, u32>) -> Self {
+        Ctx { now, partition, stores, partitions, outputs: Vec::new(), counters: Vec::new(), visible: Vec::new() }
+    }
+
+    /// Partition count of a topic (1 when the topology does not know it).
+    pub fn partitions(&self, topic: &str) -> u32 {
+        self.partitions.get(topic).copied().unwrap_or(1)
+    }
+
+    /// Raw value of a live (unexpired) entry.
+    pub fn get_bytes(&mut self, store: &str, key: &[u8]) -> Result<Option<Vec<u8>>, ProcessError> {
+        let now = self.now;
+        let Some(stored) = self.stores.store(store)?.get(key)? else { return Ok(None) };
+        let (expires_at, value) = decode_value(key, &stored)?;
+        Ok((expires_at == 0 || expires_at > now).then_some(value))
+    }
+
+    pub fn get_json<T: DeserializeOwned>(&mut self, store: &str, key: &str) -> Result<Option<T>, ProcessError> {
+        match self.get_bytes(store, key.as_bytes())? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                ProcessError::Store(StoreError::Corrupt { key: key.to_owned(), message: e.to_string() })
+            }),
+        }
+    }
+
+    pub fn put_bytes(&mut self, store: &str, key: &[u8], value: &[u8], expires_at: Option<i64>) -> Result<(), ProcessError> {
+        let expires_at = expires_at.unwrap_or(0);
+        self.stores.store(store)?.put(key, encode_value(expires_at, value))?;
+        if expires_at > 0 {
+            let mut index_key = (expires_at as u64).to_be_bytes().to_vec();
+            index_key.extend_from_slice(store.as_bytes());
+            index_key.push(0);
+            index_key.extend_from_slice(key);
+            self.stores.store(EXPIRY_STORE)?.put(&index_key, Vec::new())?;
+        }
+        Ok(())
+    }
+
+    pub fn put_json<T: Serialize>(&mut self, store: &str, key: &str, value: &T) -> Result<(), ProcessError> {
+        let bytes = to_json_bytes(value, store)?;
+        self.put_bytes(store, key.as_bytes(), &bytes, None)
+    }
+
+    /// Store a value that disappears at `expires_at` (event or wall time, as `now`).
+    pub fn put_json_expiring<T: Serialize>(
+        &mut self,
+        store: &str,
+        key: &str,
+        value: &T,
+        expires_at: i64,
+    ) -> Result<(), ProcessError> {
+        let bytes = to_json_bytes(value, store)?;
+        self.put_bytes(store, key.as_bytes(), &bytes, Some(expires_at))
+    }
+
+    pub fn delete(&mut self, store: &str, key: &str) -> Result<(), ProcessError> {
+        self.stores.store(store)?.delete(key.as_bytes())?;
+        Ok(())
+    }
+
+    /// Live entries whose key starts with `prefix`, in key order.
+    pub fn scan_prefix(&mut self, store: &str, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, ProcessError> {
+        let now = self.now;
+        let rows = self.stores.store(store)?.range(prefix.as_bytes(), &prefix_end(prefix.as_bytes()), limit)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (k, stored) in rows {
+            let (expires_at, value) = decode_value(&k, &stored)?;
+            if expires_at == 0 || expires_at > now {
+                out.push((String::from_utf8_lossy(&k).into_owned(), value));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn emit_json<T: Serialize>(&mut self, topic: &str, key: &str, value: &T) -> Result<(), ProcessError> {
+        let bytes = to_json_bytes(value, topic)?;
+        self.emit(topic, key.as_bytes(), Some(bytes), None);
+        Ok(())
+    }
+
+    pub fn emit_tombstone(&mut self, topic: &str, key: &str) {
+        self.emit(topic, key.as_bytes(), None, None);
+    }
+
+    pub fn emit(&mut self, topic: &str, key: &[u8], value: Option<Vec<u8>>, partition: Option<u32>) {
+        self.outputs.push(Output { topic: topic.to_owned(), key: key.to_vec(), value, timestamp: self.now, partition });
+    }
+
+    /// Fire `on_timer(key, payload)` once `now >= at`. Timers live in a store, so they
+    /// survive restarts and follow their partition on a rebalance.
+    pub fn schedule(&mut self, at: i64, key: &[u8], payload: &[u8]) -> Result<(), ProcessError> {
+        let timer_key = timer_key(at, key);
+        self.stores.store(TIMERS_STORE)?.put(&timer_key, encode_value(0, payload))?;
+        Ok(())
+    }
+
+    pub fn cancel(&mut self, at: i64, key: &[u8]) -> Result<(), ProcessError> {
+        self.stores.store(TIMERS_STORE)?.delete(&timer_key(at, key))?;
+        Ok(())
+    }
+
+    pub fn count(&mut self, name: &'static str, label: impl Into<String>) {
+        self.counters.push(Counter { name, label: label.into() });
+    }
+
+    /// The effect of an event that happened at `event_at` is now visible to readers
+    /// once this step commits (feeds the end-to-end latency metric).
+    pub fn mark_visible(&mut self, event_at: i64) {
+        self.visible.push(event_at);
+    }
+
+    pub(crate) fn stores(&mut self) -> &mut dyn StoreSet {
+        self.stores
+    }
+}
+
+pub(crate) fn timer_key(at: i64, key: &[u8]) -> Vec<u8> {
+    let mut k = (at.max(0) as u64).to_be_bytes().to_vec();
+    k.extend_from_slice(key);
+    k
+}
+
+fn to_json_bytes<T: Serialize>(value: &T, what: &str) -> Result<Vec<u8>, ProcessError> {
+    serde_json::to_vec(value).map_err(|e| ProcessError::Encode { what: what.to_owned(), message: e.to_string() })
+}
+
+/// One stage of the pipeline.
+pub trait Processor: Send {
+    fn process(&mut self, ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError>;
+
+    /// A timer scheduled with [`Ctx::schedule`] is due.
+    fn on_timer(&mut self, _ctx: &mut Ctx<'_>, _key: &[u8], _payload: &[u8]) -> Result<(), ProcessError> {
+        Ok(())
+    }
+
+    /// An entry stored with an expiry has just been deleted by the sweep.
+    fn on_expired(&mut self, _ctx: &mut Ctx<'_>, _store: &str, _key: &[u8]) -> Result<(), ProcessError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,91 @@
+//! The records on `events.resolved`, the internal repartition topic keyed by canonical
+//! customer id. Identity writes events, message requests, consent changes, merges and
+//! clock ticks here; downstream stages also write `absorb` records here to move a
+//! merged-away customer's state to the partition of the customer that survived.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub const RESOLVED_TOPIC: &str = "events.resolved";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// `body` is the validated event.
+    Event,
+    /// `body` is a message request.
+    Request,
+    /// `body` is a consent change.
+    Consent,
+    /// Keyed by the merged-away id; `body` is `{from, into}`.
+    Merge,
+    /// Keyed by the surviving id; `body` is `{stage, from, state}`.
+    Absorb,
+    /// Moves event time forward on this partition.
+    Tick,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resolved {
+    pub kind: Kind,
+    pub canonical_id: String,
+    #[serde(default)]
+    pub customer_id: Option<String>,
+    /// Event time, ms since the epoch.
+    pub at: i64,
+    pub body: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MergeBody {
+    pub from: String,
+    pub into: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AbsorbBody {
+    /// Which stage's state this is (`profile`, `context`, `orchestrator`).
+    pub stage: String,
+    pub from: String,
+    pub state: Value,
+}
+
+impl Resolved {
+    pub fn parse(bytes: &[u8]) -> Result<Resolved, crate::ProcessError> {
+        serde_json::from_slice(bytes).map_err(|e| crate::ProcessError::reject("invalid_resolved", e.to_string()))
+    }
+}
+
+/// Decode a record value from `events.resolved` (tombstones and garbage are rejected).
+pub fn parse_record(record: &crate::Record) -> Result<Resolved, crate::ProcessError> {
+    let value = record
+        .value
+        .as_deref()
+        .ok_or_else(|| crate::ProcessError::reject("invalid_resolved", "empty record"))?;
+    Resolved::parse(value)
+}
+
+/// For a merge record seen by a downstream stage: take the merged-away customer's state
+/// out of `store` and send it, keyed by the survivor, back through `events.resolved`.
+pub fn forward_state_on_merge(
+    ctx: &mut crate::Ctx<'_>,
+    stage: &str,
+    store: &str,
+    merge: &MergeBody,
+    output_topic: Option<&str>,
+) -> Result<(), crate::ProcessError> {
+    let Some(state) = ctx.get_json::<Value>(store, &merge.from)? else { return Ok(()) };
+    ctx.delete(store, &merge.from)?;
+    if let Some(topic) = output_topic {
+        ctx.emit_tombstone(topic, &merge.from);
+    }
+    let absorb = Resolved {
+        kind: Kind::Absorb,
+        canonical_id: merge.into.clone(),
+        customer_id: None,
+        at: ctx.now,
+        body: serde_json::to_value(AbsorbBody { stage: stage.to_owned(), from: merge.from.clone(), state })
+            .unwrap_or(Value::Null),
+    };
+    ctx.emit_json(RESOLVED_TOPIC, &merge.into, &absorb)
+}

@@ -1,0 +1,510 @@
+//! `topology.yaml` as typed data: topics and partitions, time, delivery, identity,
+//! event catalogue, context TTLs, consent and orchestration defaults, state limits.
+//! Parsed once with every error reported with its YAML path, then trusted. Defaults
+//! live here and only here; the shipped `topology.yaml` spells them out.
+
+use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// YAML path such as `context.session_timeout`.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() || self.path == "." {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+fn err(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError { path: path.into(), message: message.into() }
+}
+
+/// Where "now" comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Clock {
+    #[default]
+    Wall,
+    Event,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Processing {
+    #[default]
+    ExactlyOnce,
+    AtLeastOnce,
+}
+
+/// A duration written as `100ms`, `30s`, `30m`, `24h` or `7d`; held in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Duration(pub i64);
+
+impl Duration {
+    pub const fn minutes(m: i64) -> Self {
+        Duration(m * 60_000)
+    }
+    pub const fn hours(h: i64) -> Self {
+        Duration(h * 3_600_000)
+    }
+    pub const fn days(d: i64) -> Self {
+        Duration(d * 86_400_000)
+    }
+    pub fn ms(self) -> i64 {
+        self.0
+    }
+
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        let text = text.trim();
+        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let (digits, unit) = text.split_at(split);
+        let n: i64 = digits
+            .parse()
+            .map_err(|_| format!("expected a duration such as 30m, 24h or 7d, got {text:?}"))?;
+        let factor = match unit {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            "w" => 7 * 86_400_000,
+            _ => return Err(format!("unknown duration unit {unit:?} in {text:?} (use ms, s, m, h, d or w)")),
+        };
+        n.checked_mul(factor).map(Duration).ok_or_else(|| format!("duration {text:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Duration::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Topology {
+    pub clock: Clock,
+    pub processing: Processing,
+    /// How often a task commits its transaction (Kafka Streams' commit.interval.ms).
+    pub commit_interval: Duration,
+    pub topics: TopicsConfig,
+    pub limits: Limits,
+    pub dedupe: DedupeConfig,
+    pub identity: IdentityConfig,
+    pub event_types: Vec<String>,
+    pub context: ContextConfig,
+    pub consent: ConsentConfig,
+    pub orchestration: OrchestrationConfig,
+    pub state: StateConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicsConfig {
+    pub default_partitions: u32,
+    pub replication_factor: i32,
+    /// Per-topic partition counts overriding `default_partitions`.
+    pub partitions: BTreeMap<String, u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest accepted input record; larger ones go to `events.dlq` as `oversized`.
+    pub max_record_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DedupeConfig {
+    /// Events repeating an `event_id` within this window are processed once.
+    pub window: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// Identifier types that link customers when seen together on one event.
+    pub link_types: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContextConfig {
+    pub session_timeout: Duration,
+    pub cart_ttl: Duration,
+    pub recent_interactions: RecentConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecentConfig {
+    pub ttl: Duration,
+    pub max: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsentConfig {
+    pub purposes: Vec<String>,
+    /// Consent a customer has before any consent record; marketing purposes are opt-in.
+    pub defaults: BTreeMap<String, bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrchestrationConfig {
+    pub channels: Vec<String>,
+    pub categories: BTreeMap<String, CategoryConfig>,
+    /// Consent purpose needed to send marketing on each channel.
+    pub channel_purposes: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CategoryConfig {
+    pub priority: u32,
+    /// Whether sending needs the channel's marketing consent.
+    #[serde(default = "yes")]
+    pub needs_marketing_consent: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// Block cache shared by every RocksDB store of the process.
+    pub block_cache_mb: usize,
+    /// Total memtable memory of every RocksDB store of the process.
+    pub write_buffer_mb: usize,
+}
+
+pub const DEFAULT_EVENT_TYPES: &[&str] = &[
+    "identify", "alias", "page.viewed", "screen.viewed", "app.opened", "content.viewed", "product.viewed",
+    "cart.item_added", "cart.item_removed", "order.completed", "order.returned", "email.opened", "email.clicked",
+    "push.opened", "sms.clicked", "support.case_opened", "support.case_closed", "complaint.filed", "chat.message",
+    "call.completed", "system.tick",
+];
+
+pub const DEFAULT_CHANNELS: &[&str] = &["email", "push", "sms", "chat", "web", "in_app"];
+
+impl Default for Topology {
+    fn default() -> Self {
+        Topology {
+            clock: Clock::Wall,
+            processing: Processing::ExactlyOnce,
+            commit_interval: Duration(100),
+            topics: TopicsConfig::default(),
+            limits: Limits::default(),
+            dedupe: DedupeConfig::default(),
+            identity: IdentityConfig::default(),
+            event_types: DEFAULT_EVENT_TYPES.iter().map(|s| s.to_string()).collect(),
+            context: ContextConfig::default(),
+            consent: ConsentConfig::default(),
+            orchestration: OrchestrationConfig::default(),
+            state: StateConfig::default(),
+        }
+    }
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        TopicsConfig { default_partitions: 8, replication_factor: 1, partitions: BTreeMap::new() }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_record_bytes: 1 << 20 }
+    }
+}
+
+impl Default for DedupeConfig {
+    fn default() -> Self {
+        DedupeConfig { window: Duration::hours(24) }
+    }
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            link_types: ["customer_id", "anonymous_id", "email", "phone", "loyalty_card"].map(String::from).to_vec(),
+        }
+    }
+}
+
+impl Default for ContextConfig {
+    fn default() -> Self {
+        ContextConfig {
+            session_timeout: Duration::minutes(30),
+            cart_ttl: Duration::days(7),
+            recent_interactions: RecentConfig::default(),
+        }
+    }
+}
+
+impl Default for RecentConfig {
+    fn default() -> Self {
+        RecentConfig { ttl: Duration::days(30), max: 50 }
+    }
+}
+
+impl Default for ConsentConfig {
+    fn default() -> Self {
+        let purposes: Vec<String> =
+            ["marketing_email", "marketing_sms", "marketing_push", "personalisation", "analytics"].map(String::from).to_vec();
+        let defaults = purposes.iter().map(|p| (p.clone(), p == "analytics" || p == "personalisation")).collect();
+        ConsentConfig { purposes, defaults }
+    }
+}
+
+impl Default for OrchestrationConfig {
+    fn default() -> Self {
+        let categories = [("transactional", 1, false), ("service", 2, false), ("retention", 3, true), ("promotional", 4, true)]
+            .into_iter()
+            .map(|(n, p, m)| (n.to_owned(), CategoryConfig { priority: p, needs_marketing_consent: m }))
+            .collect();
+        let channel_purposes = [("email", "marketing_email"), ("sms", "marketing_sms"), ("push", "marketing_push"),
+            ("in_app", "personalisation"), ("web", "personalisation"), ("chat", "personalisation")]
+            .into_iter()
+            .map(|(c, p)| (c.to_owned(), p.to_owned()))
+            .collect();
+        OrchestrationConfig {
+            channels: DEFAULT_CHANNELS.iter().map(|s| s.to_string()).collect(),
+            categories,
+            channel_purposes,
+        }
+    }
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig { block_cache_mb: 64, write_buffer_mb: 64 }
+    }
+}
+
+/// Input topics of the pipeline.
+pub const EVENTS_RAW: &str = "events.raw";
+pub const MESSAGES_REQUESTS: &str = "messages.requests";
+pub const CONSENT: &str = "consent";
+pub const EVENTS_RESOLVED: &str = "events.resolved";
+
+/// One topic the topology needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: u32,
+    pub compacted: bool,
+}
+
+impl Topology {
+    /// Parse and validate; every problem is reported, each with its YAML path.
+    pub fn from_yaml_str(text: &str) -> Result<Topology, Vec<ConfigError>> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let topology: Topology = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let message = e.into_inner().to_string();
+            // serde_yaml appends " at line L column C"; keep it, it helps.
+            vec![err(path, message)]
+        })?;
+        let errors = topology.validate();
+        if errors.is_empty() {
+            Ok(topology)
+        } else {
+            Err(errors)
+        }
+    }
+
+    pub fn validate(&self) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        if self.commit_interval.ms() <= 0 {
+            errors.push(err("commit_interval", "must be positive"));
+        }
+        if self.topics.default_partitions == 0 {
+            errors.push(err("topics.default_partitions", "must be at least 1"));
+        }
+        if self.topics.replication_factor < 1 {
+            errors.push(err("topics.replication_factor", "must be at least 1"));
+        }
+        let known: Vec<String> = self.topic_specs().into_iter().map(|t| t.name).collect();
+        for (topic, n) in &self.topics.partitions {
+            if *n == 0 {
+                errors.push(err(format!("topics.partitions.{topic}"), "must be at least 1"));
+            }
+            if !known.contains(topic) {
+                errors.push(err(format!("topics.partitions.{topic}"), "is not a topic of this topology"));
+            }
+        }
+        let raw = self.partitions_of(EVENTS_RAW);
+        for co in [MESSAGES_REQUESTS, CONSENT] {
+            if self.partitions_of(co) != raw {
+                errors.push(err(
+                    format!("topics.partitions.{co}"),
+                    format!("must equal events.raw's partition count ({raw}): the identity stage reads them co-partitioned"),
+                ));
+            }
+        }
+        if self.limits.max_record_bytes < 1024 {
+            errors.push(err("limits.max_record_bytes", "must be at least 1024"));
+        }
+        if self.dedupe.window.ms() <= 0 {
+            errors.push(err("dedupe.window", "must be positive"));
+        }
+        for (path, d) in [
+            ("context.session_timeout", self.context.session_timeout),
+            ("context.cart_ttl", self.context.cart_ttl),
+            ("context.recent_interactions.ttl", self.context.recent_interactions.ttl),
+        ] {
+            if d.ms() <= 0 {
+                errors.push(err(path, "must be positive"));
+            }
+        }
+        if self.context.recent_interactions.max == 0 {
+            errors.push(err("context.recent_interactions.max", "must be at least 1"));
+        }
+        for (i, t) in self.identity.link_types.iter().enumerate() {
+            if !is_identifier_type(t) {
+                errors.push(err(format!("identity.link_types[{i}]"), format!("{t:?} is not a valid identifier type (lower-case letters, digits, _)")));
+            }
+        }
+        for (i, t) in self.event_types.iter().enumerate() {
+            if t.trim().is_empty() {
+                errors.push(err(format!("event_types[{i}]"), "must not be empty"));
+            }
+        }
+        for (purpose, _) in &self.consent.defaults {
+            if !self.consent.purposes.contains(purpose) {
+                errors.push(err(format!("consent.defaults.{purpose}"), "is not a declared purpose (consent.purposes)"));
+            }
+        }
+        if self.orchestration.channels.is_empty() {
+            errors.push(err("orchestration.channels", "must name at least one channel"));
+        }
+        for (i, c) in self.orchestration.channels.iter().enumerate() {
+            if !is_identifier_type(c) {
+                errors.push(err(format!("orchestration.channels[{i}]"), format!("{c:?} is not a valid channel name")));
+            }
+        }
+        for (channel, purpose) in &self.orchestration.channel_purposes {
+            if !self.orchestration.channels.contains(channel) {
+                errors.push(err(format!("orchestration.channel_purposes.{channel}"), "is not a declared channel"));
+            }
+            if !self.consent.purposes.contains(purpose) {
+                errors.push(err(format!("orchestration.channel_purposes.{channel}"), format!("purpose {purpose:?} is not declared in consent.purposes")));
+            }
+        }
+        if self.orchestration.categories.is_empty() {
+            errors.push(err("orchestration.categories", "must declare at least one category"));
+        }
+        if self.state.block_cache_mb == 0 || self.state.write_buffer_mb == 0 {
+            errors.push(err("state", "block_cache_mb and write_buffer_mb must be positive"));
+        }
+        errors
+    }
+
+    pub fn partitions_of(&self, topic: &str) -> u32 {
+        self.topics.partitions.get(topic).copied().unwrap_or(self.topics.default_partitions)
+    }
+
+    /// Every topic of the topology (changelogs are added by the runtime).
+    pub fn topic_specs(&self) -> Vec<TopicSpec> {
+        let mut names: Vec<(String, bool)> = [
+            ("events.raw", false), ("events.dlq", false), ("events.resolved", false), ("identity.merges", false),
+            ("identity.graph", true), ("profiles", true), ("context", true), ("segments", false), ("consent", false),
+            ("messages.requests", false), ("decisions.suppressed", false), ("decisions.deferred", false),
+            ("journeys.events", false), ("content", true), ("recommendations", true), ("privacy.requests", false),
+            ("privacy.results", false),
+        ]
+        .into_iter()
+        .map(|(n, c)| (n.to_owned(), c))
+        .collect();
+        for channel in &self.orchestration.channels {
+            names.push((format!("decisions.{channel}"), false));
+        }
+        names
+            .into_iter()
+            .map(|(name, compacted)| TopicSpec { partitions: self.partitions_of(&name), name, compacted })
+            .collect()
+    }
+
+    /// Topic → partition count, for processors that address partitions directly.
+    pub fn partition_map(&self) -> BTreeMap<String, u32> {
+        self.topic_specs().into_iter().map(|t| (t.name, t.partitions)).collect()
+    }
+
+    /// The same topology with every topic at `n` partitions (`chorus up --partitions`).
+    pub fn with_partitions(mut self, n: u32) -> Topology {
+        self.topics.default_partitions = n;
+        self.topics.partitions.clear();
+        self
+    }
+
+    pub fn is_known_event_type(&self, event_type: &str) -> bool {
+        self.event_types.iter().any(|t| t == event_type)
+    }
+}
+
+fn is_identifier_type(t: &str) -> bool {
+    !t.is_empty() && t.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let t = Topology::from_yaml_str("{}").unwrap();
+        assert_eq!(t.partitions_of("events.raw"), 8);
+        assert_eq!(t.context.session_timeout, Duration::minutes(30));
+        assert_eq!(t.consent.defaults["marketing_email"], false);
+        assert!(t.topic_specs().iter().any(|s| s.name == "decisions.email"));
+    }
+
+    #[test]
+    fn shipped_topology_is_valid() {
+        let text = include_str!("../../topology.yaml");
+        if let Err(errors) = Topology::from_yaml_str(text) {
+            panic!("{errors:?}");
+        }
+    }
+
+    #[test]
+    fn errors_carry_their_yaml_path() {
+        let e = Topology::from_yaml_str("context:\n  session_timeout: 30 minutes\n").unwrap_err();
+        assert_eq!(e[0].path, "context.session_timeout");
+        assert!(e[0].message.contains("unknown duration unit"), "{}", e[0].message);
+
+        let e = Topology::from_yaml_str("context:\n  sesion_timeout: 30m\n").unwrap_err();
+        assert!(e[0].to_string().contains("unknown field `sesion_timeout`"), "{}", e[0]);
+
+        let e = Topology::from_yaml_str("topics:\n  partitions:\n    consent: 3\n    nope: 0\n").unwrap_err();
+        let paths: Vec<_> = e.iter().map(|e| e.path.as_str()).collect();
+        assert!(paths.contains(&"topics.partitions.consent"), "{paths:?}");
+        assert!(paths.contains(&"topics.partitions.nope"), "{paths:?}");
+
+        let e = Topology::from_yaml_str("consent:\n  defaults:\n    telepathy: true\n").unwrap_err();
+        assert_eq!(e[0].path, "consent.defaults.telepathy");
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(Duration::parse("100ms").unwrap(), Duration(100));
+        assert_eq!(Duration::parse("7d").unwrap(), Duration::days(7));
+        assert!(Duration::parse("h").is_err());
+        assert!(Duration::parse("5 parsecs").is_err());
+    }
+}

@@ -1,0 +1,291 @@
+//! The whole pipeline in the TestDriver: identity → profile / context / orchestrator.
+
+use chorus_processors::topology::{Clock, Topology};
+use chorus_processors::TestDriver;
+use proptest::prelude::*;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+
+const T0: i64 = 1_707_906_600_000; // 2024-02-14T10:30:00Z
+
+fn ts(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms).unwrap().to_string()
+}
+
+fn topology(raw_partitions: u32, partitions: u32) -> Topology {
+    let mut t = Topology::default().with_partitions(partitions);
+    t.clock = Clock::Event;
+    for topic in ["events.raw", "messages.requests", "consent"] {
+        t.topics.partitions.insert(topic.into(), raw_partitions);
+    }
+    t
+}
+
+fn event(id: &str, kind: &str, at: i64, ids: Value, payload: Value) -> Value {
+    let mut e = json!({"event_id": id, "event_type": kind, "timestamp": ts(at), "channel": "web", "payload": payload});
+    for (k, v) in ids.as_object().unwrap() {
+        e[k] = v.clone();
+    }
+    e
+}
+
+fn key_of(e: &Value) -> String {
+    e.get("customer_id").or(e.get("anonymous_id")).and_then(Value::as_str).unwrap_or("k").to_owned()
+}
+
+fn send(d: &mut TestDriver, e: &Value) {
+    d.pipe_json("events.raw", &key_of(e), e, 0);
+}
+
+fn profile_of(d: &TestDriver, customer_id: &str) -> Value {
+    d.table("profiles")
+        .into_values()
+        .find(|p| p["customer_id"] == customer_id)
+        .unwrap_or_else(|| panic!("no profile for {customer_id}"))
+}
+
+#[test]
+fn same_seed_same_outputs() {
+    let run = |seed| {
+        let mut d = TestDriver::new(topology(1, 4), seed);
+        for i in 0..50 {
+            let e = event(&format!("e{i}"), "order.completed", T0 + i, json!({"customer_id": format!("c{}", i % 7)}), json!({"total": i}));
+            send(&mut d, &e);
+        }
+        d.run().unwrap();
+        ["events.resolved", "profiles", "context"].map(|t| d.read(t))
+    };
+    assert_eq!(run(7), run(7));
+}
+
+#[test]
+fn duplicate_events_count_once() {
+    let mut d = TestDriver::new(topology(2, 2), 1);
+    let e = event("dup-1", "order.completed", T0, json!({"customer_id": "c1"}), json!({"total": 50.0}));
+    send(&mut d, &e);
+    send(&mut d, &e);
+    d.run().unwrap();
+    let p = profile_of(&d, "c1");
+    assert_eq!(p["metrics"]["purchase_count"], 1);
+    assert_eq!(p["metrics"]["lifetime_value"], 50.0);
+    assert_eq!(d.counter("duplicates", "events.raw"), 1);
+}
+
+#[test]
+fn dedupe_forgets_after_its_window() {
+    let mut d = TestDriver::new(topology(1, 1), 1);
+    let e = event("dup-1", "page.viewed", T0, json!({"customer_id": "c1"}), json!({}));
+    send(&mut d, &e);
+    let later = event("dup-1", "page.viewed", T0 + 24 * 3_600_000, json!({"customer_id": "c1"}), json!({}));
+    send(&mut d, &later);
+    d.run().unwrap();
+    assert_eq!(profile_of(&d, "c1")["event_counts"]["page.viewed"], 2);
+}
+
+#[test]
+fn bad_input_goes_to_the_dlq_with_reason_and_original_bytes() {
+    let mut d = TestDriver::new(topology(1, 1), 1);
+    d.pipe("events.raw", b"k", Some(b"{not json".to_vec()), 0);
+    d.pipe_json("events.raw", "k", &json!({"event_id": "e1", "event_type": "teleported", "timestamp": ts(T0), "customer_id": "c"}), 0);
+    d.pipe_json("events.raw", "k", &json!({"event_id": "e2", "event_type": "page.viewed", "timestamp": 5, "customer_id": "c"}), 0);
+    d.pipe_json("events.raw", "k", &json!({"event_id": "e3", "event_type": "page.viewed", "timestamp": ts(T0)}), 0);
+    d.pipe("events.raw", b"k", Some(vec![b' '; 2 << 20]), 0);
+    d.run().unwrap();
+    let dlq: Vec<Value> = d.read("events.dlq").iter().map(|r| r.json().unwrap()).collect();
+    let reasons: Vec<&str> = dlq.iter().map(|l| l["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons, ["invalid_json", "unknown_event_type", "invalid_event", "no_identifier", "oversized"]);
+    assert_eq!(dlq[0]["original_base64"], "e25vdCBqc29u");
+    assert!(dlq[2]["detail"].as_str().unwrap().contains("field `timestamp`"));
+    assert!(d.read("profiles").is_empty());
+}
+
+#[test]
+fn marketing_needs_consent_and_transactional_does_not() {
+    let mut d = TestDriver::new(topology(2, 3), 3);
+    let request = |id: &str, category: &str, at: i64| {
+        json!({"request_id": id, "timestamp": ts(at), "customer_id": "c1", "campaign_id": "spring",
+               "category": category, "content_id": "promo_1", "channels": ["email", "sms"]})
+    };
+    d.pipe_json("messages.requests", "c1", &request("r1", "promotional", T0), 0);
+    d.pipe_json("messages.requests", "c1", &request("r2", "transactional", T0 + 1), 0);
+    d.run().unwrap();
+    d.pipe_json("consent", "c1", &json!({"customer_id": "c1", "purpose": "marketing_sms", "granted": true, "timestamp": ts(T0 + 2), "source": "preference_centre"}), 0);
+    d.run().unwrap();
+    d.pipe_json("messages.requests", "c1", &request("r3", "promotional", T0 + 3), 0);
+    d.pipe_json("messages.requests", "c1", &request("r3", "promotional", T0 + 3), 0);
+    d.run().unwrap();
+
+    let suppressed: Vec<Value> = d.read("decisions.suppressed").iter().map(|r| r.json().unwrap()).collect();
+    assert_eq!(suppressed.len(), 1);
+    assert_eq!(suppressed[0]["request_id"], "r1");
+    assert_eq!(suppressed[0]["reason"], "no_consent");
+    let email: Vec<Value> = d.read("decisions.email").iter().map(|r| r.json().unwrap()).collect();
+    assert_eq!(email.len(), 1);
+    assert_eq!(email[0]["request_id"], "r2");
+    assert_eq!(email[0]["customer_id"], "c1");
+    let sms: Vec<Value> = d.read("decisions.sms").iter().map(|r| r.json().unwrap()).collect();
+    assert_eq!(sms.len(), 1, "r3 decided once, on the consented channel");
+    assert_eq!(sms[0]["request_id"], "r3");
+}
+
+#[test]
+fn consent_withdrawn_suppresses_again() {
+    let mut d = TestDriver::new(topology(1, 1), 3);
+    let consent = |granted: bool, at: i64| json!({"customer_id": "c1", "purpose": "marketing_email", "granted": granted, "timestamp": ts(at)});
+    d.pipe_json("consent", "c1", &consent(true, T0), 0);
+    d.pipe_json("consent", "c1", &consent(false, T0 + 10), 0);
+    d.pipe_json("messages.requests", "c1", &json!({"request_id": "r", "timestamp": ts(T0 + 20), "customer_id": "c1", "category": "promotional", "channels": ["email"]}), 0);
+    d.run().unwrap();
+    assert_eq!(d.read("decisions.email").len(), 0);
+    assert_eq!(d.read("decisions.suppressed").len(), 1);
+}
+
+#[test]
+fn cart_follows_customer_after_login() {
+    let mut d = TestDriver::new(topology(1, 4), 11);
+    let mobile = json!({"anonymous_id": "anon-9"});
+    let mut add = event("a1", "cart.item_added", T0, mobile.clone(), json!({"product_id": "tent", "category": "outdoor", "price": 300.0, "quantity": 1}));
+    add["channel"] = json!("mobile_app");
+    send(&mut d, &add);
+    d.run().unwrap();
+    // Login on desktop: the event carries both ids.
+    let login = event("l1", "page.viewed", T0 + 60_000, json!({"customer_id": "cust_1", "anonymous_id": "anon-9"}), json!({"url": "/"}));
+    send(&mut d, &login);
+    d.run().unwrap();
+
+    assert_eq!(d.read("identity.merges").len(), 1);
+    let contexts = d.table("context");
+    assert_eq!(contexts.len(), 1, "the anonymous context merged away: {contexts:?}");
+    let ctx = contexts.values().next().unwrap();
+    assert_eq!(ctx["cart"]["items"][0]["product_id"], "tent");
+    assert_eq!(ctx["cart"]["value"], 300.0);
+    assert_eq!(ctx["session"]["channel"], "web");
+    let p = profile_of(&d, "cust_1");
+    assert_eq!(p["metrics"]["event_count"], 2);
+}
+
+#[test]
+fn session_expires_at_exactly_its_timeout() {
+    let mut d = TestDriver::new(topology(1, 1), 1);
+    send(&mut d, &event("e1", "page.viewed", T0, json!({"customer_id": "c1"}), json!({})));
+    let tick = |at: i64| json!({"event_id": format!("tick-{at}"), "event_type": "system.tick", "timestamp": ts(at), "customer_id": "system"});
+    d.broadcast_json("events.raw", "tick", &tick(T0 + 30 * 60_000 - 1), 0);
+    d.run().unwrap();
+    let ctx = d.table("context").into_values().next().unwrap();
+    assert!(ctx["session"].is_object(), "still live one ms before the timeout");
+    d.broadcast_json("events.raw", "tick", &tick(T0 + 30 * 60_000), 0);
+    d.run().unwrap();
+    let ctx = d.table("context").into_values().next().unwrap();
+    assert!(ctx["session"].is_null(), "gone at the timeout: {ctx}");
+    // Recent interactions expire after 30 days; then the whole record is tombstoned.
+    d.broadcast_json("events.raw", "tick", &tick(T0 + 30 * 86_400_000), 0);
+    d.run().unwrap();
+    assert!(d.table("context").is_empty());
+}
+
+#[test]
+fn order_clears_the_cart_and_returns_reduce_lifetime_value() {
+    let mut d = TestDriver::new(topology(1, 2), 5);
+    let c = json!({"customer_id": "c1"});
+    send(&mut d, &event("e1", "cart.item_added", T0, c.clone(), json!({"product_id": "p", "price": 10.0, "quantity": 2})));
+    send(&mut d, &event("e2", "order.completed", T0 + 1, c.clone(), json!({"order_id": "o1", "total": 20.0})));
+    send(&mut d, &event("e3", "order.returned", T0 + 2, c.clone(), json!({"order_id": "o1", "amount": 5.0})));
+    d.run().unwrap();
+    let ctx = d.table("context").into_values().next().unwrap();
+    assert!(ctx["cart"].is_null());
+    let p = profile_of(&d, "c1");
+    assert_eq!(p["metrics"]["lifetime_value"], 15.0);
+    assert_eq!(p["metrics"]["average_order_value"], 20.0);
+}
+
+#[test]
+fn traits_rectify_by_event_time() {
+    let mut d = TestDriver::new(topology(1, 1), 5);
+    let mut newer = event("e2", "identify", T0 + 10, json!({"customer_id": "c1"}), json!({}));
+    newer["traits"] = json!({"name": "Ann Smith", "location": {"state": "QLD"}});
+    let mut older = event("e1", "identify", T0, json!({"customer_id": "c1"}), json!({}));
+    older["traits"] = json!({"name": "Ann", "email": "ANN@example.com "});
+    send(&mut d, &newer);
+    send(&mut d, &older);
+    d.run().unwrap();
+    let p = profile_of(&d, "c1");
+    assert_eq!(p["attributes"]["name"], "Ann Smith");
+    assert_eq!(p["attributes"]["location.state"], "QLD");
+    assert_eq!(p["identity"]["emails"][0], "ann@example.com");
+}
+
+/// A customer's events: (customer index, anonymous index, kind, amount).
+fn arb_stream() -> impl Strategy<Value = Vec<(u8, u8, u8, u16, bool)>> {
+    prop::collection::vec((0u8..6, 0u8..8, 0u8..4, 1u16..500, any::<bool>()), 1..60)
+}
+
+fn find(parent: &mut BTreeMap<String, String>, x: &str) -> String {
+    let p = parent.get(x).cloned().unwrap_or_else(|| x.to_owned());
+    if p == x {
+        return p;
+    }
+    let root = find(parent, &p);
+    parent.insert(x.to_owned(), root.clone());
+    root
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Profile totals equal a recomputation from the event list grouped by a union-find
+    /// oracle over the same links, for any downstream partition count and interleaving.
+    #[test]
+    fn profile_totals_equal_recomputation(stream in arb_stream(), partitions in prop::sample::select(vec![1u32, 2, 3, 8]), seed in any::<u64>()) {
+        let mut d = TestDriver::new(topology(1, partitions), seed);
+        let mut parent = BTreeMap::new();
+        let mut events = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut oracle_merges = 0;
+        for (i, (cust, anon, kind, amount, logged_in)) in stream.iter().enumerate() {
+            let anon_id = format!("anon:a{anon}");
+            let cust_id = format!("cust:c{cust}");
+            let mut ids = json!({"anonymous_id": format!("a{anon}")});
+            let linked: Vec<&String> = if *logged_in { vec![&anon_id, &cust_id] } else { vec![&anon_id] };
+            let mut roots: Vec<String> = linked.iter().filter(|x| seen.contains(**x)).map(|x| find(&mut parent, x)).collect();
+            roots.sort();
+            roots.dedup();
+            oracle_merges += roots.len().saturating_sub(1);
+            for x in &linked { seen.insert((*x).clone()); }
+            if *logged_in {
+                ids["customer_id"] = json!(format!("c{cust}"));
+                let (ra, rc) = (find(&mut parent, &anon_id), find(&mut parent, &cust_id));
+                if ra != rc { parent.insert(ra, rc); }
+            }
+            let kind = ["page.viewed", "order.completed", "order.returned", "cart.item_added"][*kind as usize];
+            let e = event(&format!("e{i}"), kind, T0 + i as i64 * 1000, ids, json!({"total": amount, "amount": amount, "product_id": "p", "price": 1}));
+            send(&mut d, &e);
+            events.push((anon_id, kind, *amount as f64));
+        }
+        d.run().unwrap();
+
+        let mut expected: BTreeMap<String, (i64, i64, f64)> = BTreeMap::new();
+        for (anon_id, kind, amount) in &events {
+            let root = find(&mut parent, anon_id);
+            let e = expected.entry(root).or_default();
+            e.0 += 1;
+            match *kind {
+                "order.completed" => { e.1 += 1; e.2 += amount; }
+                "order.returned" => e.2 -= amount,
+                _ => {}
+            }
+        }
+        let profiles = d.table("profiles");
+        prop_assert_eq!(profiles.len(), expected.len());
+        let mut got: Vec<(i64, i64, i64)> = profiles.values().map(|p| (
+            p["metrics"]["event_count"].as_i64().unwrap(),
+            p["metrics"]["purchase_count"].as_i64().unwrap(),
+            (p["metrics"]["lifetime_value"].as_f64().unwrap() * 100.0).round() as i64,
+        )).collect();
+        let mut want: Vec<(i64, i64, i64)> = expected.values().map(|(n, c, v)| (*n, *c, (v * 100.0).round() as i64)).collect();
+        got.sort();
+        want.sort();
+        prop_assert_eq!(got, want);
+        prop_assert_eq!(d.read("identity.merges").len(), oracle_merges);
+    }
+}
+

@@ -1,0 +1,405 @@
+//! The CLI commands. `up` and `run` share one pipeline lifecycle: start a thread per
+//! processor, serve HTTP, wait for Ctrl-C/SIGTERM, then stop cleanly (commit, flush).
+
+use crate::broker::{forward_port, EmbeddedBroker};
+use crate::engine::{run_processor, DrainState, EngineConfig};
+use crate::http::{event_key, serve, ApiState};
+use crate::kafka::{client_config, create_topics, now_ms};
+use crate::query::LocalStores;
+use anyhow::{anyhow, bail, Context as _, Result};
+use chorus_processors::topology::{Clock, CONSENT, EVENTS_RAW, MESSAGES_REQUESTS};
+use chorus_processors::{processor_specs, Topology};
+use chorus_schemas::{decode_avro, ConsentChange, Event, MessageRequest};
+use chorus_state::SharedResources;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{json, Value};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub fn load_topology(path: &Path) -> Result<Topology> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read topology {}", path.display()))?;
+    Topology::from_yaml_str(&text).map_err(|errors| {
+        let all: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        anyhow!("invalid topology {}: {}", path.display(), all.join("; "))
+    })
+}
+
+pub fn validate(path: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read topology {}", path.display()))?;
+    match Topology::from_yaml_str(&text) {
+        Ok(t) => {
+            println!("{}: ok ({} topics, clock {:?}, {:?})", path.display(), crate::kafka::all_topics(&t).len(), t.clock, t.processing);
+            Ok(())
+        }
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{}: {e}", path.display());
+            }
+            std::process::exit(1);
+        }
+    }
+}
+
+pub struct UpArgs {
+    pub topology: PathBuf,
+    pub data_dir: PathBuf,
+    pub http: String,
+    pub partitions: Option<u32>,
+    pub clock: Option<String>,
+}
+
+pub async fn up(args: UpArgs) -> Result<()> {
+    let mut topology = load_topology(&args.topology)?;
+    if let Some(n) = args.partitions {
+        if n == 0 {
+            bail!("--partitions must be at least 1");
+        }
+        topology = topology.with_partitions(n);
+    }
+    match args.clock.as_deref() {
+        Some("event") => topology.clock = Clock::Event,
+        Some("wall") => topology.clock = Clock::Wall,
+        _ => {}
+    }
+    let broker = EmbeddedBroker::start(&topology)?;
+    let bootstrap = broker.bootstrap();
+    println!("bootstrap: {bootstrap}");
+    let pipeline = Pipeline {
+        brokers: bootstrap,
+        topology: Arc::new(topology),
+        data_dir: args.data_dir,
+        instance_id: "up".into(),
+        processors: "all".into(),
+        http: args.http,
+        fresh_broker: true,
+    };
+    let result = pipeline.run().await;
+    drop(broker);
+    result
+}
+
+pub async fn broker(port: u16, topology: &Path, partitions: Option<u32>) -> Result<()> {
+    let mut topology = load_topology(topology)?;
+    if let Some(n) = partitions {
+        topology = topology.with_partitions(n.max(1));
+    }
+    let broker = EmbeddedBroker::start(&topology)?;
+    let port = forward_port(port, broker.bootstrap()).await?;
+    println!("bootstrap: 127.0.0.1:{port}");
+    std::io::stdout().flush().ok();
+    wait_for_signal().await;
+    drop(broker);
+    Ok(())
+}
+
+pub struct RunArgs {
+    pub brokers: String,
+    pub processors: String,
+    pub instance_id: Option<String>,
+    pub data_dir: PathBuf,
+    pub http: String,
+    pub topology: PathBuf,
+}
+
+pub async fn run(args: RunArgs) -> Result<()> {
+    let topology = load_topology(&args.topology)?;
+    crate::kafka::check_reachable(&args.brokers, Duration::from_secs(10))?;
+    crate::kafka::verify_partitions(&args.brokers, &crate::kafka::all_topics(&topology))?;
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let instance_id = match args.instance_id {
+        Some(id) => id,
+        None => instance_id_from(&args.data_dir)?,
+    };
+    let pipeline = Pipeline {
+        brokers: args.brokers,
+        topology: Arc::new(topology),
+        data_dir: args.data_dir,
+        instance_id,
+        processors: args.processors,
+        http: args.http,
+        fresh_broker: false,
+    };
+    pipeline.run().await
+}
+
+/// A stable member id kept in the data dir, so a restart fences its own zombie.
+fn instance_id_from(data_dir: &Path) -> Result<String> {
+    let path = data_dir.join("instance-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim().to_owned();
+        if !id.is_empty() {
+            return Ok(id);
+        }
+    }
+    let id = format!("i-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    std::fs::write(&path, &id).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(id)
+}
+
+struct Pipeline {
+    brokers: String,
+    topology: Arc<Topology>,
+    data_dir: PathBuf,
+    instance_id: String,
+    processors: String,
+    http: String,
+    fresh_broker: bool,
+}
+
+impl Pipeline {
+    async fn run(self) -> Result<()> {
+        let specs = processor_specs(&self.topology);
+        let wanted: Vec<&str> = if self.processors == "all" {
+            specs.iter().map(|s| s.name).collect()
+        } else {
+            self.processors.split(',').map(str::trim).collect()
+        };
+        for w in &wanted {
+            if !specs.iter().any(|s| s.name == *w) {
+                bail!("unknown processor {w:?} (known: identity, profile, context, orchestrator)");
+            }
+        }
+        std::fs::create_dir_all(&self.data_dir).with_context(|| format!("cannot create {}", self.data_dir.display()))?;
+        let local = LocalStores::default();
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let drain = Arc::new(DrainState::default());
+        let config = EngineConfig {
+            brokers: self.brokers.clone(),
+            topology: self.topology.clone(),
+            data_dir: self.data_dir.clone(),
+            instance_id: self.instance_id.clone(),
+            shared: Arc::new(SharedResources::new(
+                self.topology.state.block_cache_mb << 20,
+                self.topology.state.write_buffer_mb << 20,
+            )),
+            local: local.clone(),
+            shutdown: shutdown.clone(),
+            drain: drain.clone(),
+            fresh_broker: self.fresh_broker,
+        };
+        let api = ApiState::new(&self.brokers, self.topology.clone(), local.clone())?;
+        let http_stop = Arc::new(tokio::sync::Notify::new());
+        let (http_task, bound) = serve(&self.http, api, http_stop.clone()).await?;
+        println!("http: http://{bound}");
+        std::io::stdout().flush().ok();
+
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(&'static str, Result<()>)>();
+        let mut threads = Vec::new();
+        for spec in specs.into_iter().filter(|s| wanted.contains(&s.name)) {
+            let config = config.clone();
+            let done = done_tx.clone();
+            let name = spec.name;
+            drain.register(name);
+            let handle = std::thread::Builder::new()
+                .name(format!("chorus-{name}"))
+                .spawn(move || {
+                    let result = run_processor(spec, config);
+                    let _ = done.send((name, result));
+                })
+                .context("cannot start a processor thread")?;
+            threads.push(handle);
+        }
+        drop(done_tx);
+
+        let failure = tokio::select! {
+            _ = wait_for_signal() => None,
+            finished = done_rx.recv() => finished.and_then(|(name, r)| r.err().map(|e| e.context(format!("processor {name} stopped")))),
+        };
+        // Stop intake first, then let the pipeline finish what it accepted.
+        http_stop.notify_waiters();
+        let _ = http_task.await;
+        if failure.is_none() && self.fresh_broker {
+            drain.wait(Duration::from_secs(30)).await;
+        }
+        shutdown.store(true, Ordering::SeqCst);
+        let mut errors: Vec<anyhow::Error> = failure.into_iter().collect();
+        while let Some((name, result)) = done_rx.recv().await {
+            if let Err(e) = result {
+                errors.push(e.context(format!("processor {name} stopped")));
+            }
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+        match errors.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+pub async fn topics_create(brokers: &str, topology: &Path) -> Result<()> {
+    let topology = load_topology(topology)?;
+    let created = create_topics(brokers, &topology).await?;
+    println!("{} topics created, {} already existed", created.len(), crate::kafka::all_topics(&topology).len() - created.len());
+    Ok(())
+}
+
+pub async fn tail(topic: &str, brokers: &str, from_beginning: bool, max: Option<usize>, timeout_ms: Option<u64>) -> Result<()> {
+    crate::kafka::check_reachable(brokers, Duration::from_secs(10))?;
+    let consumer: BaseConsumer = client_config(brokers)
+        .set("group.id", format!("chorus-tail-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", if from_beginning { "earliest" } else { "latest" })
+        .create()
+        .context("cannot create a consumer")?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).map_err(|e| anyhow!("cannot read metadata: {e}"))?;
+    let partitions = metadata.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+    if partitions == 0 {
+        bail!("topic {topic} does not exist");
+    }
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        let offset = if from_beginning { rdkafka::Offset::Beginning } else { rdkafka::Offset::End };
+        tpl.add_partition_offset(topic, p, offset)?;
+    }
+    consumer.assign(&tpl).context("cannot assign partitions")?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut seen = 0usize;
+    let mut last = Instant::now();
+    let idle = timeout_ms.map(Duration::from_millis);
+    loop {
+        if max.is_some_and(|m| seen >= m) {
+            break;
+        }
+        if idle.is_some_and(|d| last.elapsed() >= d) {
+            break;
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let value = m.payload().map(decode_value).unwrap_or(Value::Null);
+                let line = json!({
+                    "topic": m.topic(),
+                    "partition": m.partition(),
+                    "offset": m.offset(),
+                    "timestamp": m.timestamp().to_millis(),
+                    "key": m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    "value": value,
+                });
+                if writeln!(out, "{line}").is_err() {
+                    break;
+                }
+                seen += 1;
+                last = Instant::now();
+            }
+            Some(Err(e)) => bail!("consuming {topic}: {e}"),
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+/// A record value as JSON: Avro single-object, JSON, or (otherwise) a string.
+fn decode_value(bytes: &[u8]) -> Value {
+    if let Ok((_, v)) = decode_avro(bytes) {
+        return v;
+    }
+    serde_json::from_slice(bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+pub async fn produce(topic: &str, brokers: &str, topology: &Path, no_validate: bool) -> Result<()> {
+    let topology = load_topology(topology)?;
+    // Read and check everything first: a bad line fails the command before anything
+    // is written.
+    let stdin = std::io::stdin();
+    let mut prepared: Vec<(String, Vec<u8>, bool)> = Vec::new();
+    for (i, line) in stdin.lock().lines().enumerate() {
+        let line = line.context("cannot read stdin")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let n = i + 1;
+        if no_validate {
+            let key = serde_json::from_str::<Value>(&line)
+                .ok()
+                .and_then(|v| v.get("customer_id").or(v.get("anonymous_id")).and_then(Value::as_str).map(str::to_owned))
+                .unwrap_or_default();
+            prepared.push((key, line.into_bytes(), false));
+            continue;
+        }
+        let value: Value = serde_json::from_str(&line).map_err(|e| anyhow!("line {n}: not valid JSON: {e}"))?;
+        let (key, broadcast) = record_key(topic, &value, &topology).map_err(|e| anyhow!("line {n}: {e}"))?;
+        prepared.push((key, line.into_bytes(), broadcast));
+    }
+    crate::kafka::check_reachable(brokers, Duration::from_secs(10))?;
+    let producer: FutureProducer = client_config(brokers)
+        .set("partitioner", "murmur2_random")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .context("cannot create a producer")?;
+    let partitions = topology.partitions_of(topic) as i32;
+    let mut deliveries = Vec::new();
+    for (key, payload, broadcast) in &prepared {
+        let targets: Vec<Option<i32>> = if *broadcast { (0..partitions).map(Some).collect() } else { vec![None] };
+        for p in targets {
+            let mut record = FutureRecord::to(topic).key(key).payload(payload).timestamp(now_ms());
+            if let Some(p) = p {
+                record = record.partition(p);
+            }
+            deliveries.push(producer.send(record, Duration::from_secs(30)));
+        }
+        if deliveries.len() >= 5_000 {
+            for d in futures::future::join_all(deliveries.drain(..)).await {
+                d.map_err(|(e, _)| anyhow!("delivery to {topic} failed: {e}"))?;
+            }
+        }
+    }
+    for d in futures::future::join_all(deliveries).await {
+        d.map_err(|(e, _)| anyhow!("delivery to {topic} failed: {e}"))?;
+    }
+    eprintln!("produced {} records to {topic}", prepared.len());
+    Ok(())
+}
+
+/// The key a validated input record is produced under, and whether it goes to every
+/// partition (clock ticks).
+fn record_key(topic: &str, value: &Value, topology: &Topology) -> Result<(String, bool)> {
+    Ok(match topic {
+        EVENTS_RAW => {
+            let event = Event::from_json(value)?;
+            if !topology.is_known_event_type(&event.event_type) {
+                bail!("event_type {:?} is not in the topology's event_types", event.event_type);
+            }
+            (event_key(&event), event.event_type == "system.tick")
+        }
+        MESSAGES_REQUESTS => {
+            let r = MessageRequest::from_json(value)?;
+            (r.customer_id.or_else(|| r.identifiers.values().next().cloned()).unwrap_or(r.request_id), false)
+        }
+        CONSENT => {
+            let c = ConsentChange::from_json(value)?;
+            (c.customer_id.or_else(|| c.identifiers.values().next().cloned()).unwrap_or_default(), false)
+        }
+        _ => (value.get("key").and_then(Value::as_str).unwrap_or_default().to_owned(), false),
+    })
+}

@@ -1,0 +1,216 @@
+//! The HTTP API (axum): event intake, Customer 360 profile and context reads, health,
+//! readiness and Prometheus metrics. Errors are JSON `{"error": {"code", "message"}}`
+//! with the matching 4xx/5xx status.
+
+use crate::kafka::{client_config, now_ms};
+use crate::metrics::{metrics, render};
+use crate::query::{LocalStores, Lookup};
+use anyhow::{Context as _, Result};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chorus_processors::topology::{Clock, EVENTS_RAW};
+use chorus_processors::Topology;
+use chorus_schemas::Event;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub topology: Arc<Topology>,
+    pub local: LocalStores,
+    pub producer: FutureProducer,
+}
+
+impl ApiState {
+    pub fn new(brokers: &str, topology: Arc<Topology>, local: LocalStores) -> Result<ApiState> {
+        let producer: FutureProducer = client_config(brokers)
+            .set("partitioner", "murmur2_random")
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "2")
+            .set("message.timeout.ms", "10000")
+            .create()
+            .context("cannot create the HTTP intake producer")?;
+        Ok(ApiState { topology, local, producer })
+    }
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/events", post(post_events))
+        .route("/v1/profiles/{identifier}", get(get_profile))
+        .route("/v1/context/{identifier}", get(get_context))
+        .route("/metrics", get(get_metrics))
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(DefaultBodyLimit::max(4 << 20))
+        .with_state(state)
+}
+
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
+        (self.status, body).into_response()
+    }
+}
+
+fn count(route: &str, status: StatusCode) {
+    metrics().http_requests.with_label_values(&[route, status.as_str()]).inc();
+}
+
+/// The key an event is produced under: the most stable identifier it carries.
+pub fn event_key(event: &Event) -> String {
+    event
+        .customer_id
+        .clone()
+        .or_else(|| event.anonymous_id.clone())
+        .or_else(|| event.identifiers.values().next().cloned())
+        .unwrap_or_else(|| event.event_id.clone())
+}
+
+async fn post_events(State(state): State<ApiState>, body: Bytes) -> Result<Response, ApiError> {
+    let result = accept_events(&state, &body).await;
+    let status = match &result {
+        Ok(_) => StatusCode::ACCEPTED,
+        Err(e) => e.status,
+    };
+    count("/v1/events", status);
+    result.map(|n| (StatusCode::ACCEPTED, Json(json!({"accepted": n}))).into_response())
+}
+
+async fn accept_events(state: &ApiState, body: &[u8]) -> Result<usize, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("request body is not valid JSON: {e}")))?;
+    let items: Vec<Value> = match value {
+        Value::Object(mut obj) if obj.contains_key("batch") => match obj.remove("batch") {
+            Some(Value::Array(items)) if !items.is_empty() => items,
+            _ => return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_batch", "`batch` must be a non-empty array of events")),
+        },
+        other => vec![other],
+    };
+    // Validate the whole batch first: a batch is accepted whole or not at all.
+    let max = state.topology.limits.max_record_bytes;
+    let mut prepared = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let at = if items.len() > 1 { format!("batch[{i}]: ") } else { String::new() };
+        let event = Event::from_json(item).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_event", format!("{at}{e}")))?;
+        if !state.topology.is_known_event_type(&event.event_type) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "unknown_event_type",
+                format!("{at}event_type {:?} is not in the topology's event_types", event.event_type),
+            ));
+        }
+        let bytes = item.to_string().into_bytes();
+        if bytes.len() > max {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "oversized",
+                format!("{at}event of {} bytes exceeds limits.max_record_bytes ({max})", bytes.len()),
+            ));
+        }
+        prepared.push((event, bytes));
+    }
+    let partitions = state.topology.partitions_of(EVENTS_RAW) as i32;
+    let mut deliveries = Vec::new();
+    for (event, bytes) in &prepared {
+        let key = event_key(event);
+        let targets: Vec<Option<i32>> =
+            if event.event_type == "system.tick" { (0..partitions).map(Some).collect() } else { vec![None] };
+        for partition in targets {
+            let mut record = FutureRecord::to(EVENTS_RAW).key(&key).payload(bytes).timestamp(now_ms());
+            if let Some(p) = partition {
+                record = record.partition(p);
+            }
+            deliveries.push(state.producer.send(record, Duration::from_secs(10)));
+        }
+    }
+    for delivery in futures::future::join_all(deliveries).await {
+        delivery.map_err(|(e, _)| {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", format!("could not write to {EVENTS_RAW}: {e}"))
+        })?;
+    }
+    Ok(prepared.len())
+}
+
+fn lookup_response(route: &str, kind: &str, identifier: &str, lookup: Lookup<Value>) -> Response {
+    let response = match lookup {
+        Lookup::Found(v) => (StatusCode::OK, Json(v)).into_response(),
+        Lookup::Unknown => {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no {kind} for identifier {identifier:?}")).into_response()
+        }
+        Lookup::NotLocal => {
+            let mut r = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_available",
+                format!("the {kind} of {identifier:?} is not served by this instance right now; retry"),
+            )
+            .into_response();
+            r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            r
+        }
+    };
+    count(route, response.status());
+    response
+}
+
+async fn get_profile(State(state): State<ApiState>, Path(identifier): Path<String>) -> Response {
+    let lookup = state.local.profile(&state.topology, &identifier);
+    lookup_response("/v1/profiles", "profile", &identifier, lookup)
+}
+
+async fn get_context(State(state): State<ApiState>, Path(identifier): Path<String>) -> Response {
+    let now = (state.topology.clock == Clock::Wall).then(now_ms);
+    let lookup = state.local.context(&state.topology, &identifier, now);
+    lookup_response("/v1/context", "context", &identifier, lookup)
+}
+
+async fn get_metrics(State(state): State<ApiState>) -> Response {
+    let specs = chorus_processors::processor_specs(&state.topology);
+    let sizes = state.local.store_sizes(|name| {
+        specs.iter().find(|s| s.name == name).map(|s| s.stores.clone()).unwrap_or_default()
+    });
+    for (processor, store, partition, n) in sizes {
+        metrics()
+            .store_entries
+            .with_label_values(&[&processor, &store, &partition.to_string()])
+            .set(n as i64);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render()).into_response()
+}
+
+async fn readyz(State(state): State<ApiState>) -> Response {
+    if state.local.open_tasks() > 0 {
+        (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
+    } else {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "no partitions assigned yet").into_response()
+    }
+}
+
+pub async fn serve(addr: &str, state: ApiState, shutdown: Arc<tokio::sync::Notify>) -> Result<(tokio::task::JoinHandle<()>, String)> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    let bound = listener.local_addr()?.to_string();
+    let app = router(state);
+    let handle = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.notified().await }).await;
+    });
+    Ok((handle, bound))
+}

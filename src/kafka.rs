@@ -1,0 +1,115 @@
+//! Kafka plumbing shared by every command: client configuration, reachability checks,
+//! and creating the topology's topics (idempotently) with the right cleanup policy.
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use chorus_processors::{processor_specs, Topology};
+use chorus_state::changelog_topic;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::ClientConfig;
+use std::time::Duration;
+
+/// Settings every client of chorus uses.
+pub fn client_config(brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("broker.address.family", "v4")
+        .set("socket.connection.setup.timeout.ms", "10000")
+        .set("log_level", "3");
+    config
+}
+
+/// One topic to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicToCreate {
+    pub name: String,
+    pub partitions: u32,
+    pub compacted: bool,
+}
+
+/// Every topic of the topology, changelogs included.
+pub fn all_topics(topology: &Topology) -> Vec<TopicToCreate> {
+    let mut topics: Vec<TopicToCreate> = topology
+        .topic_specs()
+        .into_iter()
+        .map(|t| TopicToCreate { name: t.name, partitions: t.partitions, compacted: t.compacted })
+        .collect();
+    for spec in processor_specs(topology) {
+        let partitions = spec.inputs.iter().map(|t| topology.partitions_of(t)).max().unwrap_or(1);
+        for store in spec.all_stores() {
+            topics.push(TopicToCreate { name: changelog_topic(spec.name, store), partitions, compacted: true });
+        }
+    }
+    topics
+}
+
+/// Fail with one clear line when no broker answers.
+pub fn check_reachable(brokers: &str, timeout: Duration) -> Result<()> {
+    let consumer: BaseConsumer = client_config(brokers).create().context("cannot create a Kafka client")?;
+    consumer
+        .fetch_metadata(None, timeout)
+        .map_err(|e| anyhow!("cannot reach Kafka at {brokers}: {e}"))?;
+    Ok(())
+}
+
+/// Create every topic (existing ones are left as they are; a partition count that
+/// differs from the topology is an error, since keys would land elsewhere).
+pub async fn create_topics(brokers: &str, topology: &Topology) -> Result<Vec<String>> {
+    check_reachable(brokers, Duration::from_secs(10))?;
+    let admin: AdminClient<DefaultClientContext> = client_config(brokers).create().context("cannot create a Kafka admin client")?;
+    let topics = all_topics(topology);
+    let replication = TopicReplication::Fixed(topology.topics.replication_factor);
+    let new_topics: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| {
+            let topic = NewTopic::new(&t.name, t.partitions as i32, replication);
+            if t.compacted {
+                topic.set("cleanup.policy", "compact")
+            } else {
+                topic
+            }
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin.create_topics(new_topics.iter(), &options).await.context("CreateTopics failed")?;
+    let mut created = Vec::new();
+    for result in results {
+        match result {
+            Ok(name) => created.push(name),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => bail!("cannot create topic {name}: {code}"),
+        }
+    }
+    verify_partitions(brokers, &topics)?;
+    Ok(created)
+}
+
+/// Check that every topic exists with the partition count the topology expects.
+pub fn verify_partitions(brokers: &str, topics: &[TopicToCreate]) -> Result<()> {
+    let consumer: BaseConsumer = client_config(brokers).create()?;
+    let metadata = consumer.fetch_metadata(None, Duration::from_secs(10)).map_err(|e| anyhow!("cannot read topic metadata from {brokers}: {e}"))?;
+    for t in topics {
+        let found = metadata.topics().iter().find(|m| m.name() == t.name);
+        match found {
+            Some(m) if m.partitions().len() as u32 == t.partitions => {}
+            Some(m) => bail!(
+                "topic {} has {} partitions but the topology needs {}",
+                t.name,
+                m.partitions().len(),
+                t.partitions
+            ),
+            None => bail!("topic {} is missing (run `chorus topics create`)", t.name),
+        }
+    }
+    Ok(())
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,163 @@
+//! chorus: an omni-channel customer engagement pipeline on Kafka. This binary is the
+//! CLI, the Kafka runtime, the HTTP API and the embedded broker.
+
+mod broker;
+mod commands;
+mod engine;
+mod http;
+mod kafka;
+mod metrics;
+mod query;
+mod restore;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "chorus", version, about = "Omni-channel customer engagement pipeline on Kafka")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start an embedded broker, create the topics, run every processor and the HTTP API.
+    Up {
+        #[arg(long, default_value = "topology.yaml")]
+        topology: PathBuf,
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: String,
+        /// Override the partition count of every topic.
+        #[arg(long)]
+        partitions: Option<u32>,
+        /// Override the topology's clock.
+        #[arg(long, value_parser = ["wall", "event"])]
+        clock: Option<String>,
+    },
+    /// Start only the embedded broker (for several processes on one machine).
+    Broker {
+        #[arg(long, default_value_t = 9092)]
+        port: u16,
+        #[arg(long, default_value = "topology.yaml")]
+        topology: PathBuf,
+        #[arg(long)]
+        partitions: Option<u32>,
+    },
+    /// Run processors as one member of the processing group against any Kafka cluster.
+    Run {
+        #[arg(long)]
+        brokers: String,
+        /// `all` or a comma-separated list of identity, profile, context, orchestrator.
+        #[arg(long, default_value = "all")]
+        processors: String,
+        /// Stable id of this member (defaults to one kept in the data dir).
+        #[arg(long)]
+        instance_id: Option<String>,
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: String,
+        #[arg(long, default_value = "topology.yaml")]
+        topology: PathBuf,
+    },
+    /// Manage the topology's topics.
+    Topics {
+        #[command(subcommand)]
+        command: TopicsCommand,
+    },
+    /// Print a topic's records as one JSON object per line.
+    Tail {
+        topic: String,
+        #[arg(long)]
+        brokers: String,
+        #[arg(long)]
+        from_beginning: bool,
+        /// Stop after this many records.
+        #[arg(long)]
+        max: Option<usize>,
+        /// Stop when no record arrives for this long.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+    },
+    /// Produce JSON lines from stdin to a topic (validated for the pipeline's inputs).
+    Produce {
+        topic: String,
+        #[arg(long)]
+        brokers: String,
+        #[arg(long, default_value = "topology.yaml")]
+        topology: PathBuf,
+        /// Send lines as they are, without validation (to exercise the DLQ path).
+        #[arg(long)]
+        no_validate: bool,
+    },
+    /// Check a topology file and print every error with its YAML path.
+    Validate {
+        #[arg(default_value = "topology.yaml")]
+        topology: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopicsCommand {
+    /// Create every topic of the topology (idempotent).
+    Create {
+        #[arg(long)]
+        brokers: String,
+        #[arg(long, default_value = "topology.yaml")]
+        topology: PathBuf,
+    },
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => match e.kind() {
+            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => e.exit(),
+            _ => {
+                let text = e.render().to_string();
+                let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
+                eprintln!("{first} (see `chorus --help`)");
+                std::process::exit(2);
+            }
+        },
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CHORUS_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(dispatch(cli.command));
+    if let Err(e) = result {
+        eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+        std::process::exit(1);
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Up { topology, data_dir, http, partitions, clock } => {
+            commands::up(commands::UpArgs { topology, data_dir, http, partitions, clock }).await
+        }
+        Command::Broker { port, topology, partitions } => commands::broker(port, &topology, partitions).await,
+        Command::Run { brokers, processors, instance_id, data_dir, http, topology } => {
+            commands::run(commands::RunArgs { brokers, processors, instance_id, data_dir, http, topology }).await
+        }
+        Command::Topics { command: TopicsCommand::Create { brokers, topology } } => commands::topics_create(&brokers, &topology).await,
+        Command::Tail { topic, brokers, from_beginning, max, timeout_ms } => {
+            commands::tail(&topic, &brokers, from_beginning, max, timeout_ms).await
+        }
+        Command::Produce { topic, brokers, topology, no_validate } => commands::produce(&topic, &brokers, &topology, no_validate).await,
+        Command::Validate { topology } => commands::validate(&topology),
+    }
+}

@@ -1,0 +1,81 @@
+//! Prometheus metrics of the process, served at `/metrics`. Processors report counters
+//! as plain data ([`chorus_processors::Counter`]); the runtime turns them into series
+//! here, so business logic never links a metrics library.
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use std::sync::OnceLock;
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub records_in: IntCounterVec,
+    pub records_out: IntCounterVec,
+    pub dlq: IntCounterVec,
+    pub errors: IntCounterVec,
+    pub processing_seconds: HistogramVec,
+    pub end_to_end_seconds: HistogramVec,
+    pub commit_seconds: HistogramVec,
+    pub lag: IntGaugeVec,
+    pub store_entries: IntGaugeVec,
+    pub restored_records: IntCounterVec,
+    pub business: IntCounterVec,
+    pub http_requests: IntCounterVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid metric definition");
+    registry.register(Box::new(h.clone())).expect("metric registered once");
+    h
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry.register(Box::new(g.clone())).expect("metric registered once");
+    g
+}
+
+const LATENCY_BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(|| {
+        let registry = Registry::new_custom(Some("chorus".into()), None).expect("valid registry prefix");
+        let pl = &["processor", "partition"];
+        Metrics {
+            records_in: counter(&registry, "records_in_total", "Records consumed", pl),
+            records_out: counter(&registry, "records_out_total", "Records produced, by topic", &["processor", "topic"]),
+            dlq: counter(&registry, "dlq_total", "Records sent to events.dlq, by reason", &["processor", "reason"]),
+            errors: counter(&registry, "errors_total", "Transaction aborts and task failures", &["processor", "kind"]),
+            processing_seconds: histogram(&registry, "processing_seconds", "Time to process one record", pl, LATENCY_BUCKETS.to_vec()),
+            end_to_end_seconds: histogram(
+                &registry,
+                "end_to_end_seconds",
+                "Event timestamp to its effect being committed and readable (profile, context)",
+                &["processor"],
+                LATENCY_BUCKETS.to_vec(),
+            ),
+            commit_seconds: histogram(&registry, "commit_seconds", "Time to commit one transaction", &["processor"], LATENCY_BUCKETS.to_vec()),
+            lag: gauge(&registry, "consumer_lag", "Records behind the end of each input partition", &["processor", "topic", "partition"]),
+            store_entries: gauge(&registry, "store_entries", "Approximate entries per store and partition", &["processor", "store", "partition"]),
+            restored_records: counter(&registry, "restored_records_total", "Changelog records replayed into stores", &["processor", "store"]),
+            business: counter(
+                &registry,
+                "events_total",
+                "Business counters reported by processors (resolved, merges, duplicates, decisions_sent, suppressions, ...)",
+                &["processor", "name", "label"],
+            ),
+            http_requests: counter(&registry, "http_requests_total", "HTTP requests by route and status", &["route", "status"]),
+            registry,
+        }
+    })
+}
+
+pub fn render() -> String {
+    let families = metrics().registry.gather();
+    TextEncoder::new().encode_to_string(&families).unwrap_or_default()
+}

@@ -1,0 +1,157 @@
+//! Interactive queries: the HTTP API reads the committed state of this instance's
+//! tasks directly from their RocksDB (never the uncommitted overlay). An identifier is
+//! resolved through the identity stores, then the owning partition of the canonical id
+//! is read. Answers for partitions this instance does not own are "not here" (routing
+//! to the owner comes with multi-instance interactive queries).
+
+use chorus_processors::context::CustomerContext;
+use chorus_processors::identity;
+use chorus_processors::partition::partition_for;
+use chorus_processors::profile::Profile;
+use chorus_processors::resolved::RESOLVED_TOPIC;
+use chorus_processors::store::decode_value;
+use chorus_processors::Topology;
+use chorus_state::TaskDb;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+/// The task databases open in this process, by processor and partition.
+#[derive(Clone, Default)]
+pub struct LocalStores {
+    tasks: Arc<RwLock<BTreeMap<(String, u32), Arc<TaskDb>>>>,
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Lookup<T> {
+    Found(T),
+    /// No customer is known by this identifier.
+    Unknown,
+    /// The owning partition is not open on this instance (another owns it, or a
+    /// rebalance is moving it).
+    NotLocal,
+}
+
+impl LocalStores {
+    pub fn register(&self, processor: &str, partition: u32, db: Arc<TaskDb>) {
+        self.tasks.write().unwrap_or_else(|p| p.into_inner()).insert((processor.to_owned(), partition), db);
+    }
+
+    pub fn unregister(&self, processor: &str, partition: u32) {
+        self.tasks.write().unwrap_or_else(|p| p.into_inner()).remove(&(processor.to_owned(), partition));
+    }
+
+    fn dbs(&self, processor: &str) -> Vec<Arc<TaskDb>> {
+        self.tasks
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|((name, _), _)| name == processor)
+            .map(|(_, db)| db.clone())
+            .collect()
+    }
+
+    fn db(&self, processor: &str, partition: u32) -> Option<Arc<TaskDb>> {
+        self.tasks.read().unwrap_or_else(|p| p.into_inner()).get(&(processor.to_owned(), partition)).cloned()
+    }
+
+    pub fn open_tasks(&self) -> usize {
+        self.tasks.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Store sizes per processor, store and partition.
+    pub fn store_sizes(&self, stores_of: impl Fn(&str) -> Vec<&'static str>) -> Vec<(String, String, u32, u64)> {
+        let tasks = self.tasks.read().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for ((processor, partition), db) in tasks.iter() {
+            for store in stores_of(processor) {
+                out.push((processor.clone(), store.to_owned(), *partition, db.approximate_len(store)));
+            }
+        }
+        out
+    }
+
+    /// The canonical id of a path identifier (a canonical id resolves to itself).
+    pub fn resolve(&self, identifier: &str) -> Lookup<String> {
+        let dbs = self.dbs(identity::NAME);
+        if dbs.is_empty() {
+            return Lookup::NotLocal;
+        }
+        let mut canonical = None;
+        if identifier.starts_with("cus_") {
+            canonical = Some(identifier.to_owned());
+        }
+        if canonical.is_none() {
+            'keys: for key in identity::lookup_keys(identifier) {
+                for db in &dbs {
+                    if let Some(id) = read_json::<String>(db, identity::STORE, &key) {
+                        canonical = Some(id);
+                        break 'keys;
+                    }
+                }
+            }
+        }
+        let Some(mut id) = canonical else { return Lookup::Unknown };
+        // Follow merges to the surviving id.
+        for _ in 0..64 {
+            let next = dbs.iter().find_map(|db| read_json::<String>(db, identity::STORE, &format!("fwd:{id}")));
+            match next {
+                Some(n) => id = n,
+                None => break,
+            }
+        }
+        Lookup::Found(id)
+    }
+
+    fn read_owned<T: DeserializeOwned>(&self, topology: &Topology, processor: &str, store: &str, canonical: &str) -> Lookup<T> {
+        let partition = partition_for(canonical.as_bytes(), topology.partitions_of(RESOLVED_TOPIC));
+        match self.db(processor, partition) {
+            None => Lookup::NotLocal,
+            Some(db) => match read_json::<T>(&db, store, canonical) {
+                Some(v) => Lookup::Found(v),
+                None => Lookup::Unknown,
+            },
+        }
+    }
+
+    pub fn profile(&self, topology: &Topology, identifier: &str) -> Lookup<Value> {
+        match self.resolve(identifier) {
+            Lookup::Found(id) => match self.read_owned::<Profile>(topology, "profile", "profiles", &id) {
+                Lookup::Found(p) => Lookup::Found(p.snapshot()),
+                Lookup::Unknown => Lookup::Unknown,
+                Lookup::NotLocal => Lookup::NotLocal,
+            },
+            Lookup::Unknown => Lookup::Unknown,
+            Lookup::NotLocal => Lookup::NotLocal,
+        }
+    }
+
+    /// `now` is the wall clock, or `None` under `clock: event` (then expiry is left to
+    /// the task, which alone knows event time).
+    pub fn context(&self, topology: &Topology, identifier: &str, now: Option<i64>) -> Lookup<Value> {
+        match self.resolve(identifier) {
+            Lookup::Found(id) => match self.read_owned::<CustomerContext>(topology, "context", "context", &id) {
+                Lookup::Found(mut c) => {
+                    // Expired parts vanish from reads at once, before the sweep runs.
+                    if let Some(now) = now {
+                        c.expire(now, &topology.context);
+                    }
+                    Lookup::Found(c.snapshot())
+                }
+                Lookup::Unknown => Lookup::Unknown,
+                Lookup::NotLocal => Lookup::NotLocal,
+            },
+            Lookup::Unknown => Lookup::Unknown,
+            Lookup::NotLocal => Lookup::NotLocal,
+        }
+    }
+}
+
+fn read_json<T: DeserializeOwned>(db: &TaskDb, store: &str, key: &str) -> Option<T> {
+    let stored = db.get(store, key.as_bytes()).ok()??;
+    // Stores read here (identity, profiles, context) hold no expiring entries; context
+    // expiry is applied by the caller with the topology's clock.
+    let (_, value) = decode_value(key.as_bytes(), &stored).ok()?;
+    serde_json::from_slice(&value).ok()
+}

@@ -1,0 +1,169 @@
+//! The RocksDB instance of one task: open with shared memory limits, read, apply a
+//! committed batch together with changelog checkpoints, restore from the changelog.
+
+use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteBufferManager, DB};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Column family holding `changelog topic` → next offset to restore from.
+pub const CHECKPOINT_CF: &str = "__checkpoint";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("rocksdb at {path}: {source}")]
+    Rocks { path: String, source: rocksdb::Error },
+    #[error("store `{0}` does not exist in this task")]
+    UnknownStore(String),
+    #[error("corrupt checkpoint for {0}")]
+    CorruptCheckpoint(String),
+}
+
+/// The compacted changelog topic of a store.
+pub fn changelog_topic(processor: &str, store: &str) -> String {
+    format!("chorus-{processor}-{}-changelog", store.trim_start_matches('_'))
+}
+
+/// Memory shared by every task of the process: one block cache, and one budget for all
+/// memtables (charged to the cache, so the two together stay within the limit).
+pub struct SharedResources {
+    cache: Cache,
+    write_buffers: WriteBufferManager,
+}
+
+impl SharedResources {
+    pub fn new(block_cache_bytes: usize, write_buffer_bytes: usize) -> SharedResources {
+        let cache = Cache::new_lru_cache(block_cache_bytes + write_buffer_bytes);
+        let write_buffers = WriteBufferManager::new_write_buffer_manager_with_cache(write_buffer_bytes, false, cache.clone());
+        SharedResources { cache, write_buffers }
+    }
+
+    fn options(&self) -> Options {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_write_buffer_manager(&self.write_buffers);
+        opts.set_max_background_jobs(2);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        opts.set_keep_log_file_num(2);
+        opts.set_max_open_files(256);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&self.cache);
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_bloom_filter(10.0, false);
+        opts.set_block_based_table_factory(&table);
+        opts
+    }
+}
+
+pub struct TaskDb {
+    db: DB,
+    path: String,
+}
+
+impl TaskDb {
+    /// Open (or create) the task's database with a column family per store.
+    pub fn open(path: &Path, stores: &[&str], shared: &SharedResources) -> Result<TaskDb, StateError> {
+        let opts = shared.options();
+        let mut cfs: Vec<ColumnFamilyDescriptor> =
+            stores.iter().map(|s| ColumnFamilyDescriptor::new(*s, shared.options())).collect();
+        cfs.push(ColumnFamilyDescriptor::new(CHECKPOINT_CF, shared.options()));
+        let display = path.display().to_string();
+        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| StateError::Rocks { path: display.clone(), source })?;
+        Ok(TaskDb { db, path: display })
+    }
+
+    fn rocks(&self, source: rocksdb::Error) -> StateError {
+        StateError::Rocks { path: self.path.clone(), source }
+    }
+
+    fn cf(&self, store: &str) -> Result<&rocksdb::ColumnFamily, StateError> {
+        self.db.cf_handle(store).ok_or_else(|| StateError::UnknownStore(store.to_owned()))
+    }
+
+    pub fn get(&self, store: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        self.db.get_cf(self.cf(store)?, key).map_err(|e| self.rocks(e))
+    }
+
+    /// Entries with `from <= key < to`, in order, at most `limit`.
+    pub fn range(&self, store: &str, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StateError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(store)?, IteratorMode::From(from, Direction::Forward)) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            if &*k >= to || out.len() >= limit {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    pub fn approximate_len(&self, store: &str) -> u64 {
+        self.cf(store)
+            .ok()
+            .and_then(|cf| self.db.property_int_value_cf(cf, "rocksdb.estimate-num-keys").ok().flatten())
+            .unwrap_or(0)
+    }
+
+    /// Apply committed writes and the changelog offsets they reached, atomically.
+    pub fn apply(&self, writes: &[crate::StoreWrite], checkpoints: &BTreeMap<String, i64>) -> Result<(), StateError> {
+        let mut batch = WriteBatch::default();
+        for w in writes {
+            let cf = self.cf(&w.store)?;
+            match &w.value {
+                Some(v) => batch.put_cf(cf, &w.key, v),
+                None => batch.delete_cf(cf, &w.key),
+            }
+        }
+        let checkpoint_cf = self.cf(CHECKPOINT_CF)?;
+        for (topic, next) in checkpoints {
+            batch.put_cf(checkpoint_cf, topic.as_bytes(), next.to_be_bytes());
+        }
+        self.db.write(batch).map_err(|e| self.rocks(e))
+    }
+
+    /// Remove every entry of a store (its changelog no longer matches it).
+    pub fn clear_store(&self, store: &str) -> Result<(), StateError> {
+        let cf = self.cf(store)?;
+        let mut batch = WriteBatch::default();
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, _) = item.map_err(|e| self.rocks(e))?;
+            batch.delete_cf(cf, k);
+        }
+        self.db.write(batch).map_err(|e| self.rocks(e))
+    }
+
+    /// Next changelog offset to restore from (0 when never checkpointed).
+    pub fn checkpoint(&self, changelog: &str) -> Result<i64, StateError> {
+        match self.db.get_cf(self.cf(CHECKPOINT_CF)?, changelog.as_bytes()).map_err(|e| self.rocks(e))? {
+            None => Ok(0),
+            Some(bytes) => {
+                let arr: [u8; 8] = bytes.as_slice().try_into().map_err(|_| StateError::CorruptCheckpoint(changelog.to_owned()))?;
+                Ok(i64::from_be_bytes(arr))
+            }
+        }
+    }
+
+    /// Flush memtables to disk (clean shutdown: the next start reads SST files only).
+    pub fn flush(&self) -> Result<(), StateError> {
+        self.db.flush_cfs(&self.db.cf_names_handles()).map_err(|e| self.rocks(e))
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+trait CfHandles {
+    fn cf_names_handles(&self) -> Vec<&rocksdb::ColumnFamily>;
+}
+
+impl CfHandles for DB {
+    fn cf_names_handles(&self) -> Vec<&rocksdb::ColumnFamily> {
+        let path = self.path().to_path_buf();
+        DB::list_cf(&Options::default(), path)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|n| self.cf_handle(n))
+            .collect()
+    }
+}

@@ -1,0 +1,237 @@
+//! Helpers for integration tests: run the real `chorus` binary, talk to it through the
+//! same CLI, topics and HTTP a user would use.
+#![allow(dead_code)]
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const T0: i64 = 1_707_906_600_000; // 2024-02-14T10:30:00Z
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_chorus"))
+}
+
+pub fn topology_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("topology.yaml")
+}
+
+pub fn ts(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms).unwrap().to_string()
+}
+
+/// A running chorus process; killed on drop.
+pub struct Chorus {
+    pub child: Child,
+    pub bootstrap: Option<String>,
+    pub http: Option<String>,
+}
+
+impl Chorus {
+    /// Start `chorus <args>` and wait for its `bootstrap:` / `http:` lines.
+    pub fn start(args: &[&str], want_http: bool) -> Chorus {
+        let mut child = Command::new(bin())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("chorus binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut me = Chorus { child, bootstrap: None, http: None };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if me.http.is_some() || (!want_http && me.bootstrap.is_some()) {
+                break;
+            }
+            if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+                if let Some(b) = line.strip_prefix("bootstrap: ") {
+                    me.bootstrap = Some(b.trim().to_owned());
+                }
+                if let Some(h) = line.strip_prefix("http: ") {
+                    me.http = Some(h.trim().to_owned());
+                }
+            }
+            if let Ok(Some(status)) = me.child.try_wait() {
+                panic!("chorus {args:?} exited early: {status}");
+            }
+        }
+        assert!(me.http.is_some() || !want_http, "chorus {args:?} printed no http line");
+        me
+    }
+
+    pub fn up(data_dir: &Path, partitions: u32) -> Chorus {
+        let topology = topology_path();
+        Chorus::start(
+            &[
+                "up",
+                "--topology",
+                topology.to_str().unwrap(),
+                "--data-dir",
+                data_dir.to_str().unwrap(),
+                "--http",
+                "127.0.0.1:0",
+                "--partitions",
+                &partitions.to_string(),
+                "--clock",
+                "event",
+            ],
+            true,
+        )
+    }
+
+    pub fn bootstrap(&self) -> &str {
+        self.bootstrap.as_deref().expect("bootstrap printed")
+    }
+
+    pub fn http(&self) -> &str {
+        self.http.as_deref().expect("http printed")
+    }
+
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < deadline {
+            if let Ok(r) = reqwest::blocking::get(format!("{}/readyz", self.http())) {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("chorus never became ready");
+    }
+
+    /// Ctrl-C and wait for a clean exit.
+    pub fn stop(mut self) {
+        let pid = self.child.id() as i32;
+        unsafe_kill(pid, "INT");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                assert!(status.success(), "chorus exited with {status}");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("chorus did not stop within 60 s");
+    }
+
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unsafe_kill(pid: i32, signal: &str) {
+    let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+}
+
+impl Drop for Chorus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `chorus produce TOPIC` with these JSON lines.
+pub fn produce(bootstrap: &str, topic: &str, lines: &[Value]) {
+    let topology = topology_path();
+    let mut child = Command::new(bin())
+        .args(["produce", topic, "--brokers", bootstrap, "--topology", topology.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        let mut text = String::new();
+        for l in lines {
+            text.push_str(&l.to_string());
+            text.push('\n');
+        }
+        stdin.write_all(text.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "produce failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `chorus tail TOPIC --from-beginning` until idle.
+pub fn tail(bootstrap: &str, topic: &str, idle_ms: u64) -> Vec<Value> {
+    let out = Command::new(bin())
+        .args(["tail", topic, "--brokers", bootstrap, "--from-beginning", "--timeout-ms", &idle_ms.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "tail failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+pub fn get_json(url: &str) -> (u16, Value) {
+    let r = reqwest::blocking::get(url).unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+/// Poll until `check` holds or fail after `secs`.
+pub fn eventually<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A deterministic workload: `n` events over `customers` customers, a few anonymous
+/// visitors who later log in, orders with totals. Returns the events and the expected
+/// (event_count, purchase_count, lifetime_value in cents) per customer id.
+pub fn workload(n: usize, customers: usize) -> (Vec<Value>, std::collections::BTreeMap<String, (i64, i64, i64)>) {
+    let mut events = Vec::with_capacity(n);
+    let mut expected = std::collections::BTreeMap::new();
+    for i in 0..n {
+        let c = i % customers;
+        let customer = format!("c{c}");
+        let at = T0 + i as i64 * 10;
+        let kind = ["page.viewed", "product.viewed", "cart.item_added", "order.completed"][i % 4];
+        let anonymous = i < customers; // each customer's first event is anonymous on mobile
+        let mut e = json!({"event_id": format!("evt-{i}"), "event_type": kind, "timestamp": ts(at), "channel": if anonymous {"mobile_app"} else {"web"},
+            "payload": {"product_id": format!("p{}", i % 13), "category": "outdoor", "price": 10.0, "quantity": 1, "total": (i % 7) as f64 * 10.0 + 5.0}});
+        if anonymous {
+            e["anonymous_id"] = json!(format!("anon-{c}"));
+        } else if i < 2 * customers {
+            // first known event: login linking the anonymous id
+            e["customer_id"] = json!(customer);
+            e["anonymous_id"] = json!(format!("anon-{c}"));
+        } else {
+            e["customer_id"] = json!(customer);
+        }
+        let entry: &mut (i64, i64, i64) = expected.entry(customer).or_default();
+        entry.0 += 1;
+        if kind == "order.completed" {
+            entry.1 += 1;
+            entry.2 += (((i % 7) as f64 * 10.0 + 5.0) * 100.0) as i64;
+        }
+        events.push(e);
+    }
+    (events, expected)
+}
+
+/// (event_count, purchase_count, lifetime_value in cents) of a profile.
+pub fn totals(profile: &Value) -> (i64, i64, i64) {
+    (
+        profile["metrics"]["event_count"].as_i64().unwrap_or(-1),
+        profile["metrics"]["purchase_count"].as_i64().unwrap_or(-1),
+        (profile["metrics"]["lifetime_value"].as_f64().unwrap_or(-1.0) * 100.0).round() as i64,
+    )
+}

@@ -1,0 +1,159 @@
+//! The real binary against the embedded broker (`chorus up`): external clients produce
+//! through the CLI, results are read back from topics and over HTTP.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// A topology with one events.raw partition (identity links across partitions in the
+/// next stage) and four downstream partitions.
+fn test_topology(dir: &Path) -> std::path::PathBuf {
+    let base = std::fs::read_to_string(topology_path()).unwrap();
+    let text = base.replace("clock: wall", "clock: event").replace(
+        "  partitions: {}",
+        "  partitions: {events.raw: 1, messages.requests: 1, consent: 1}",
+    ).replace("default_partitions: 8", "default_partitions: 4");
+    let path = dir.join("topology.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn up(data: &Path, topology: &Path) -> Chorus {
+    let c = Chorus::start(
+        &["up", "--topology", topology.to_str().unwrap(), "--data-dir", data.to_str().unwrap(), "--http", "127.0.0.1:0"],
+        true,
+    );
+    c.wait_ready();
+    c
+}
+
+fn profiles_match(http: &str, expected: &BTreeMap<String, (i64, i64, i64)>) -> Option<()> {
+    for (customer, want) in expected {
+        let (status, profile) = get_json(&format!("{http}/v1/profiles/{customer}"));
+        if status != 200 || totals(&profile) != *want {
+            return None;
+        }
+    }
+    Some(())
+}
+
+#[test]
+fn ten_thousand_events_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let topology = test_topology(dir.path());
+    let chorus = up(&dir.path().join("data"), &topology);
+    let (events, expected) = workload(10_000, 50);
+    produce(chorus.bootstrap(), "events.raw", &events);
+    // Redelivered events are processed once.
+    produce(chorus.bootstrap(), "events.raw", &events[5_000..5_100]);
+    eventually(120, "profiles to reflect all 10,000 events", || profiles_match(chorus.http(), &expected));
+
+    // The anonymous mobile visit merged into the customer: any identifier answers.
+    let (status, by_anon) = get_json(&format!("{}/v1/profiles/anonymous_id:anon-7", chorus.http()));
+    assert_eq!(status, 200);
+    assert_eq!(by_anon["customer_id"], "c7");
+    let (status, context) = get_json(&format!("{}/v1/context/c7", chorus.http()));
+    assert_eq!(status, 200, "{context}");
+    assert!(context["recent_interactions"].as_array().unwrap().len() <= 50);
+    let (status, missing) = get_json(&format!("{}/v1/profiles/nobody", chorus.http()));
+    assert_eq!(status, 404);
+    assert_eq!(missing["error"]["code"], "not_found");
+
+    // Profiles on the topic agree with the API (latest per key).
+    let records = tail(chorus.bootstrap(), "profiles", 3_000);
+    let mut latest: BTreeMap<String, Value> = BTreeMap::new();
+    for r in records {
+        let key = r["key"].as_str().unwrap().to_owned();
+        if r["value"].is_null() {
+            latest.remove(&key);
+        } else {
+            latest.insert(key, r["value"].clone());
+        }
+    }
+    assert_eq!(latest.len(), expected.len());
+    for p in latest.values() {
+        let customer = p["customer_id"].as_str().unwrap();
+        assert_eq!(totals(p), expected[customer]);
+    }
+    let merges = tail(chorus.bootstrap(), "identity.merges", 1_000);
+    assert_eq!(merges.len(), 0, "anonymous ids were linked on first login, before any second component existed");
+    chorus.stop();
+}
+
+#[test]
+fn bad_input_lands_in_the_dlq_and_decisions_follow_consent() {
+    let dir = tempfile::tempdir().unwrap();
+    let topology = test_topology(dir.path());
+    let chorus = up(&dir.path().join("data"), &topology);
+    let raw = |line: &str| {
+        let mut child = std::process::Command::new(bin())
+            .args(["produce", "events.raw", "--brokers", chorus.bootstrap(), "--topology", topology.to_str().unwrap(), "--no-validate"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(line.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success());
+    };
+    raw("{not json\n");
+    raw(&format!("{}\n", json!({"event_id": "x1", "event_type": "teleported", "timestamp": ts(T0), "customer_id": "c1"})));
+    raw(&format!("{}\n", json!({"event_id": "x2", "event_type": "page.viewed", "timestamp": "yesterday", "customer_id": "c1"})));
+    let dlq = eventually(60, "three DLQ records", || {
+        let r = tail(chorus.bootstrap(), "events.dlq", 1_500);
+        (r.len() >= 3).then_some(r)
+    });
+    let reasons: Vec<&str> = dlq.iter().map(|r| r["value"]["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons, ["invalid_json", "unknown_event_type", "invalid_event"]);
+    assert_eq!(dlq[0]["value"]["original_base64"], "e25vdCBqc29u");
+
+    // HTTP intake validates before anything is written.
+    let client = reqwest::blocking::Client::new();
+    let bad = client.post(format!("{}/v1/events", chorus.http())).body(r#"{"event_id":"e","event_type":"page.viewed","timestamp":5}"#).send().unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+    let body: Value = bad.json().unwrap();
+    assert_eq!(body["error"]["code"], "invalid_event");
+    assert!(body["error"]["message"].as_str().unwrap().contains("timestamp"));
+    let good = client
+        .post(format!("{}/v1/events", chorus.http()))
+        .body(json!({"batch": [{"event_id": "h1", "event_type": "identify", "timestamp": ts(T0), "customer_id": "c1", "traits": {"email": "Ann@Example.com"}}]}).to_string())
+        .send()
+        .unwrap();
+    assert_eq!(good.status().as_u16(), 202);
+
+    produce(chorus.bootstrap(), "messages.requests", &[json!({"request_id": "r1", "timestamp": ts(T0 + 1), "customer_id": "c1", "category": "promotional", "campaign_id": "spring", "content_id": "promo", "channels": ["email"]})]);
+    eventually(60, "r1 suppressed", || (tail(chorus.bootstrap(), "decisions.suppressed", 1_000).len() == 1).then_some(()));
+    produce(chorus.bootstrap(), "consent", &[json!({"identifiers": {"email": "ann@example.com"}, "purpose": "marketing_email", "granted": true, "timestamp": ts(T0 + 2), "source": "web_form"})]);
+    produce(chorus.bootstrap(), "messages.requests", &[json!({"request_id": "r2", "timestamp": ts(T0 + 3), "customer_id": "c1", "category": "promotional", "campaign_id": "spring", "content_id": "promo", "channels": ["email"]})]);
+    let sent = eventually(60, "r2 sent on email", || {
+        let r = tail(chorus.bootstrap(), "decisions.email", 1_000);
+        (r.len() == 1).then_some(r)
+    });
+    assert_eq!(sent[0]["value"]["request_id"], "r2");
+    assert_eq!(sent[0]["value"]["customer_id"], "c1");
+    let (_, metrics) = (0, reqwest::blocking::get(format!("{}/metrics", chorus.http())).unwrap().text().unwrap());
+    assert!(metrics.contains("chorus_dlq_total"), "metrics expose DLQ counts");
+    assert!(metrics.contains("chorus_end_to_end_seconds"));
+    chorus.stop();
+}
+
+#[test]
+fn clean_restart_keeps_every_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let topology = test_topology(dir.path());
+    let data = dir.path().join("data");
+    let (events, expected) = workload(4_000, 40);
+    let first = up(&data, &topology);
+    produce(first.bootstrap(), "events.raw", &events[..2_000]);
+    // Stop mid-stream: chorus finishes what it accepted before exiting.
+    first.stop();
+    let second = up(&data, &topology);
+    produce(second.bootstrap(), "events.raw", &events[2_000..]);
+    // Events seen before the restart are still deduplicated after it.
+    produce(second.bootstrap(), "events.raw", &events[..100]);
+    eventually(120, "profiles equal to an uninterrupted run", || profiles_match(second.http(), &expected));
+    second.stop();
+}

@@ -1,0 +1,187 @@
+//! The real binary against a real Apache Kafka 4.x broker (KRaft, single node) started
+//! by `scripts/kafka-local` for each test: clean restart, kill -9 and rebalance between
+//! two members must all end exactly where an uninterrupted run ends.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A Kafka broker of this test; stopped on drop.
+struct Kafka {
+    dir: PathBuf,
+    bootstrap: String,
+}
+
+impl Kafka {
+    fn start(dir: &Path) -> Kafka {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka-local");
+        let out = Command::new(&script).args(["start", "--dir", dir.to_str().unwrap()]).output().expect("scripts/kafka-local runs");
+        assert!(out.status.success(), "kafka-local start failed: {}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let bootstrap = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("bootstrap: "))
+            .unwrap_or_else(|| panic!("no bootstrap line in {stdout}"))
+            .trim()
+            .to_owned();
+        Kafka { dir: dir.to_owned(), bootstrap }
+    }
+}
+
+impl Drop for Kafka {
+    fn drop(&mut self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka-local");
+        let _ = Command::new(script).args(["stop", "--dir", self.dir.to_str().unwrap()]).output();
+    }
+}
+
+fn test_topology(dir: &Path) -> PathBuf {
+    let base = std::fs::read_to_string(topology_path()).unwrap();
+    let text = base
+        .replace("clock: wall", "clock: event")
+        .replace("  partitions: {}", "  partitions: {events.raw: 1, messages.requests: 1, consent: 1}")
+        .replace("default_partitions: 8", "default_partitions: 4");
+    let path = dir.join("topology.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn setup(dir: &Path) -> (Kafka, PathBuf) {
+    let kafka = Kafka::start(&dir.join("kafka"));
+    let topology = test_topology(dir);
+    let out = Command::new(bin())
+        .args(["topics", "create", "--brokers", &kafka.bootstrap, "--topology", topology.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "topics create failed: {}", String::from_utf8_lossy(&out.stderr));
+    (kafka, topology)
+}
+
+fn run(kafka: &Kafka, topology: &Path, data: &Path, instance: &str) -> Chorus {
+    let c = Chorus::start(
+        &[
+            "run",
+            "--brokers",
+            &kafka.bootstrap,
+            "--topology",
+            topology.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--instance-id",
+            instance,
+            "--http",
+            "127.0.0.1:0",
+        ],
+        true,
+    );
+    c.wait_ready();
+    c
+}
+
+fn profiles_match(http: &str, expected: &BTreeMap<String, (i64, i64, i64)>) -> Option<()> {
+    for (customer, want) in expected {
+        let (status, profile) = get_json(&format!("{http}/v1/profiles/{customer}"));
+        if status != 200 || totals(&profile) != *want {
+            return None;
+        }
+    }
+    Some(())
+}
+
+/// Every event reaches events.resolved exactly once (read_committed).
+fn assert_resolved_exactly_once(bootstrap: &str, events: &[Value]) {
+    let resolved = tail(bootstrap, "events.resolved", 3_000);
+    let mut seen = BTreeMap::new();
+    for r in &resolved {
+        if r["value"]["kind"] == "event" {
+            let id = r["value"]["body"]["event_id"].as_str().unwrap().to_owned();
+            *seen.entry(id).or_insert(0) += 1;
+        }
+    }
+    let duplicates: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).map(|(id, _)| id.clone()).collect();
+    assert!(duplicates.is_empty(), "duplicated on events.resolved: {:?}", &duplicates[..duplicates.len().min(10)]);
+    let want: BTreeSet<String> = events.iter().map(|e| e["event_id"].as_str().unwrap().to_owned()).collect();
+    let got: BTreeSet<String> = seen.keys().cloned().collect();
+    let gaps: Vec<_> = want.difference(&got).collect();
+    assert!(gaps.is_empty(), "missing from events.resolved: {:?}", &gaps[..gaps.len().min(10)]);
+}
+
+#[test]
+fn run_restarts_cleanly_on_real_kafka() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kafka, topology) = setup(dir.path());
+    let data = dir.path().join("data");
+    let (events, expected) = workload(3_000, 30);
+    produce(&kafka.bootstrap, "events.raw", &events[..1_500]);
+    let first = run(&kafka, &topology, &data, "a");
+    eventually(90, "first half processed", || {
+        let (s, p) = get_json(&format!("{}/v1/profiles/c0", first.http()));
+        (s == 200 && p["metrics"]["event_count"].as_i64() == Some(50)).then_some(())
+    });
+    first.stop();
+    produce(&kafka.bootstrap, "events.raw", &events[1_500..]);
+    let second = run(&kafka, &topology, &data, "a");
+    eventually(120, "profiles equal to an uninterrupted run", || profiles_match(second.http(), &expected));
+    assert_resolved_exactly_once(&kafka.bootstrap, &events);
+    second.stop();
+}
+
+#[test]
+fn kill_9_mid_stream_loses_and_duplicates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kafka, topology) = setup(dir.path());
+    let data = dir.path().join("data");
+    let (events, expected) = workload(6_000, 40);
+    produce(&kafka.bootstrap, "events.raw", &events);
+    let first = run(&kafka, &topology, &data, "a");
+    eventually(90, "some progress", || {
+        let (s, _) = get_json(&format!("{}/v1/profiles/c0", first.http()));
+        (s == 200).then_some(())
+    });
+    first.kill9();
+    let second = run(&kafka, &topology, &data, "a");
+    eventually(180, "profiles equal to an uninterrupted run", || profiles_match(second.http(), &expected));
+    assert_resolved_exactly_once(&kafka.bootstrap, &events);
+    // The profile table on the topic agrees too (latest committed value per key).
+    let mut latest: BTreeMap<String, Value> = BTreeMap::new();
+    for r in tail(&kafka.bootstrap, "profiles", 3_000) {
+        let key = r["key"].as_str().unwrap().to_owned();
+        if r["value"].is_null() {
+            latest.remove(&key);
+        } else {
+            latest.insert(key, r["value"].clone());
+        }
+    }
+    for p in latest.values() {
+        assert_eq!(totals(p), expected[p["customer_id"].as_str().unwrap()]);
+    }
+    second.stop();
+}
+
+#[test]
+fn two_members_split_partitions_and_hand_over_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kafka, topology) = setup(dir.path());
+    let (events, expected) = workload(3_000, 30);
+    let one = run(&kafka, &topology, &dir.path().join("one"), "one");
+    let two = run(&kafka, &topology, &dir.path().join("two"), "two");
+    produce(&kafka.bootstrap, "events.raw", &events[..1_500]);
+    // Both members own part of the profile partitions.
+    eventually(90, "both members processing", || {
+        let owned = |http: &str| {
+            let text = reqwest::blocking::get(format!("{http}/metrics")).ok()?.text().ok()?;
+            Some(text.lines().filter(|l| l.starts_with("chorus_store_entries{") && l.contains("processor=\"profile\"") && l.contains("store=\"profiles\"")).count())
+        };
+        let (a, b) = (owned(one.http())?, owned(two.http())?);
+        (a > 0 && b > 0 && a + b == 4).then_some(())
+    });
+    two.stop();
+    produce(&kafka.bootstrap, "events.raw", &events[1_500..]);
+    eventually(180, "member one serves every profile, equal to an uninterrupted run", || profiles_match(one.http(), &expected));
+    assert_resolved_exactly_once(&kafka.bootstrap, &events);
+    one.stop();
+}
