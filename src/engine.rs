@@ -392,9 +392,9 @@ impl EngineState {
             metrics().end_to_end_seconds.with_label_values(&[name]).observe(((now - at).max(0)) as f64 / 1000.0);
         }
         for o in &out.outputs {
-            let mut record = BaseRecord::to(&o.topic).key(&o.key).timestamp(o.timestamp);
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&o.topic).key(o.key.as_slice()).timestamp(o.timestamp);
             if let Some(value) = &o.value {
-                record = record.payload(value);
+                record = record.payload(value.as_slice());
             }
             if let Some(p) = o.partition {
                 record = record.partition(p as i32);
@@ -416,9 +416,9 @@ impl EngineState {
             let writes = slot.state.take_pending();
             for w in &writes {
                 let topic = changelog_topic(name, &w.store);
-                let mut record = BaseRecord::to(&topic).key(&w.key).partition(*p);
+                let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&topic).key(w.key.as_slice()).partition(*p);
                 if let Some(v) = &w.value {
-                    record = record.payload(v);
+                    record = record.payload(v.as_slice());
                 }
                 send(&self.producer, record)?;
             }

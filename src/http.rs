@@ -130,13 +130,13 @@ async fn accept_events(state: &ApiState, body: &[u8]) -> Result<usize, ApiError>
         prepared.push((event, bytes));
     }
     let partitions = state.topology.partitions_of(EVENTS_RAW) as i32;
+    let keys: Vec<String> = prepared.iter().map(|(event, _)| event_key(event)).collect();
     let mut deliveries = Vec::new();
-    for (event, bytes) in &prepared {
-        let key = event_key(event);
+    for ((event, bytes), key) in prepared.iter().zip(&keys) {
         let targets: Vec<Option<i32>> =
             if event.event_type == "system.tick" { (0..partitions).map(Some).collect() } else { vec![None] };
         for partition in targets {
-            let mut record = FutureRecord::to(EVENTS_RAW).key(&key).payload(bytes).timestamp(now_ms());
+            let mut record = FutureRecord::to(EVENTS_RAW).key(key).payload(bytes).timestamp(now_ms());
             if let Some(p) = partition {
                 record = record.partition(p);
             }

@@ -61,11 +61,11 @@ pub async fn create_topics(brokers: &str, topology: &Topology) -> Result<Vec<Str
     check_reachable(brokers, Duration::from_secs(10))?;
     let admin: AdminClient<DefaultClientContext> = client_config(brokers).create().context("cannot create a Kafka admin client")?;
     let topics = all_topics(topology);
-    let replication = TopicReplication::Fixed(topology.topics.replication_factor);
+    let replication = topology.topics.replication_factor;
     let new_topics: Vec<NewTopic> = topics
         .iter()
         .map(|t| {
-            let topic = NewTopic::new(&t.name, t.partitions as i32, replication);
+            let topic = NewTopic::new(&t.name, t.partitions as i32, TopicReplication::Fixed(replication));
             if t.compacted {
                 topic.set("cleanup.policy", "compact")
             } else {

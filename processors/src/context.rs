@@ -6,7 +6,7 @@
 //! they expire. On a merge the anonymous cart and session follow the customer.
 
 use crate::processor::{Ctx, ProcessError, Processor, Record};
-use crate::resolved::{forward_state_on_merge, parse_record, AbsorbBody, Kind, MergeBody, Resolved, RESOLVED_TOPIC};
+use crate::resolved::{forward_if_merged, forward_state_on_merge, parse_for_stage, AbsorbBody, Kind, MergeBody, RESOLVED_TOPIC};
 use crate::task::ProcessorSpec;
 use crate::topology::{ContextConfig, Topology};
 use chorus_schemas::Event;
@@ -320,7 +320,10 @@ impl CustomerContext {
 
 impl Processor for ContextStage {
     fn process(&mut self, ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
-        let resolved: Resolved = parse_record(record)?;
+        let Some(resolved) = parse_for_stage(ctx, record, NAME)? else { return Ok(()) };
+        if forward_if_merged(ctx, NAME, STORE, &resolved)? {
+            return Ok(());
+        }
         match resolved.kind {
             Kind::Event => {
                 let mut event: Event = serde_json::from_value(resolved.body)

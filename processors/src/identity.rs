@@ -169,6 +169,7 @@ fn decode_input(bytes: &[u8]) -> Result<Value, ProcessError> {
 impl Identity {
     fn on_event(&mut self, ctx: &mut Ctx<'_>, json: &Value) -> Result<(), ProcessError> {
         let event = Event::from_json(json).map_err(|e| ProcessError::reject("invalid_event", e.to_string()))?;
+        ctx.observe_event_time(event.timestamp_ms);
         if !self.topology.is_known_event_type(&event.event_type) {
             return Err(ProcessError::reject(
                 "unknown_event_type",
@@ -199,6 +200,7 @@ impl Identity {
 
     fn on_request(&mut self, ctx: &mut Ctx<'_>, json: &Value) -> Result<(), ProcessError> {
         let request = MessageRequest::from_json(json).map_err(|e| ProcessError::reject("invalid_request", e.to_string()))?;
+        ctx.observe_event_time(request.timestamp_ms);
         let orchestration = &self.topology.orchestration;
         if !orchestration.categories.contains_key(&request.category) {
             return Err(ProcessError::reject(
@@ -223,6 +225,7 @@ impl Identity {
 
     fn on_consent(&mut self, ctx: &mut Ctx<'_>, json: &Value) -> Result<(), ProcessError> {
         let change = ConsentChange::from_json(json).map_err(|e| ProcessError::reject("invalid_consent", e.to_string()))?;
+        ctx.observe_event_time(change.timestamp_ms);
         if !self.topology.consent.purposes.contains(&change.purpose) {
             return Err(ProcessError::reject(
                 "unknown_purpose",
@@ -244,7 +247,14 @@ impl Identity {
     fn broadcast_tick(&mut self, ctx: &mut Ctx<'_>, event: &Event) -> Result<(), ProcessError> {
         let raw = ctx.partitions(EVENTS_RAW).max(1);
         let resolved = ctx.partitions(RESOLVED_TOPIC);
-        let tick = Resolved { kind: Kind::Tick, canonical_id: String::new(), customer_id: None, at: event.timestamp_ms, body: Value::Null };
+        let tick = Resolved {
+            kind: Kind::Tick,
+            canonical_id: String::new(),
+            customer_id: None,
+            at: event.timestamp_ms,
+            body: Value::Null,
+            stage: None,
+        };
         let bytes = serde_json::to_vec(&tick).unwrap_or_default();
         let mine = ctx.partition % raw;
         for p in (0..resolved).filter(|q| q % raw == mine) {
@@ -300,6 +310,7 @@ fn emit_resolved(ctx: &mut Ctx<'_>, kind: Kind, component: &Component, at: i64, 
         customer_id: component.customer_id.clone(),
         at,
         body,
+        stage: None,
     };
     ctx.emit_json(RESOLVED_TOPIC, &component.canonical_id, &resolved)
 }
@@ -396,6 +407,6 @@ fn merge_into(ctx: &mut Ctx<'_>, survivor: &mut Component, loser_id: &str, label
     ctx.count("merges", "deterministic");
     let body = serde_json::to_value(MergeBody { from: loser_id.to_owned(), into: survivor.canonical_id.clone() })
         .unwrap_or(Value::Null);
-    let resolved = Resolved { kind: Kind::Merge, canonical_id: loser_id.to_owned(), customer_id: None, at, body };
+    let resolved = Resolved { kind: Kind::Merge, canonical_id: loser_id.to_owned(), customer_id: None, at, body, stage: None };
     ctx.emit_json(RESOLVED_TOPIC, loser_id, &resolved)
 }

@@ -9,7 +9,7 @@
 //! Store `consent`: canonical id → every purpose's current state and its history.
 
 use crate::processor::{Ctx, ProcessError, Processor, Record};
-use crate::resolved::{forward_state_on_merge, parse_record, AbsorbBody, Kind, MergeBody, Resolved, RESOLVED_TOPIC};
+use crate::resolved::{forward_if_merged, forward_state_on_merge, parse_for_stage, AbsorbBody, Kind, MergeBody, Resolved, RESOLVED_TOPIC};
 use crate::task::ProcessorSpec;
 use crate::topology::Topology;
 use chorus_schemas::{ConsentChange, MessageRequest};
@@ -146,7 +146,10 @@ fn rfc3339(ms: i64) -> String {
 
 impl Processor for Orchestrator {
     fn process(&mut self, ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
-        let resolved: Resolved = parse_record(record)?;
+        let Some(resolved) = parse_for_stage(ctx, record, NAME)? else { return Ok(()) };
+        if forward_if_merged(ctx, NAME, CONSENT_STORE, &resolved)? {
+            return Ok(());
+        }
         let id = resolved.canonical_id.clone();
         match resolved.kind {
             Kind::Consent => {

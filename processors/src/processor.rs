@@ -3,6 +3,7 @@
 //! timers — all through [`Ctx`], with `now` given, never read from a clock.
 
 use crate::store::{decode_value, encode_value, prefix_end, StoreError, StoreSet};
+use crate::topology::Clock;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -65,6 +66,7 @@ pub const EXPIRY_STORE: &str = "__expiry";
 /// Everything a processor may touch while handling one record or timer.
 pub struct Ctx<'a> {
     pub now: i64,
+    clock: Clock,
     pub partition: u32,
     stores: &'a mut dyn StoreSet,
     partitions: &'a BTreeMap<String, u32>,
@@ -74,8 +76,22 @@ pub struct Ctx<'a> {
 }
 
 impl<'a> Ctx<'a> {
-    pub fn new(now: i64, partition: u32, stores: &'a mut dyn StoreSet, partitions: &'a BTreeMap<String, u32>) -> Self {
-        Ctx { now, partition, stores, partitions, outputs: Vec::new(), counters: Vec::new(), visible: Vec::new() }
+    pub fn new(
+        now: i64,
+        clock: Clock,
+        partition: u32,
+        stores: &'a mut dyn StoreSet,
+        partitions: &'a BTreeMap<String, u32>,
+    ) -> Self {
+        Ctx { now, clock, partition, stores, partitions, outputs: Vec::new(), counters: Vec::new(), visible: Vec::new() }
+    }
+
+    /// The record being processed happened at `at`. Under `clock: event` this moves
+    /// the task's time forward (never back); under `clock: wall` it changes nothing.
+    pub fn observe_event_time(&mut self, at: i64) {
+        if self.clock == Clock::Event {
+            self.now = self.now.max(at);
+        }
     }
 
     /// Partition count of a topic (1 when the topology does not know it).

@@ -34,6 +34,10 @@ pub struct Resolved {
     /// Event time, ms since the epoch.
     pub at: i64,
     pub body: Value,
+    /// Set when only one stage should handle this record (state moving between that
+    /// stage's partitions); `None` for records every stage reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,6 +69,36 @@ pub fn parse_record(record: &crate::Record) -> Result<Resolved, crate::ProcessEr
     Resolved::parse(value)
 }
 
+/// Decode a record for `stage`, or `None` when it is addressed to another stage.
+pub fn parse_for_stage(ctx: &mut crate::Ctx<'_>, record: &crate::Record, stage: &str) -> Result<Option<Resolved>, crate::ProcessError> {
+    let resolved = parse_record(record)?;
+    if resolved.stage.as_deref().is_some_and(|s| s != stage) {
+        return Ok(None);
+    }
+    ctx.observe_event_time(resolved.at);
+    Ok(Some(resolved))
+}
+
+fn forward_key(id: &str) -> String {
+    format!("fwd:{id}")
+}
+
+/// If this stage already moved `resolved.canonical_id`'s state to a survivor, send the
+/// record on to it (addressed to this stage only) and return true. Merges can chain
+/// (B into A while C's state is on its way to B), so state may arrive after its target
+/// merged away; following the pointers makes every piece land on the final survivor.
+pub fn forward_if_merged(ctx: &mut crate::Ctx<'_>, stage: &str, store: &str, resolved: &Resolved) -> Result<bool, crate::ProcessError> {
+    if resolved.kind == Kind::Tick || resolved.kind == Kind::Merge {
+        return Ok(false);
+    }
+    let Some(into) = ctx.get_json::<String>(store, &forward_key(&resolved.canonical_id))? else { return Ok(false) };
+    let mut moved = resolved.clone();
+    moved.canonical_id = into.clone();
+    moved.stage = Some(stage.to_owned());
+    ctx.emit_json(RESOLVED_TOPIC, &into, &moved)?;
+    Ok(true)
+}
+
 /// For a merge record seen by a downstream stage: take the merged-away customer's state
 /// out of `store` and send it, keyed by the survivor, back through `events.resolved`.
 pub fn forward_state_on_merge(
@@ -74,6 +108,7 @@ pub fn forward_state_on_merge(
     merge: &MergeBody,
     output_topic: Option<&str>,
 ) -> Result<(), crate::ProcessError> {
+    ctx.put_json(store, &forward_key(&merge.from), &merge.into)?;
     let Some(state) = ctx.get_json::<Value>(store, &merge.from)? else { return Ok(()) };
     ctx.delete(store, &merge.from)?;
     if let Some(topic) = output_topic {
@@ -86,6 +121,7 @@ pub fn forward_state_on_merge(
         at: ctx.now,
         body: serde_json::to_value(AbsorbBody { stage: stage.to_owned(), from: merge.from.clone(), state })
             .unwrap_or(Value::Null),
+        stage: Some(stage.to_owned()),
     };
     ctx.emit_json(RESOLVED_TOPIC, &merge.into, &absorb)
 }

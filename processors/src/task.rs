@@ -78,27 +78,32 @@ impl Task {
         self.stream_time
     }
 
-    fn now(&mut self, record_time: Option<i64>, wall_now: i64) -> i64 {
-        if let Some(t) = record_time {
-            self.stream_time = self.stream_time.max(t);
-        }
+    fn now(&self, wall_now: i64) -> i64 {
         match self.clock {
             Clock::Event => self.stream_time,
             Clock::Wall => wall_now,
         }
     }
 
+
+
     /// Process one record, then fire whatever timers and expiries became due.
     pub fn process(&mut self, stores: &mut dyn StoreSet, record: &Record, wall_now: i64) -> Result<TaskOutput, ProcessError> {
-        let now = self.now(Some(record.timestamp), wall_now);
+        let mut now = self.now(wall_now);
         let mut out = TaskOutput::default();
-        let mut ctx = Ctx::new(now, self.partition, stores, &self.partitions);
+        let partitions = &self.partitions;
+        let mut ctx = Ctx::new(now, self.clock, self.partition, stores, partitions);
         match self.processor.process(&mut ctx, record) {
-            Ok(()) => out.absorb(ctx),
+            Ok(()) => {
+                // Under `clock: event` the processor moved time to the record's event
+                // time; timers due by then fire below.
+                now = ctx.now;
+                out.absorb(ctx)
+            }
             Err(ProcessError::Reject { reason, detail }) => {
                 // A processor rejects before it writes, so dropping its outputs loses
                 // nothing; the input itself is kept whole on the DLQ.
-                let mut ctx = Ctx::new(now, self.partition, stores, &self.partitions);
+                let mut ctx = Ctx::new(now, self.clock, self.partition, stores, partitions);
                 ctx.count("dlq", reason);
                 let letter = dead_letter(self.processor_name, record, reason, &detail, now);
                 ctx.emit(DLQ_TOPIC, record.key.as_deref().unwrap_or_default(), Some(letter), None);
@@ -106,13 +111,16 @@ impl Task {
             }
             Err(fatal) => return Err(fatal),
         }
+        if self.clock == Clock::Event {
+            self.stream_time = self.stream_time.max(now);
+        }
         self.fire_due(stores, now, &mut out)?;
         Ok(out)
     }
 
     /// Advance time without a record (wall-clock punctuation).
     pub fn punctuate(&mut self, stores: &mut dyn StoreSet, wall_now: i64) -> Result<TaskOutput, ProcessError> {
-        let now = self.now(None, wall_now);
+        let now = self.now(wall_now);
         let mut out = TaskOutput::default();
         self.fire_due(stores, now, &mut out)?;
         Ok(out)
@@ -128,7 +136,7 @@ impl Task {
             for (key, stored) in due {
                 stores.store(TIMERS_STORE)?.delete(&key)?;
                 let (_, payload) = decode_value(&key, &stored)?;
-                let mut ctx = Ctx::new(now, self.partition, stores, &self.partitions);
+                let mut ctx = Ctx::new(now, self.clock, self.partition, stores, &self.partitions);
                 self.processor.on_timer(&mut ctx, &key[8..], &payload)?;
                 out.absorb(ctx);
             }
@@ -144,7 +152,7 @@ impl Task {
                 let Some(sep) = rest.iter().position(|b| *b == 0) else { continue };
                 let store = String::from_utf8_lossy(&rest[..sep]).into_owned();
                 let key = &rest[sep + 1..];
-                let mut ctx = Ctx::new(now, self.partition, stores, &self.partitions);
+                let mut ctx = Ctx::new(now, self.clock, self.partition, stores, &self.partitions);
                 let expired = match ctx.stores().store(&store)?.get(key)? {
                     Some(stored) => {
                         let (expires_at, _) = decode_value(key, &stored)?;

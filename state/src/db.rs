@@ -58,6 +58,7 @@ impl SharedResources {
 pub struct TaskDb {
     db: DB,
     path: String,
+    stores: Vec<String>,
 }
 
 impl TaskDb {
@@ -69,7 +70,9 @@ impl TaskDb {
         cfs.push(ColumnFamilyDescriptor::new(CHECKPOINT_CF, shared.options()));
         let display = path.display().to_string();
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| StateError::Rocks { path: display.clone(), source })?;
-        Ok(TaskDb { db, path: display })
+        let mut names: Vec<String> = stores.iter().map(|s| s.to_string()).collect();
+        names.push(CHECKPOINT_CF.to_owned());
+        Ok(TaskDb { db, path: display, stores: names })
     }
 
     fn rocks(&self, source: rocksdb::Error) -> StateError {
@@ -145,25 +148,13 @@ impl TaskDb {
 
     /// Flush memtables to disk (clean shutdown: the next start reads SST files only).
     pub fn flush(&self) -> Result<(), StateError> {
-        self.db.flush_cfs(&self.db.cf_names_handles()).map_err(|e| self.rocks(e))
+        for store in &self.stores {
+            self.db.flush_cf(self.cf(store)?).map_err(|e| self.rocks(e))?;
+        }
+        Ok(())
     }
 
     pub fn path(&self) -> &str {
         &self.path
-    }
-}
-
-trait CfHandles {
-    fn cf_names_handles(&self) -> Vec<&rocksdb::ColumnFamily>;
-}
-
-impl CfHandles for DB {
-    fn cf_names_handles(&self) -> Vec<&rocksdb::ColumnFamily> {
-        let path = self.path().to_path_buf();
-        DB::list_cf(&Options::default(), path)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|n| self.cf_handle(n))
-            .collect()
     }
 }
