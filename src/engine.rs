@@ -392,7 +392,10 @@ impl EngineState {
             metrics().end_to_end_seconds.with_label_values(&[name]).observe(((now - at).max(0)) as f64 / 1000.0);
         }
         for o in &out.outputs {
-            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&o.topic).key(o.key.as_slice()).timestamp(o.timestamp);
+            // The record timestamp is when chorus wrote it, not the event time (which
+            // travels in the body): brokers apply time-based retention to record
+            // timestamps, and replayed history would be deleted as soon as it is written.
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&o.topic).key(o.key.as_slice()).timestamp(now);
             if let Some(value) = &o.value {
                 record = record.payload(value.as_slice());
             }

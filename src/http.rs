@@ -188,6 +188,8 @@ async fn get_metrics(State(state): State<ApiState>) -> Response {
     let sizes = state.local.store_sizes(|name| {
         specs.iter().find(|s| s.name == name).map(|s| s.stores.clone()).unwrap_or_default()
     });
+    // Only partitions open right now: a partition handed to another member disappears.
+    metrics().store_entries.reset();
     for (processor, store, partition, n) in sizes {
         metrics()
             .store_entries

@@ -94,7 +94,7 @@ fn profiles_match(http: &str, expected: &BTreeMap<String, (i64, i64, i64)>) -> O
 
 /// Every event reaches events.resolved exactly once (read_committed).
 fn assert_resolved_exactly_once(bootstrap: &str, events: &[Value]) {
-    let resolved = tail(bootstrap, "events.resolved", 3_000);
+    let resolved = tail(bootstrap, "events.resolved", 5_000);
     let mut seen = BTreeMap::new();
     for r in &resolved {
         if r["value"]["kind"] == "event" {
@@ -107,7 +107,7 @@ fn assert_resolved_exactly_once(bootstrap: &str, events: &[Value]) {
     let want: BTreeSet<String> = events.iter().map(|e| e["event_id"].as_str().unwrap().to_owned()).collect();
     let got: BTreeSet<String> = seen.keys().cloned().collect();
     let gaps: Vec<_> = want.difference(&got).collect();
-    assert!(gaps.is_empty(), "missing from events.resolved: {:?}", &gaps[..gaps.len().min(10)]);
+    assert!(gaps.is_empty(), "{} of {} events missing from events.resolved ({} records read): {:?}", gaps.len(), want.len(), resolved.len(), &gaps[..gaps.len().min(10)]);
 }
 
 #[test]
