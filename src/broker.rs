@@ -34,9 +34,8 @@ impl EmbeddedBroker {
 
 /// Accept connections on `port` and forward them to the broker.
 pub async fn forward_port(port: u16, target: String) -> Result<u16> {
-    let listener = TcpListener::bind(("127.0.0.1", port))
-        .await
-        .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
+    let listener =
+        TcpListener::bind(("127.0.0.1", port)).await.with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
     let bound = listener.local_addr()?.port();
     tokio::spawn(async move {
         loop {

@@ -33,7 +33,13 @@ pub fn validate(path: &Path) -> Result<()> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read topology {}", path.display()))?;
     match Topology::from_yaml_str(&text) {
         Ok(t) => {
-            println!("{}: ok ({} topics, clock {:?}, {:?})", path.display(), crate::kafka::all_topics(&t).len(), t.clock, t.processing);
+            println!(
+                "{}: ok ({} topics, clock {:?}, {:?})",
+                path.display(),
+                crate::kafka::all_topics(&t).len(),
+                t.clock,
+                t.processing
+            );
             Ok(())
         }
         Err(errors) => {
@@ -164,7 +170,8 @@ impl Pipeline {
                 bail!("unknown processor {w:?} (known: identity, profile, context, orchestrator)");
             }
         }
-        std::fs::create_dir_all(&self.data_dir).with_context(|| format!("cannot create {}", self.data_dir.display()))?;
+        std::fs::create_dir_all(&self.data_dir)
+            .with_context(|| format!("cannot create {}", self.data_dir.display()))?;
         let local = LocalStores::default();
         let shutdown = Arc::new(AtomicBool::new(false));
         let drain = Arc::new(DrainState::default());
@@ -258,11 +265,21 @@ async fn wait_for_signal() {
 pub async fn topics_create(brokers: &str, topology: &Path) -> Result<()> {
     let topology = load_topology(topology)?;
     let created = create_topics(brokers, &topology).await?;
-    println!("{} topics created, {} already existed", created.len(), crate::kafka::all_topics(&topology).len() - created.len());
+    println!(
+        "{} topics created, {} already existed",
+        created.len(),
+        crate::kafka::all_topics(&topology).len() - created.len()
+    );
     Ok(())
 }
 
-pub async fn tail(topic: &str, brokers: &str, from_beginning: bool, max: Option<usize>, timeout_ms: Option<u64>) -> Result<()> {
+pub async fn tail(
+    topic: &str,
+    brokers: &str,
+    from_beginning: bool,
+    max: Option<usize>,
+    timeout_ms: Option<u64>,
+) -> Result<()> {
     crate::kafka::check_reachable(brokers, Duration::from_secs(10))?;
     let consumer: BaseConsumer = client_config(brokers)
         .set("group.id", format!("chorus-tail-{}", uuid::Uuid::new_v4()))
@@ -271,7 +288,9 @@ pub async fn tail(topic: &str, brokers: &str, from_beginning: bool, max: Option<
         .set("auto.offset.reset", if from_beginning { "earliest" } else { "latest" })
         .create()
         .context("cannot create a consumer")?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).map_err(|e| anyhow!("cannot read metadata: {e}"))?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| anyhow!("cannot read metadata: {e}"))?;
     let partitions = metadata.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
     if partitions == 0 {
         bail!("topic {topic} does not exist");

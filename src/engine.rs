@@ -176,7 +176,8 @@ impl DrainState {
 fn caught_up<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> bool {
     let (Ok(assignment), Ok(positions)) = (consumer.assignment(), consumer.position()) else { return false };
     assignment.elements().iter().all(|elem| {
-        let Ok((_, high)) = consumer.fetch_watermarks(elem.topic(), elem.partition(), Duration::from_millis(500)) else {
+        let Ok((_, high)) = consumer.fetch_watermarks(elem.topic(), elem.partition(), Duration::from_millis(500))
+        else {
             return false;
         };
         let position = positions.find_partition(elem.topic(), elem.partition()).and_then(|p| p.offset().to_raw());
@@ -216,7 +217,8 @@ fn report_lag(consumer: &BaseConsumer<EngineContext>, name: &str) {
     let Ok(assignment) = consumer.assignment() else { return };
     let Ok(positions) = consumer.position() else { return };
     for elem in assignment.elements() {
-        let Ok((_, high)) = consumer.fetch_watermarks(elem.topic(), elem.partition(), Duration::from_millis(500)) else {
+        let Ok((_, high)) = consumer.fetch_watermarks(elem.topic(), elem.partition(), Duration::from_millis(500))
+        else {
             continue;
         };
         let position = positions
@@ -328,7 +330,9 @@ impl EngineState {
 
     fn begin(&mut self) -> Result<()> {
         if self.eos && !self.txn_open {
-            self.producer.begin_transaction().map_err(|e| anyhow!("{}: cannot begin a transaction: {e}", self.name()))?;
+            self.producer
+                .begin_transaction()
+                .map_err(|e| anyhow!("{}: cannot begin a transaction: {e}", self.name()))?;
         }
         self.txn_open = true;
         Ok(())
@@ -442,7 +446,10 @@ impl EngineState {
                 .map(|((topic, _), offset)| (topic.clone(), offset + 1))
                 .collect();
             let writes = std::mem::take(&mut slot.unapplied);
-            slot.state.db().apply(&writes, &checkpoints).with_context(|| format!("{name}[{p}]: cannot apply committed writes"))?;
+            slot.state
+                .db()
+                .apply(&writes, &checkpoints)
+                .with_context(|| format!("{name}[{p}]: cannot apply committed writes"))?;
         }
         self.offsets.clear();
         self.txn_open = false;
@@ -479,7 +486,10 @@ impl EngineState {
     fn abort_and_rewind<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> Result<()> {
         if self.eos {
             if let Err(e) = self.producer.abort_transaction(Duration::from_secs(30)) {
-                return Err(anyhow!("{}: cannot abort the transaction ({e}); another instance may have fenced this one", self.name()));
+                return Err(anyhow!(
+                    "{}: cannot abort the transaction ({e}); another instance may have fenced this one",
+                    self.name()
+                ));
             }
         }
         self.producer.context().written.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -488,7 +498,9 @@ impl EngineState {
             slot.unapplied.clear();
         }
         let assignment = consumer.assignment().map_err(|e| anyhow!("assignment: {e}"))?;
-        let committed = consumer.committed_offsets(assignment, Duration::from_secs(10)).map_err(|e| anyhow!("committed offsets: {e}"))?;
+        let committed = consumer
+            .committed_offsets(assignment, Duration::from_secs(10))
+            .map_err(|e| anyhow!("committed offsets: {e}"))?;
         for elem in committed.elements() {
             let offset = match elem.offset() {
                 Offset::Offset(o) => Offset::Offset(o),
@@ -517,7 +529,8 @@ impl EngineState {
         let stores = self.spec.all_stores();
         let path = self.config.data_dir.join("state").join(name).join(partition.to_string());
         std::fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        let db = TaskDb::open(&path, &stores, &self.config.shared).with_context(|| format!("{name}[{partition}]: cannot open state"))?;
+        let db = TaskDb::open(&path, &stores, &self.config.shared)
+            .with_context(|| format!("{name}[{partition}]: cannot open state"))?;
         let started = Instant::now();
         let restored = crate::restore::restore_task(&self.config, name, partition, &stores, &db)?;
         tracing::info!(processor = name, partition, restored, ms = started.elapsed().as_millis() as u64, "task ready");
@@ -551,7 +564,10 @@ fn task_failure(name: &str, partition: i32, e: ProcessError) -> anyhow::Error {
 }
 
 /// Send, waiting for room in the producer queue when it is full.
-fn send<C: ProducerContext>(producer: &BaseProducer<C>, mut record: BaseRecord<'_, [u8], [u8], C::DeliveryOpaque>) -> Result<()>
+fn send<C: ProducerContext>(
+    producer: &BaseProducer<C>,
+    mut record: BaseRecord<'_, [u8], [u8], C::DeliveryOpaque>,
+) -> Result<()>
 where
     C::DeliveryOpaque: Default,
 {

@@ -97,12 +97,19 @@ async fn post_events(State(state): State<ApiState>, body: Bytes) -> Result<Respo
 }
 
 async fn accept_events(state: &ApiState, body: &[u8]) -> Result<usize, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("request body is not valid JSON: {e}")))?;
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("request body is not valid JSON: {e}"))
+    })?;
     let items: Vec<Value> = match value {
         Value::Object(mut obj) if obj.contains_key("batch") => match obj.remove("batch") {
             Some(Value::Array(items)) if !items.is_empty() => items,
-            _ => return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_batch", "`batch` must be a non-empty array of events")),
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_batch",
+                    "`batch` must be a non-empty array of events",
+                ))
+            }
         },
         other => vec![other],
     };
@@ -111,7 +118,8 @@ async fn accept_events(state: &ApiState, body: &[u8]) -> Result<usize, ApiError>
     let mut prepared = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let at = if items.len() > 1 { format!("batch[{i}]: ") } else { String::new() };
-        let event = Event::from_json(item).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_event", format!("{at}{e}")))?;
+        let event = Event::from_json(item)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_event", format!("{at}{e}")))?;
         if !state.topology.is_known_event_type(&event.event_type) {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -145,7 +153,11 @@ async fn accept_events(state: &ApiState, body: &[u8]) -> Result<usize, ApiError>
     }
     for delivery in futures::future::join_all(deliveries).await {
         delivery.map_err(|(e, _)| {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", format!("could not write to {EVENTS_RAW}: {e}"))
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "broker_unavailable",
+                format!("could not write to {EVENTS_RAW}: {e}"),
+            )
         })?;
     }
     Ok(prepared.len())
@@ -155,7 +167,8 @@ fn lookup_response(route: &str, kind: &str, identifier: &str, lookup: Lookup<Val
     let response = match lookup {
         Lookup::Found(v) => (StatusCode::OK, Json(v)).into_response(),
         Lookup::Unknown => {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no {kind} for identifier {identifier:?}")).into_response()
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no {kind} for identifier {identifier:?}"))
+                .into_response()
         }
         Lookup::NotLocal => {
             let mut r = ApiError::new(
@@ -185,16 +198,13 @@ async fn get_context(State(state): State<ApiState>, Path(identifier): Path<Strin
 
 async fn get_metrics(State(state): State<ApiState>) -> Response {
     let specs = chorus_processors::processor_specs(&state.topology);
-    let sizes = state.local.store_sizes(|name| {
-        specs.iter().find(|s| s.name == name).map(|s| s.stores.clone()).unwrap_or_default()
-    });
+    let sizes = state
+        .local
+        .store_sizes(|name| specs.iter().find(|s| s.name == name).map(|s| s.stores.clone()).unwrap_or_default());
     // Only partitions open right now: a partition handed to another member disappears.
     metrics().store_entries.reset();
     for (processor, store, partition, n) in sizes {
-        metrics()
-            .store_entries
-            .with_label_values(&[&processor, &store, &partition.to_string()])
-            .set(n as i64);
+        metrics().store_entries.with_label_values(&[&processor, &store, &partition.to_string()]).set(n as i64);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render()).into_response()
 }
@@ -207,7 +217,11 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     }
 }
 
-pub async fn serve(addr: &str, state: ApiState, shutdown: Arc<tokio::sync::Notify>) -> Result<(tokio::task::JoinHandle<()>, String)> {
+pub async fn serve(
+    addr: &str,
+    state: ApiState,
+    shutdown: Arc<tokio::sync::Notify>,
+) -> Result<(tokio::task::JoinHandle<()>, String)> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
     let bound = listener.local_addr()?.to_string();
     let app = router(state);

@@ -49,9 +49,7 @@ pub fn all_topics(topology: &Topology) -> Vec<TopicToCreate> {
 /// Fail with one clear line when no broker answers.
 pub fn check_reachable(brokers: &str, timeout: Duration) -> Result<()> {
     let consumer: BaseConsumer = client_config(brokers).create().context("cannot create a Kafka client")?;
-    consumer
-        .fetch_metadata(None, timeout)
-        .map_err(|e| anyhow!("cannot reach Kafka at {brokers}: {e}"))?;
+    consumer.fetch_metadata(None, timeout).map_err(|e| anyhow!("cannot reach Kafka at {brokers}: {e}"))?;
     Ok(())
 }
 
@@ -59,7 +57,8 @@ pub fn check_reachable(brokers: &str, timeout: Duration) -> Result<()> {
 /// differs from the topology is an error, since keys would land elsewhere).
 pub async fn create_topics(brokers: &str, topology: &Topology) -> Result<Vec<String>> {
     check_reachable(brokers, Duration::from_secs(10))?;
-    let admin: AdminClient<DefaultClientContext> = client_config(brokers).create().context("cannot create a Kafka admin client")?;
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(brokers).create().context("cannot create a Kafka admin client")?;
     let topics = all_topics(topology);
     let replication = topology.topics.replication_factor;
     let new_topics: Vec<NewTopic> = topics
@@ -90,7 +89,9 @@ pub async fn create_topics(brokers: &str, topology: &Topology) -> Result<Vec<Str
 /// Check that every topic exists with the partition count the topology expects.
 pub fn verify_partitions(brokers: &str, topics: &[TopicToCreate]) -> Result<()> {
     let consumer: BaseConsumer = client_config(brokers).create()?;
-    let metadata = consumer.fetch_metadata(None, Duration::from_secs(10)).map_err(|e| anyhow!("cannot read topic metadata from {brokers}: {e}"))?;
+    let metadata = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .map_err(|e| anyhow!("cannot read topic metadata from {brokers}: {e}"))?;
     for t in topics {
         let found = metadata.topics().iter().find(|m| m.name() == t.name);
         match found {
@@ -108,8 +109,5 @@ pub fn verify_partitions(brokers: &str, topics: &[TopicToCreate]) -> Result<()> 
 }
 
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

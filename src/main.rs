@@ -126,7 +126,8 @@ fn main() {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CHORUS_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_env("CHORUS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -153,11 +154,15 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Run { brokers, processors, instance_id, data_dir, http, topology } => {
             commands::run(commands::RunArgs { brokers, processors, instance_id, data_dir, http, topology }).await
         }
-        Command::Topics { command: TopicsCommand::Create { brokers, topology } } => commands::topics_create(&brokers, &topology).await,
+        Command::Topics { command: TopicsCommand::Create { brokers, topology } } => {
+            commands::topics_create(&brokers, &topology).await
+        }
         Command::Tail { topic, brokers, from_beginning, max, timeout_ms } => {
             commands::tail(&topic, &brokers, from_beginning, max, timeout_ms).await
         }
-        Command::Produce { topic, brokers, topology, no_validate } => commands::produce(&topic, &brokers, &topology, no_validate).await,
+        Command::Produce { topic, brokers, topology, no_validate } => {
+            commands::produce(&topic, &brokers, &topology, no_validate).await
+        }
         Command::Validate { topology } => commands::validate(&topology),
     }
 }

@@ -17,10 +17,12 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
+type TaskDbs = BTreeMap<(String, u32), Arc<TaskDb>>;
+
 /// The task databases open in this process, by processor and partition.
 #[derive(Clone, Default)]
 pub struct LocalStores {
-    tasks: Arc<RwLock<BTreeMap<(String, u32), Arc<TaskDb>>>>,
+    tasks: Arc<RwLock<TaskDbs>>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -104,7 +106,13 @@ impl LocalStores {
         Lookup::Found(id)
     }
 
-    fn read_owned<T: DeserializeOwned>(&self, topology: &Topology, processor: &str, store: &str, canonical: &str) -> Lookup<T> {
+    fn read_owned<T: DeserializeOwned>(
+        &self,
+        topology: &Topology,
+        processor: &str,
+        store: &str,
+        canonical: &str,
+    ) -> Lookup<T> {
         let partition = partition_for(canonical.as_bytes(), topology.partitions_of(RESOLVED_TOPIC));
         match self.db(processor, partition) {
             None => Lookup::NotLocal,

@@ -20,7 +20,13 @@ const BATCH: usize = 2_000;
 const IDLE_LIMIT: Duration = Duration::from_secs(2);
 
 /// Replay every store of one task; returns the number of records applied.
-pub fn restore_task(config: &EngineConfig, processor: &str, partition: i32, stores: &[&str], db: &TaskDb) -> Result<u64> {
+pub fn restore_task(
+    config: &EngineConfig,
+    processor: &str,
+    partition: i32,
+    stores: &[&str],
+    db: &TaskDb,
+) -> Result<u64> {
     let consumer: BaseConsumer = client_config(&config.brokers)
         .set("group.id", format!("chorus-restore-{processor}"))
         .set("enable.auto.commit", "false")
@@ -59,7 +65,11 @@ pub fn restore_task(config: &EngineConfig, processor: &str, partition: i32, stor
         loop {
             match consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
-                    batch.push(StoreWrite { store: store.to_string(), key: m.key().unwrap_or_default().to_vec(), value: m.payload().map(<[u8]>::to_vec) });
+                    batch.push(StoreWrite {
+                        store: store.to_string(),
+                        key: m.key().unwrap_or_default().to_vec(),
+                        value: m.payload().map(<[u8]>::to_vec),
+                    });
                     next = m.offset() + 1;
                     last_seen = Instant::now();
                     if batch.len() >= BATCH {
@@ -84,7 +94,14 @@ pub fn restore_task(config: &EngineConfig, processor: &str, partition: i32, stor
     Ok(total)
 }
 
-fn flush(db: &TaskDb, topic: &str, store: &str, processor: &str, batch: &mut Vec<StoreWrite>, next: i64) -> Result<u64> {
+fn flush(
+    db: &TaskDb,
+    topic: &str,
+    store: &str,
+    processor: &str,
+    batch: &mut Vec<StoreWrite>,
+    next: i64,
+) -> Result<u64> {
     let n = batch.len() as u64;
     db.apply(batch, &BTreeMap::from([(topic.to_owned(), next)]))?;
     batch.clear();

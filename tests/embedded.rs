@@ -12,10 +12,10 @@ use std::path::Path;
 /// next stage) and four downstream partitions.
 fn test_topology(dir: &Path) -> std::path::PathBuf {
     let base = std::fs::read_to_string(topology_path()).unwrap();
-    let text = base.replace("clock: wall", "clock: event").replace(
-        "  partitions: {}",
-        "  partitions: {events.raw: 1, messages.requests: 1, consent: 1}",
-    ).replace("default_partitions: 8", "default_partitions: 4");
+    let text = base
+        .replace("clock: wall", "clock: event")
+        .replace("  partitions: {}", "  partitions: {events.raw: 1, messages.requests: 1, consent: 1}")
+        .replace("default_partitions: 8", "default_partitions: 4");
     let path = dir.join("topology.yaml");
     std::fs::write(&path, text).unwrap();
     path
@@ -23,7 +23,15 @@ fn test_topology(dir: &Path) -> std::path::PathBuf {
 
 fn up(data: &Path, topology: &Path) -> Chorus {
     let c = Chorus::start(
-        &["up", "--topology", topology.to_str().unwrap(), "--data-dir", data.to_str().unwrap(), "--http", "127.0.0.1:0"],
+        &[
+            "up",
+            "--topology",
+            topology.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--http",
+            "127.0.0.1:0",
+        ],
         true,
     );
     c.wait_ready();
@@ -90,7 +98,15 @@ fn bad_input_lands_in_the_dlq_and_decisions_follow_consent() {
     let chorus = up(&dir.path().join("data"), &topology);
     let raw = |line: &str| {
         let mut child = std::process::Command::new(bin())
-            .args(["produce", "events.raw", "--brokers", chorus.bootstrap(), "--topology", topology.to_str().unwrap(), "--no-validate"])
+            .args([
+                "produce",
+                "events.raw",
+                "--brokers",
+                chorus.bootstrap(),
+                "--topology",
+                topology.to_str().unwrap(),
+                "--no-validate",
+            ])
             .stdin(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -100,8 +116,14 @@ fn bad_input_lands_in_the_dlq_and_decisions_follow_consent() {
         assert!(child.wait().unwrap().success());
     };
     raw("{not json\n");
-    raw(&format!("{}\n", json!({"event_id": "x1", "event_type": "teleported", "timestamp": ts(T0), "customer_id": "c1"})));
-    raw(&format!("{}\n", json!({"event_id": "x2", "event_type": "page.viewed", "timestamp": "yesterday", "customer_id": "c1"})));
+    raw(&format!(
+        "{}\n",
+        json!({"event_id": "x1", "event_type": "teleported", "timestamp": ts(T0), "customer_id": "c1"})
+    ));
+    raw(&format!(
+        "{}\n",
+        json!({"event_id": "x2", "event_type": "page.viewed", "timestamp": "yesterday", "customer_id": "c1"})
+    ));
     let dlq = eventually(60, "three DLQ records", || {
         let r = tail(chorus.bootstrap(), "events.dlq", 1_500);
         (r.len() >= 3).then_some(r)
@@ -112,7 +134,11 @@ fn bad_input_lands_in_the_dlq_and_decisions_follow_consent() {
 
     // HTTP intake validates before anything is written.
     let client = reqwest::blocking::Client::new();
-    let bad = client.post(format!("{}/v1/events", chorus.http())).body(r#"{"event_id":"e","event_type":"page.viewed","timestamp":5}"#).send().unwrap();
+    let bad = client
+        .post(format!("{}/v1/events", chorus.http()))
+        .body(r#"{"event_id":"e","event_type":"page.viewed","timestamp":5}"#)
+        .send()
+        .unwrap();
     assert_eq!(bad.status().as_u16(), 400);
     let body: Value = bad.json().unwrap();
     assert_eq!(body["error"]["code"], "invalid_event");
@@ -124,10 +150,30 @@ fn bad_input_lands_in_the_dlq_and_decisions_follow_consent() {
         .unwrap();
     assert_eq!(good.status().as_u16(), 202);
 
-    produce(chorus.bootstrap(), "messages.requests", &[json!({"request_id": "r1", "timestamp": ts(T0 + 1), "customer_id": "c1", "category": "promotional", "campaign_id": "spring", "content_id": "promo", "channels": ["email"]})]);
-    eventually(60, "r1 suppressed", || (tail(chorus.bootstrap(), "decisions.suppressed", 1_000).len() == 1).then_some(()));
-    produce(chorus.bootstrap(), "consent", &[json!({"identifiers": {"email": "ann@example.com"}, "purpose": "marketing_email", "granted": true, "timestamp": ts(T0 + 2), "source": "web_form"})]);
-    produce(chorus.bootstrap(), "messages.requests", &[json!({"request_id": "r2", "timestamp": ts(T0 + 3), "customer_id": "c1", "category": "promotional", "campaign_id": "spring", "content_id": "promo", "channels": ["email"]})]);
+    produce(
+        chorus.bootstrap(),
+        "messages.requests",
+        &[
+            json!({"request_id": "r1", "timestamp": ts(T0 + 1), "customer_id": "c1", "category": "promotional", "campaign_id": "spring", "content_id": "promo", "channels": ["email"]}),
+        ],
+    );
+    eventually(60, "r1 suppressed", || {
+        (tail(chorus.bootstrap(), "decisions.suppressed", 1_000).len() == 1).then_some(())
+    });
+    produce(
+        chorus.bootstrap(),
+        "consent",
+        &[
+            json!({"identifiers": {"email": "ann@example.com"}, "purpose": "marketing_email", "granted": true, "timestamp": ts(T0 + 2), "source": "web_form"}),
+        ],
+    );
+    produce(
+        chorus.bootstrap(),
+        "messages.requests",
+        &[
+            json!({"request_id": "r2", "timestamp": ts(T0 + 3), "customer_id": "c1", "category": "promotional", "campaign_id": "spring", "content_id": "promo", "channels": ["email"]}),
+        ],
+    );
     let sent = eventually(60, "r2 sent on email", || {
         let r = tail(chorus.bootstrap(), "decisions.email", 1_000);
         (r.len() == 1).then_some(r)

@@ -19,7 +19,10 @@ struct Kafka {
 impl Kafka {
     fn start(dir: &Path) -> Kafka {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka-local");
-        let out = Command::new(&script).args(["start", "--dir", dir.to_str().unwrap()]).output().expect("scripts/kafka-local runs");
+        let out = Command::new(&script)
+            .args(["start", "--dir", dir.to_str().unwrap()])
+            .output()
+            .expect("scripts/kafka-local runs");
         assert!(out.status.success(), "kafka-local start failed: {}", String::from_utf8_lossy(&out.stderr));
         let stdout = String::from_utf8_lossy(&out.stdout);
         let bootstrap = stdout
@@ -107,7 +110,14 @@ fn assert_resolved_exactly_once(bootstrap: &str, events: &[Value]) {
     let want: BTreeSet<String> = events.iter().map(|e| e["event_id"].as_str().unwrap().to_owned()).collect();
     let got: BTreeSet<String> = seen.keys().cloned().collect();
     let gaps: Vec<_> = want.difference(&got).collect();
-    assert!(gaps.is_empty(), "{} of {} events missing from events.resolved ({} records read): {:?}", gaps.len(), want.len(), resolved.len(), &gaps[..gaps.len().min(10)]);
+    assert!(
+        gaps.is_empty(),
+        "{} of {} events missing from events.resolved ({} records read): {:?}",
+        gaps.len(),
+        want.len(),
+        resolved.len(),
+        &gaps[..gaps.len().min(10)]
+    );
 }
 
 #[test]
@@ -174,14 +184,24 @@ fn two_members_split_partitions_and_hand_over_state() {
     eventually(90, "both members processing", || {
         let owned = |http: &str| {
             let text = reqwest::blocking::get(format!("{http}/metrics")).ok()?.text().ok()?;
-            Some(text.lines().filter(|l| l.starts_with("chorus_store_entries{") && l.contains("processor=\"profile\"") && l.contains("store=\"profiles\"")).count())
+            Some(
+                text.lines()
+                    .filter(|l| {
+                        l.starts_with("chorus_store_entries{")
+                            && l.contains("processor=\"profile\"")
+                            && l.contains("store=\"profiles\"")
+                    })
+                    .count(),
+            )
         };
         let (a, b) = (owned(one.http())?, owned(two.http())?);
         (a > 0 && b > 0 && a + b == 4).then_some(())
     });
     two.stop();
     produce(&kafka.bootstrap, "events.raw", &events[1_500..]);
-    eventually(180, "member one serves every profile, equal to an uninterrupted run", || profiles_match(one.http(), &expected));
+    eventually(180, "member one serves every profile, equal to an uninterrupted run", || {
+        profiles_match(one.http(), &expected)
+    });
     assert_resolved_exactly_once(&kafka.bootstrap, &events);
     one.stop();
 }

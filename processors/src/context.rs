@@ -6,7 +6,9 @@
 //! they expire. On a merge the anonymous cart and session follow the customer.
 
 use crate::processor::{Ctx, ProcessError, Processor, Record};
-use crate::resolved::{forward_if_merged, forward_state_on_merge, parse_for_stage, AbsorbBody, Kind, MergeBody, RESOLVED_TOPIC};
+use crate::resolved::{
+    forward_if_merged, forward_state_on_merge, parse_for_stage, AbsorbBody, Kind, MergeBody, RESOLVED_TOPIC,
+};
 use crate::task::ProcessorSpec;
 use crate::topology::{ContextConfig, Topology};
 use chorus_schemas::Event;
@@ -283,7 +285,8 @@ impl CustomerContext {
                     }
                     mine.updated_at = mine.updated_at.max(theirs.updated_at);
                     mine.expires_at = mine.updated_at.saturating_add(config.cart_ttl.ms());
-                    mine.value = (mine.items.values().map(|i| i.price * i.quantity as f64).sum::<f64>() * 100.0).round() / 100.0;
+                    mine.value =
+                        (mine.items.values().map(|i| i.price * i.quantity as f64).sum::<f64>() * 100.0).round() / 100.0;
                 }
             }
         }

@@ -205,11 +205,7 @@ impl TestDriver {
     }
 
     pub fn counter(&self, name: &str, label: &str) -> u64 {
-        self.counters
-            .iter()
-            .filter(|(c, _)| c.name == name && c.label == label)
-            .map(|(_, n)| *n)
-            .sum()
+        self.counters.iter().filter(|(c, _)| c.name == name && c.label == label).map(|(_, n)| *n).sum()
     }
 
     /// A stored value of a processor's store, looked up in the partition owning `key`

@@ -143,7 +143,11 @@ impl Processor for Identity {
         if bytes.len() > self.topology.limits.max_record_bytes {
             return Err(ProcessError::reject(
                 "oversized",
-                format!("record of {} bytes exceeds limits.max_record_bytes ({})", bytes.len(), self.topology.limits.max_record_bytes),
+                format!(
+                    "record of {} bytes exceeds limits.max_record_bytes ({})",
+                    bytes.len(),
+                    self.topology.limits.max_record_bytes
+                ),
             ));
         }
         let json = decode_input(bytes)?;
@@ -183,7 +187,10 @@ impl Identity {
         if identifiers.is_empty() {
             return Err(ProcessError::reject(
                 "no_identifier",
-                format!("an event needs customer_id, anonymous_id or an identifier of type {:?}", self.topology.identity.link_types),
+                format!(
+                    "an event needs customer_id, anonymous_id or an identifier of type {:?}",
+                    self.topology.identity.link_types
+                ),
             ));
         }
         if ctx.get_bytes(DEDUPE_STORE, event.event_id.as_bytes())?.is_some() {
@@ -199,13 +206,18 @@ impl Identity {
     }
 
     fn on_request(&mut self, ctx: &mut Ctx<'_>, json: &Value) -> Result<(), ProcessError> {
-        let request = MessageRequest::from_json(json).map_err(|e| ProcessError::reject("invalid_request", e.to_string()))?;
+        let request =
+            MessageRequest::from_json(json).map_err(|e| ProcessError::reject("invalid_request", e.to_string()))?;
         ctx.observe_event_time(request.timestamp_ms);
         let orchestration = &self.topology.orchestration;
         if !orchestration.categories.contains_key(&request.category) {
             return Err(ProcessError::reject(
                 "unknown_category",
-                format!("category {:?} is not one of {:?}", request.category, orchestration.categories.keys().collect::<Vec<_>>()),
+                format!(
+                    "category {:?} is not one of {:?}",
+                    request.category,
+                    orchestration.categories.keys().collect::<Vec<_>>()
+                ),
             ));
         }
         if let Some(bad) = request.channels.iter().find(|c| !orchestration.channels.contains(c)) {
@@ -224,7 +236,8 @@ impl Identity {
     }
 
     fn on_consent(&mut self, ctx: &mut Ctx<'_>, json: &Value) -> Result<(), ProcessError> {
-        let change = ConsentChange::from_json(json).map_err(|e| ProcessError::reject("invalid_consent", e.to_string()))?;
+        let change =
+            ConsentChange::from_json(json).map_err(|e| ProcessError::reject("invalid_consent", e.to_string()))?;
         ctx.observe_event_time(change.timestamp_ms);
         if !self.topology.consent.purposes.contains(&change.purpose) {
             return Err(ProcessError::reject(
@@ -303,7 +316,13 @@ fn named_identifiers(customer_id: Option<&str>, map: &std::collections::BTreeMap
     out
 }
 
-fn emit_resolved(ctx: &mut Ctx<'_>, kind: Kind, component: &Component, at: i64, body: Value) -> Result<(), ProcessError> {
+fn emit_resolved(
+    ctx: &mut Ctx<'_>,
+    kind: Kind,
+    component: &Component,
+    at: i64,
+    body: Value,
+) -> Result<(), ProcessError> {
     let resolved = Resolved {
         kind,
         canonical_id: component.canonical_id.clone(),
@@ -353,7 +372,11 @@ pub fn resolve(ctx: &mut Ctx<'_>, identifiers: &[Identifier], at: i64) -> Result
     }
     for id in identifiers {
         if !component.identifiers.iter().any(|l| &l.id == id) {
-            component.identifiers.push(LinkedIdentifier { id: id.clone(), rule: "deterministic".into(), first_seen: at });
+            component.identifiers.push(LinkedIdentifier {
+                id: id.clone(),
+                rule: "deterministic".into(),
+                first_seen: at,
+            });
             ctx.put_json(STORE, &id.store_key(), &component.canonical_id)?;
             emit_graph(ctx, id, &component.canonical_id, "deterministic", at)?;
         }
@@ -374,12 +397,24 @@ fn load_component(ctx: &mut Ctx<'_>, canonical_id: &str) -> Result<Component, Pr
     }))
 }
 
-fn emit_graph(ctx: &mut Ctx<'_>, id: &Identifier, canonical_id: &str, rule: &str, first_seen: i64) -> Result<(), ProcessError> {
+fn emit_graph(
+    ctx: &mut Ctx<'_>,
+    id: &Identifier,
+    canonical_id: &str,
+    rule: &str,
+    first_seen: i64,
+) -> Result<(), ProcessError> {
     let entry = serde_json::json!({"identifier": id.label(), "canonical_id": canonical_id, "rule": rule, "first_seen": first_seen});
     ctx.emit_json(GRAPH_TOPIC, &id.label(), &entry)
 }
 
-fn merge_into(ctx: &mut Ctx<'_>, survivor: &mut Component, loser_id: &str, labels: &[String], at: i64) -> Result<(), ProcessError> {
+fn merge_into(
+    ctx: &mut Ctx<'_>,
+    survivor: &mut Component,
+    loser_id: &str,
+    labels: &[String],
+    at: i64,
+) -> Result<(), ProcessError> {
     let loser = load_component(ctx, loser_id)?;
     for linked in &loser.identifiers {
         ctx.put_json(STORE, &linked.id.store_key(), &survivor.canonical_id)?;
@@ -407,6 +442,7 @@ fn merge_into(ctx: &mut Ctx<'_>, survivor: &mut Component, loser_id: &str, label
     ctx.count("merges", "deterministic");
     let body = serde_json::to_value(MergeBody { from: loser_id.to_owned(), into: survivor.canonical_id.clone() })
         .unwrap_or(Value::Null);
-    let resolved = Resolved { kind: Kind::Merge, canonical_id: loser_id.to_owned(), customer_id: None, at, body, stage: None };
+    let resolved =
+        Resolved { kind: Kind::Merge, canonical_id: loser_id.to_owned(), customer_id: None, at, body, stage: None };
     ctx.emit_json(RESOLVED_TOPIC, loser_id, &resolved)
 }

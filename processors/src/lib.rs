@@ -24,10 +24,5 @@ pub use topology::{ConfigError, Topology};
 
 /// The processors of the pipeline, in pipeline order.
 pub fn processor_specs(topology: &Topology) -> Vec<ProcessorSpec> {
-    vec![
-        identity::spec(topology),
-        profile::spec(topology),
-        context::spec(topology),
-        orchestrator::spec(topology),
-    ]
+    vec![identity::spec(topology), profile::spec(topology), context::spec(topology), orchestrator::spec(topology)]
 }

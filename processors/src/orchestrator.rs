@@ -9,7 +9,9 @@
 //! Store `consent`: canonical id → every purpose's current state and its history.
 
 use crate::processor::{Ctx, ProcessError, Processor, Record};
-use crate::resolved::{forward_if_merged, forward_state_on_merge, parse_for_stage, AbsorbBody, Kind, MergeBody, Resolved, RESOLVED_TOPIC};
+use crate::resolved::{
+    forward_if_merged, forward_state_on_merge, parse_for_stage, AbsorbBody, Kind, MergeBody, Resolved, RESOLVED_TOPIC,
+};
 use crate::task::ProcessorSpec;
 use crate::topology::Topology;
 use chorus_schemas::{ConsentChange, MessageRequest};
@@ -118,7 +120,10 @@ pub fn decide(request: &MessageRequest, consent: &ConsentState, topology: &Topol
     if !category.needs_marketing_consent {
         let channel = request.channels[0].clone();
         return Decision::Send {
-            reasons: vec![format!("category {} needs no marketing consent", request.category), format!("first requested channel: {channel}")],
+            reasons: vec![
+                format!("category {} needs no marketing consent", request.category),
+                format!("first requested channel: {channel}"),
+            ],
             channel,
         };
     }
@@ -128,7 +133,10 @@ pub fn decide(request: &MessageRequest, consent: &ConsentState, topology: &Topol
         if consent.granted(purpose, topology) {
             return Decision::Send {
                 channel: channel.clone(),
-                reasons: vec![format!("consent {purpose} granted"), format!("first requested channel with consent: {channel}")],
+                reasons: vec![
+                    format!("consent {purpose} granted"),
+                    format!("first requested channel with consent: {channel}"),
+                ],
             };
         }
         refused.push(format!("{channel} ({purpose})"));

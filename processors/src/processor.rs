@@ -83,7 +83,16 @@ impl<'a> Ctx<'a> {
         stores: &'a mut dyn StoreSet,
         partitions: &'a BTreeMap<String, u32>,
     ) -> Self {
-        Ctx { now, clock, partition, stores, partitions, outputs: Vec::new(), counters: Vec::new(), visible: Vec::new() }
+        Ctx {
+            now,
+            clock,
+            partition,
+            stores,
+            partitions,
+            outputs: Vec::new(),
+            counters: Vec::new(),
+            visible: Vec::new(),
+        }
     }
 
     /// The record being processed happened at `at`. Under `clock: event` this moves
@@ -110,13 +119,19 @@ impl<'a> Ctx<'a> {
     pub fn get_json<T: DeserializeOwned>(&mut self, store: &str, key: &str) -> Result<Option<T>, ProcessError> {
         match self.get_bytes(store, key.as_bytes())? {
             None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                ProcessError::Store(StoreError::Corrupt { key: key.to_owned(), message: e.to_string() })
-            }),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| ProcessError::Store(StoreError::Corrupt { key: key.to_owned(), message: e.to_string() })),
         }
     }
 
-    pub fn put_bytes(&mut self, store: &str, key: &[u8], value: &[u8], expires_at: Option<i64>) -> Result<(), ProcessError> {
+    pub fn put_bytes(
+        &mut self,
+        store: &str,
+        key: &[u8],
+        value: &[u8],
+        expires_at: Option<i64>,
+    ) -> Result<(), ProcessError> {
         let expires_at = expires_at.unwrap_or(0);
         self.stores.store(store)?.put(key, encode_value(expires_at, value))?;
         if expires_at > 0 {
@@ -152,7 +167,12 @@ impl<'a> Ctx<'a> {
     }
 
     /// Live entries whose key starts with `prefix`, in key order.
-    pub fn scan_prefix(&mut self, store: &str, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, ProcessError> {
+    pub fn scan_prefix(
+        &mut self,
+        store: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, ProcessError> {
         let now = self.now;
         let rows = self.stores.store(store)?.range(prefix.as_bytes(), &prefix_end(prefix.as_bytes()), limit)?;
         let mut out = Vec::with_capacity(rows.len());

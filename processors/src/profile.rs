@@ -6,7 +6,9 @@
 //! twice.
 
 use crate::processor::{Ctx, ProcessError, Processor, Record};
-use crate::resolved::{forward_if_merged, forward_state_on_merge, parse_for_stage, AbsorbBody, Kind, MergeBody, RESOLVED_TOPIC};
+use crate::resolved::{
+    forward_if_merged, forward_state_on_merge, parse_for_stage, AbsorbBody, Kind, MergeBody, RESOLVED_TOPIC,
+};
 use crate::task::ProcessorSpec;
 use crate::topology::Topology;
 use chorus_schemas::Event;
@@ -171,12 +173,14 @@ impl Profile {
     fn derive(&mut self) {
         let m = &mut self.metrics;
         m.lifetime_value = round2(m.gross_revenue - m.returns_value);
-        m.average_order_value = if m.purchase_count > 0 { round2(m.gross_revenue / m.purchase_count as f64) } else { 0.0 };
+        m.average_order_value =
+            if m.purchase_count > 0 { round2(m.gross_revenue / m.purchase_count as f64) } else { 0.0 };
     }
 
     /// The record published on `profiles` and served by the API.
     pub fn snapshot(&self) -> Value {
-        let attributes: Map<String, Value> = self.attributes.iter().map(|(k, a)| (k.clone(), a.value.clone())).collect();
+        let attributes: Map<String, Value> =
+            self.attributes.iter().map(|(k, a)| (k.clone(), a.value.clone())).collect();
         serde_json::json!({
             "canonical_id": self.canonical_id,
             "customer_id": self.customer_id,

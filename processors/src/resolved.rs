@@ -62,15 +62,17 @@ impl Resolved {
 
 /// Decode a record value from `events.resolved` (tombstones and garbage are rejected).
 pub fn parse_record(record: &crate::Record) -> Result<Resolved, crate::ProcessError> {
-    let value = record
-        .value
-        .as_deref()
-        .ok_or_else(|| crate::ProcessError::reject("invalid_resolved", "empty record"))?;
+    let value =
+        record.value.as_deref().ok_or_else(|| crate::ProcessError::reject("invalid_resolved", "empty record"))?;
     Resolved::parse(value)
 }
 
 /// Decode a record for `stage`, or `None` when it is addressed to another stage.
-pub fn parse_for_stage(ctx: &mut crate::Ctx<'_>, record: &crate::Record, stage: &str) -> Result<Option<Resolved>, crate::ProcessError> {
+pub fn parse_for_stage(
+    ctx: &mut crate::Ctx<'_>,
+    record: &crate::Record,
+    stage: &str,
+) -> Result<Option<Resolved>, crate::ProcessError> {
     let resolved = parse_record(record)?;
     if resolved.stage.as_deref().is_some_and(|s| s != stage) {
         return Ok(None);
@@ -87,7 +89,12 @@ fn forward_key(id: &str) -> String {
 /// record on to it (addressed to this stage only) and return true. Merges can chain
 /// (B into A while C's state is on its way to B), so state may arrive after its target
 /// merged away; following the pointers makes every piece land on the final survivor.
-pub fn forward_if_merged(ctx: &mut crate::Ctx<'_>, stage: &str, store: &str, resolved: &Resolved) -> Result<bool, crate::ProcessError> {
+pub fn forward_if_merged(
+    ctx: &mut crate::Ctx<'_>,
+    stage: &str,
+    store: &str,
+    resolved: &Resolved,
+) -> Result<bool, crate::ProcessError> {
     if resolved.kind == Kind::Tick || resolved.kind == Kind::Merge {
         return Ok(false);
     }

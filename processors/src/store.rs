@@ -18,13 +18,16 @@ pub enum StoreError {
     Corrupt { key: String, message: String },
 }
 
+/// Key-value pairs in key order.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// A sorted byte-key store of one task.
 pub trait Store {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     fn put(&mut self, key: &[u8], value: Vec<u8>) -> Result<(), StoreError>;
     fn delete(&mut self, key: &[u8]) -> Result<(), StoreError>;
     /// Entries with `from <= key < to`, in key order, at most `limit`.
-    fn range(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn range(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Entries, StoreError>;
     /// Number of entries (may be an estimate for large on-disk stores).
     fn approximate_len(&self) -> u64;
 }
@@ -65,16 +68,11 @@ impl Store for MemStore {
         Ok(())
     }
 
-    fn range(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn range(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Entries, StoreError> {
         if from >= to {
             return Ok(Vec::new());
         }
-        Ok(self
-            .entries
-            .range(from.to_vec()..to.to_vec())
-            .take(limit)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
+        Ok(self.entries.range(from.to_vec()..to.to_vec()).take(limit).map(|(k, v)| (k.clone(), v.clone())).collect())
     }
 
     fn approximate_len(&self) -> u64 {
@@ -96,10 +94,7 @@ impl MemStoreSet {
 
 impl StoreSet for MemStoreSet {
     fn store(&mut self, name: &str) -> Result<&mut dyn Store, StoreError> {
-        self.stores
-            .get_mut(name)
-            .map(|s| s as &mut dyn Store)
-            .ok_or_else(|| StoreError::Undeclared(name.to_owned()))
+        self.stores.get_mut(name).map(|s| s as &mut dyn Store).ok_or_else(|| StoreError::Undeclared(name.to_owned()))
     }
 }
 

@@ -85,10 +85,13 @@ impl Task {
         }
     }
 
-
-
     /// Process one record, then fire whatever timers and expiries became due.
-    pub fn process(&mut self, stores: &mut dyn StoreSet, record: &Record, wall_now: i64) -> Result<TaskOutput, ProcessError> {
+    pub fn process(
+        &mut self,
+        stores: &mut dyn StoreSet,
+        record: &Record,
+        wall_now: i64,
+    ) -> Result<TaskOutput, ProcessError> {
         let mut now = self.now(wall_now);
         let mut out = TaskOutput::default();
         let partitions = &self.partitions;

@@ -67,9 +67,7 @@ impl Duration {
         let text = text.trim();
         let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
         let (digits, unit) = text.split_at(split);
-        let n: i64 = digits
-            .parse()
-            .map_err(|_| format!("expected a duration such as 30m, 24h or 7d, got {text:?}"))?;
+        let n: i64 = digits.parse().map_err(|_| format!("expected a duration such as 30m, 24h or 7d, got {text:?}"))?;
         let factor = match unit {
             "ms" => 1,
             "s" => 1_000,
@@ -193,10 +191,27 @@ pub struct StateConfig {
 }
 
 pub const DEFAULT_EVENT_TYPES: &[&str] = &[
-    "identify", "alias", "page.viewed", "screen.viewed", "app.opened", "content.viewed", "product.viewed",
-    "cart.item_added", "cart.item_removed", "order.completed", "order.returned", "email.opened", "email.clicked",
-    "push.opened", "sms.clicked", "support.case_opened", "support.case_closed", "complaint.filed", "chat.message",
-    "call.completed", "system.tick",
+    "identify",
+    "alias",
+    "page.viewed",
+    "screen.viewed",
+    "app.opened",
+    "content.viewed",
+    "product.viewed",
+    "cart.item_added",
+    "cart.item_removed",
+    "order.completed",
+    "order.returned",
+    "email.opened",
+    "email.clicked",
+    "push.opened",
+    "sms.clicked",
+    "support.case_opened",
+    "support.case_closed",
+    "complaint.filed",
+    "chat.message",
+    "call.completed",
+    "system.tick",
 ];
 
 pub const DEFAULT_CHANNELS: &[&str] = &["email", "push", "sms", "chat", "web", "in_app"];
@@ -265,7 +280,9 @@ impl Default for RecentConfig {
 impl Default for ConsentConfig {
     fn default() -> Self {
         let purposes: Vec<String> =
-            ["marketing_email", "marketing_sms", "marketing_push", "personalisation", "analytics"].map(String::from).to_vec();
+            ["marketing_email", "marketing_sms", "marketing_push", "personalisation", "analytics"]
+                .map(String::from)
+                .to_vec();
         let defaults = purposes.iter().map(|p| (p.clone(), p == "analytics" || p == "personalisation")).collect();
         ConsentConfig { purposes, defaults }
     }
@@ -273,15 +290,22 @@ impl Default for ConsentConfig {
 
 impl Default for OrchestrationConfig {
     fn default() -> Self {
-        let categories = [("transactional", 1, false), ("service", 2, false), ("retention", 3, true), ("promotional", 4, true)]
-            .into_iter()
-            .map(|(n, p, m)| (n.to_owned(), CategoryConfig { priority: p, needs_marketing_consent: m }))
-            .collect();
-        let channel_purposes = [("email", "marketing_email"), ("sms", "marketing_sms"), ("push", "marketing_push"),
-            ("in_app", "personalisation"), ("web", "personalisation"), ("chat", "personalisation")]
-            .into_iter()
-            .map(|(c, p)| (c.to_owned(), p.to_owned()))
-            .collect();
+        let categories =
+            [("transactional", 1, false), ("service", 2, false), ("retention", 3, true), ("promotional", 4, true)]
+                .into_iter()
+                .map(|(n, p, m)| (n.to_owned(), CategoryConfig { priority: p, needs_marketing_consent: m }))
+                .collect();
+        let channel_purposes = [
+            ("email", "marketing_email"),
+            ("sms", "marketing_sms"),
+            ("push", "marketing_push"),
+            ("in_app", "personalisation"),
+            ("web", "personalisation"),
+            ("chat", "personalisation"),
+        ]
+        .into_iter()
+        .map(|(c, p)| (c.to_owned(), p.to_owned()))
+        .collect();
         OrchestrationConfig {
             channels: DEFAULT_CHANNELS.iter().map(|s| s.to_string()).collect(),
             categories,
@@ -353,7 +377,9 @@ impl Topology {
             if self.partitions_of(co) != raw {
                 errors.push(err(
                     format!("topics.partitions.{co}"),
-                    format!("must equal events.raw's partition count ({raw}): the identity stage reads them co-partitioned"),
+                    format!(
+                        "must equal events.raw's partition count ({raw}): the identity stage reads them co-partitioned"
+                    ),
                 ));
             }
         }
@@ -377,7 +403,10 @@ impl Topology {
         }
         for (i, t) in self.identity.link_types.iter().enumerate() {
             if !is_identifier_type(t) {
-                errors.push(err(format!("identity.link_types[{i}]"), format!("{t:?} is not a valid identifier type (lower-case letters, digits, _)")));
+                errors.push(err(
+                    format!("identity.link_types[{i}]"),
+                    format!("{t:?} is not a valid identifier type (lower-case letters, digits, _)"),
+                ));
             }
         }
         for (i, t) in self.event_types.iter().enumerate() {
@@ -385,7 +414,7 @@ impl Topology {
                 errors.push(err(format!("event_types[{i}]"), "must not be empty"));
             }
         }
-        for (purpose, _) in &self.consent.defaults {
+        for purpose in self.consent.defaults.keys() {
             if !self.consent.purposes.contains(purpose) {
                 errors.push(err(format!("consent.defaults.{purpose}"), "is not a declared purpose (consent.purposes)"));
             }
@@ -403,7 +432,10 @@ impl Topology {
                 errors.push(err(format!("orchestration.channel_purposes.{channel}"), "is not a declared channel"));
             }
             if !self.consent.purposes.contains(purpose) {
-                errors.push(err(format!("orchestration.channel_purposes.{channel}"), format!("purpose {purpose:?} is not declared in consent.purposes")));
+                errors.push(err(
+                    format!("orchestration.channel_purposes.{channel}"),
+                    format!("purpose {purpose:?} is not declared in consent.purposes"),
+                ));
             }
         }
         if self.orchestration.categories.is_empty() {
@@ -422,10 +454,22 @@ impl Topology {
     /// Every topic of the topology (changelogs are added by the runtime).
     pub fn topic_specs(&self) -> Vec<TopicSpec> {
         let mut names: Vec<(String, bool)> = [
-            ("events.raw", false), ("events.dlq", false), ("events.resolved", false), ("identity.merges", false),
-            ("identity.graph", true), ("profiles", true), ("context", true), ("segments", false), ("consent", false),
-            ("messages.requests", false), ("decisions.suppressed", false), ("decisions.deferred", false),
-            ("journeys.events", false), ("content", true), ("recommendations", true), ("privacy.requests", false),
+            ("events.raw", false),
+            ("events.dlq", false),
+            ("events.resolved", false),
+            ("identity.merges", false),
+            ("identity.graph", true),
+            ("profiles", true),
+            ("context", true),
+            ("segments", false),
+            ("consent", false),
+            ("messages.requests", false),
+            ("decisions.suppressed", false),
+            ("decisions.deferred", false),
+            ("journeys.events", false),
+            ("content", true),
+            ("recommendations", true),
+            ("privacy.requests", false),
             ("privacy.results", false),
         ]
         .into_iter()
@@ -470,7 +514,7 @@ mod tests {
         let t = Topology::from_yaml_str("{}").unwrap();
         assert_eq!(t.partitions_of("events.raw"), 8);
         assert_eq!(t.context.session_timeout, Duration::minutes(30));
-        assert_eq!(t.consent.defaults["marketing_email"], false);
+        assert!(!t.consent.defaults["marketing_email"]);
         assert!(t.topic_specs().iter().any(|s| s.name == "decisions.email"));
     }
 

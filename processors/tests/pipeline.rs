@@ -49,7 +49,13 @@ fn same_seed_same_outputs() {
     let run = |seed| {
         let mut d = TestDriver::new(topology(1, 4), seed);
         for i in 0..50 {
-            let e = event(&format!("e{i}"), "order.completed", T0 + i, json!({"customer_id": format!("c{}", i % 7)}), json!({"total": i}));
+            let e = event(
+                &format!("e{i}"),
+                "order.completed",
+                T0 + i,
+                json!({"customer_id": format!("c{}", i % 7)}),
+                json!({"total": i}),
+            );
             send(&mut d, &e);
         }
         d.run().unwrap();
@@ -86,8 +92,18 @@ fn dedupe_forgets_after_its_window() {
 fn bad_input_goes_to_the_dlq_with_reason_and_original_bytes() {
     let mut d = TestDriver::new(topology(1, 1), 1);
     d.pipe("events.raw", b"k", Some(b"{not json".to_vec()), 0);
-    d.pipe_json("events.raw", "k", &json!({"event_id": "e1", "event_type": "teleported", "timestamp": ts(T0), "customer_id": "c"}), 0);
-    d.pipe_json("events.raw", "k", &json!({"event_id": "e2", "event_type": "page.viewed", "timestamp": 5, "customer_id": "c"}), 0);
+    d.pipe_json(
+        "events.raw",
+        "k",
+        &json!({"event_id": "e1", "event_type": "teleported", "timestamp": ts(T0), "customer_id": "c"}),
+        0,
+    );
+    d.pipe_json(
+        "events.raw",
+        "k",
+        &json!({"event_id": "e2", "event_type": "page.viewed", "timestamp": 5, "customer_id": "c"}),
+        0,
+    );
     d.pipe_json("events.raw", "k", &json!({"event_id": "e3", "event_type": "page.viewed", "timestamp": ts(T0)}), 0);
     d.pipe("events.raw", b"k", Some(vec![b' '; 2 << 20]), 0);
     d.run().unwrap();
@@ -146,12 +162,24 @@ fn cart_follows_customer_after_login() {
     // Known on desktop first, then an anonymous cart on mobile: two customers so far.
     send(&mut d, &event("d1", "page.viewed", T0 - 60_000, json!({"customer_id": "cust_1"}), json!({"url": "/"})));
     let mobile = json!({"anonymous_id": "anon-9"});
-    let mut add = event("a1", "cart.item_added", T0, mobile.clone(), json!({"product_id": "tent", "category": "outdoor", "price": 300.0, "quantity": 1}));
+    let mut add = event(
+        "a1",
+        "cart.item_added",
+        T0,
+        mobile.clone(),
+        json!({"product_id": "tent", "category": "outdoor", "price": 300.0, "quantity": 1}),
+    );
     add["channel"] = json!("mobile_app");
     send(&mut d, &add);
     d.run().unwrap();
     // Login on desktop: the event carries both ids.
-    let login = event("l1", "page.viewed", T0 + 60_000, json!({"customer_id": "cust_1", "anonymous_id": "anon-9"}), json!({"url": "/"}));
+    let login = event(
+        "l1",
+        "page.viewed",
+        T0 + 60_000,
+        json!({"customer_id": "cust_1", "anonymous_id": "anon-9"}),
+        json!({"url": "/"}),
+    );
     send(&mut d, &login);
     d.run().unwrap();
 
@@ -190,7 +218,10 @@ fn session_expires_at_exactly_its_timeout() {
 fn order_clears_the_cart_and_returns_reduce_lifetime_value() {
     let mut d = TestDriver::new(topology(1, 2), 5);
     let c = json!({"customer_id": "c1"});
-    send(&mut d, &event("e1", "cart.item_added", T0, c.clone(), json!({"product_id": "p", "price": 10.0, "quantity": 2})));
+    send(
+        &mut d,
+        &event("e1", "cart.item_added", T0, c.clone(), json!({"product_id": "p", "price": 10.0, "quantity": 2})),
+    );
     send(&mut d, &event("e2", "order.completed", T0 + 1, c.clone(), json!({"order_id": "o1", "total": 20.0})));
     send(&mut d, &event("e3", "order.returned", T0 + 2, c.clone(), json!({"order_id": "o1", "amount": 5.0})));
     d.run().unwrap();
@@ -292,14 +323,22 @@ proptest! {
     }
 }
 
-
 /// Every record the pipeline writes has the shape its topic's Avro schema declares:
 /// encoding it to Avro and back loses nothing.
 #[test]
 fn every_output_round_trips_through_its_avro_schema() {
     let mut d = TestDriver::new(topology(1, 2), 9);
     send(&mut d, &event("d1", "page.viewed", T0, json!({"customer_id": "c1"}), json!({"url": "/"})));
-    send(&mut d, &event("m1", "cart.item_added", T0 + 1, json!({"anonymous_id": "a1"}), json!({"product_id": "p", "price": 2.5})));
+    send(
+        &mut d,
+        &event(
+            "m1",
+            "cart.item_added",
+            T0 + 1,
+            json!({"anonymous_id": "a1"}),
+            json!({"product_id": "p", "price": 2.5}),
+        ),
+    );
     let mut identify = event("l1", "identify", T0 + 2, json!({"customer_id": "c1", "anonymous_id": "a1"}), json!({}));
     identify["traits"] = json!({"name": "Ann", "address": {"city": "Brisbane"}});
     send(&mut d, &identify);
@@ -307,7 +346,16 @@ fn every_output_round_trips_through_its_avro_schema() {
     d.pipe_json("messages.requests", "c1", &json!({"request_id": "r1", "timestamp": ts(T0 + 3), "customer_id": "c1", "category": "transactional", "channels": ["email"], "variables": {"order": "o1"}}), 0);
     d.pipe_json("messages.requests", "c1", &json!({"request_id": "r2", "timestamp": ts(T0 + 4), "customer_id": "c1", "category": "promotional", "channels": ["sms"]}), 0);
     d.run().unwrap();
-    let topics = ["events.resolved", "events.dlq", "identity.merges", "identity.graph", "profiles", "context", "decisions.email", "decisions.suppressed"];
+    let topics = [
+        "events.resolved",
+        "events.dlq",
+        "identity.merges",
+        "identity.graph",
+        "profiles",
+        "context",
+        "decisions.email",
+        "decisions.suppressed",
+    ];
     for topic in topics {
         let records = d.read(topic);
         assert!(!records.is_empty(), "scenario writes to {topic}");
@@ -323,7 +371,9 @@ fn every_output_round_trips_through_its_avro_schema() {
 /// Avro fills absent optional fields with null; JSON omits them. Compare without nulls.
 fn strip_nulls(v: Value) -> Value {
     match v {
-        Value::Object(m) => Value::Object(m.into_iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k, strip_nulls(v))).collect()),
+        Value::Object(m) => {
+            Value::Object(m.into_iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k, strip_nulls(v))).collect())
+        }
         Value::Array(a) => Value::Array(a.into_iter().map(strip_nulls).collect()),
         other => other,
     }

@@ -96,9 +96,7 @@ fn lookup(name: &str) -> Option<&'static Registered> {
 
 /// Encode a topic's JSON record as Avro single-object bytes.
 pub fn encode_avro(topic: &str, json: &Value) -> Result<Vec<u8>, AvroError> {
-    let reg = schema_for_topic(topic)
-        .and_then(lookup)
-        .ok_or_else(|| AvroError::UnknownTopic(topic.to_owned()))?;
+    let reg = schema_for_topic(topic).and_then(lookup).ok_or_else(|| AvroError::UnknownTopic(topic.to_owned()))?;
     let mut names = HashMap::new();
     collect_names(&reg.schema, &mut names);
     let value = to_avro(json, &reg.schema, &names, "")?;
@@ -118,10 +116,8 @@ pub fn decode_avro(bytes: &[u8]) -> Result<(&'static str, Value), AvroError> {
     let mut fp = [0u8; 8];
     fp.copy_from_slice(&bytes[2..10]);
     let fingerprint = u64::from_le_bytes(fp);
-    let reg = registry()
-        .iter()
-        .find(|r| r.fingerprint == fingerprint)
-        .ok_or(AvroError::UnknownFingerprint(fingerprint))?;
+    let reg =
+        registry().iter().find(|r| r.fingerprint == fingerprint).ok_or(AvroError::UnknownFingerprint(fingerprint))?;
     let mut reader = &bytes[10..];
     let value = from_avro_datum(&reg.schema, &mut reader, None).map_err(|e| AvroError::Corrupt(e.to_string()))?;
     Ok((reg.name, to_json(value)))
@@ -211,7 +207,12 @@ fn to_avro(json: &Value, schema: &Schema, names: &HashMap<Name, &Schema>, path: 
     })
 }
 
-fn union_to_avro(json: &Value, u: &UnionSchema, names: &HashMap<Name, &Schema>, path: &str) -> Result<AvroValue, AvroError> {
+fn union_to_avro(
+    json: &Value,
+    u: &UnionSchema,
+    names: &HashMap<Name, &Schema>,
+    path: &str,
+) -> Result<AvroValue, AvroError> {
     let variants = u.variants();
     if json.is_null() {
         if let Some(i) = variants.iter().position(|v| matches!(v, Schema::Null)) {
@@ -304,7 +305,8 @@ mod tests {
     #[test]
     fn garbage_is_not_decoded() {
         assert!(matches!(decode_avro(b"{\"a\":1}"), Err(AvroError::NotSingleObject)));
-        let mut bytes = encode_avro("consent", &json!({"purpose": "analytics", "granted": true, "timestamp": "t"})).unwrap();
+        let mut bytes =
+            encode_avro("consent", &json!({"purpose": "analytics", "granted": true, "timestamp": "t"})).unwrap();
         bytes[3] ^= 0xff;
         assert!(matches!(decode_avro(&bytes), Err(AvroError::UnknownFingerprint(_))));
     }

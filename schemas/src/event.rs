@@ -61,13 +61,14 @@ impl EventContext {
     }
 }
 
-const CONTEXT_STRINGS: [&str; 7] = ["device_type", "app_version", "ip", "user_agent", "device_id", "timezone", "locale"];
+const CONTEXT_STRINGS: [&str; 7] =
+    ["device_type", "app_version", "ip", "user_agent", "device_id", "timezone", "locale"];
 
 impl Event {
     /// Parse and validate one event from JSON bytes.
     pub fn from_json_bytes(bytes: &[u8]) -> Result<Event, ValidationError> {
-        let value: Value = serde_json::from_slice(bytes)
-            .map_err(|e| ValidationError::new("", format!("not valid JSON: {e}")))?;
+        let value: Value =
+            serde_json::from_slice(bytes).map_err(|e| ValidationError::new("", format!("not valid JSON: {e}")))?;
         Event::from_json(&value)
     }
 

@@ -125,7 +125,10 @@ mod tests {
         assert!(MessageRequest::from_json(&v).unwrap_err().to_string().contains("needs `customer_id`"));
         let mut v = ok.clone();
         v["channels"] = json!([]);
-        assert_eq!(MessageRequest::from_json(&v).unwrap_err().to_string(), "field `channels`: must name at least one channel");
+        assert_eq!(
+            MessageRequest::from_json(&v).unwrap_err().to_string(),
+            "field `channels`: must name at least one channel"
+        );
         let mut v = ok;
         v["channels"] = json!(["email", 3]);
         assert_eq!(MessageRequest::from_json(&v).unwrap_err().field, "channels[1]");
@@ -135,6 +138,9 @@ mod tests {
     fn consent_granted_must_be_boolean() {
         let v = json!({"customer_id": "c1", "purpose": "marketing_email", "granted": "yes",
                        "timestamp": "2024-02-14T10:30:00Z"});
-        assert_eq!(ConsentChange::from_json(&v).unwrap_err().to_string(), "field `granted`: expected a boolean, got a string");
+        assert_eq!(
+            ConsentChange::from_json(&v).unwrap_err().to_string(),
+            "field `granted`: expected a boolean, got a string"
+        );
     }
 }

@@ -41,9 +41,7 @@ pub(crate) fn kind_of(value: &Value) -> &'static str {
 }
 
 pub(crate) fn as_object<'a>(value: &'a Value, field: &str) -> Result<&'a Map<String, Value>, ValidationError> {
-    value
-        .as_object()
-        .ok_or_else(|| ValidationError::new(field, format!("expected an object, got {}", kind_of(value))))
+    value.as_object().ok_or_else(|| ValidationError::new(field, format!("expected an object, got {}", kind_of(value))))
 }
 
 /// A required, non-empty string field.
@@ -57,7 +55,11 @@ pub(crate) fn required_string(obj: &Map<String, Value>, field: &str) -> Result<S
 }
 
 /// An optional string field; `null` and absent mean None, an empty string is an error.
-pub(crate) fn optional_string(obj: &Map<String, Value>, field: &str, path: &str) -> Result<Option<String>, ValidationError> {
+pub(crate) fn optional_string(
+    obj: &Map<String, Value>,
+    field: &str,
+    path: &str,
+) -> Result<Option<String>, ValidationError> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.trim().is_empty() => Err(ValidationError::new(path, "must not be empty")),

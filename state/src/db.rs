@@ -1,7 +1,11 @@
 //! The RocksDB instance of one task: open with shared memory limits, read, apply a
 //! committed batch together with changelog checkpoints, restore from the changelog.
 
-use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteBufferManager, DB};
+use chorus_processors::store::Entries;
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteBufferManager,
+    DB,
+};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -33,7 +37,8 @@ pub struct SharedResources {
 impl SharedResources {
     pub fn new(block_cache_bytes: usize, write_buffer_bytes: usize) -> SharedResources {
         let cache = Cache::new_lru_cache(block_cache_bytes + write_buffer_bytes);
-        let write_buffers = WriteBufferManager::new_write_buffer_manager_with_cache(write_buffer_bytes, false, cache.clone());
+        let write_buffers =
+            WriteBufferManager::new_write_buffer_manager_with_cache(write_buffer_bytes, false, cache.clone());
         SharedResources { cache, write_buffers }
     }
 
@@ -69,7 +74,8 @@ impl TaskDb {
             stores.iter().map(|s| ColumnFamilyDescriptor::new(*s, shared.options())).collect();
         cfs.push(ColumnFamilyDescriptor::new(CHECKPOINT_CF, shared.options()));
         let display = path.display().to_string();
-        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| StateError::Rocks { path: display.clone(), source })?;
+        let db = DB::open_cf_descriptors(&opts, path, cfs)
+            .map_err(|source| StateError::Rocks { path: display.clone(), source })?;
         let mut names: Vec<String> = stores.iter().map(|s| s.to_string()).collect();
         names.push(CHECKPOINT_CF.to_owned());
         Ok(TaskDb { db, path: display, stores: names })
@@ -88,7 +94,7 @@ impl TaskDb {
     }
 
     /// Entries with `from <= key < to`, in order, at most `limit`.
-    pub fn range(&self, store: &str, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StateError> {
+    pub fn range(&self, store: &str, from: &[u8], to: &[u8], limit: usize) -> Result<Entries, StateError> {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(self.cf(store)?, IteratorMode::From(from, Direction::Forward)) {
             let (k, v) = item.map_err(|e| self.rocks(e))?;
@@ -140,7 +146,8 @@ impl TaskDb {
         match self.db.get_cf(self.cf(CHECKPOINT_CF)?, changelog.as_bytes()).map_err(|e| self.rocks(e))? {
             None => Ok(0),
             Some(bytes) => {
-                let arr: [u8; 8] = bytes.as_slice().try_into().map_err(|_| StateError::CorruptCheckpoint(changelog.to_owned()))?;
+                let arr: [u8; 8] =
+                    bytes.as_slice().try_into().map_err(|_| StateError::CorruptCheckpoint(changelog.to_owned()))?;
                 Ok(i64::from_be_bytes(arr))
             }
         }

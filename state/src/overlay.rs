@@ -4,6 +4,7 @@
 //! them to RocksDB once the transaction has committed (or drops them on abort).
 
 use crate::db::TaskDb;
+use chorus_processors::store::Entries;
 use chorus_processors::store::{Store, StoreError, StoreSet};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -44,7 +45,7 @@ impl Store for OverlayStore {
         Ok(())
     }
 
-    fn range(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn range(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Entries, StoreError> {
         if from >= to {
             return Ok(Vec::new());
         }
@@ -117,10 +118,7 @@ impl TaskState {
 
 impl StoreSet for TaskState {
     fn store(&mut self, name: &str) -> Result<&mut dyn Store, StoreError> {
-        self.stores
-            .get_mut(name)
-            .map(|s| s as &mut dyn Store)
-            .ok_or_else(|| StoreError::Undeclared(name.to_owned()))
+        self.stores.get_mut(name).map(|s| s as &mut dyn Store).ok_or_else(|| StoreError::Undeclared(name.to_owned()))
     }
 }
 

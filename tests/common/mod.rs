@@ -196,7 +196,10 @@ pub fn eventually<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>
 /// A deterministic workload: `n` events over `customers` customers, a few anonymous
 /// visitors who later log in, orders with totals. Returns the events and the expected
 /// (event_count, purchase_count, lifetime_value in cents) per customer id.
-pub fn workload(n: usize, customers: usize) -> (Vec<Value>, std::collections::BTreeMap<String, (i64, i64, i64)>) {
+/// Customer id → (event_count, purchase_count, lifetime value in cents).
+pub type Expected = std::collections::BTreeMap<String, (i64, i64, i64)>;
+
+pub fn workload(n: usize, customers: usize) -> (Vec<Value>, Expected) {
     let mut events = Vec::with_capacity(n);
     let mut expected = std::collections::BTreeMap::new();
     for i in 0..n {
