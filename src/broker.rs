@@ -27,6 +27,12 @@ impl EmbeddedBroker {
         Ok(EmbeddedBroker { cluster })
     }
 
+    pub fn create_topic(&self, name: &str, partitions: u32) -> Result<()> {
+        self.cluster
+            .create_topic(name, partitions as i32, 1)
+            .map_err(|e| anyhow!("cannot create topic {name} on the embedded broker: {e}"))
+    }
+
     pub fn bootstrap(&self) -> String {
         self.cluster.bootstrap_servers()
     }

@@ -2,7 +2,7 @@
 //! and creating the topology's topics (idempotently) with the right cleanup policy.
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use chorus_processors::{processor_specs, Topology};
+use chorus_processors::{processor_specs, ProcessorSpec, Topology};
 use chorus_state::changelog_topic;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -38,12 +38,18 @@ pub fn all_topics(topology: &Topology) -> Vec<TopicToCreate> {
         .map(|t| TopicToCreate { name: t.name, partitions: t.partitions, compacted: t.compacted })
         .collect();
     for spec in processor_specs(topology) {
-        let partitions = spec.inputs.iter().map(|t| topology.partitions_of(t)).max().unwrap_or(1);
-        for store in spec.all_stores() {
-            topics.push(TopicToCreate { name: changelog_topic(spec.name, store), partitions, compacted: true });
-        }
+        topics.extend(changelog_topics(&spec, topology));
     }
     topics
+}
+
+/// The compacted changelog of every store of a processor, one partition per task.
+pub fn changelog_topics(spec: &ProcessorSpec, topology: &Topology) -> Vec<TopicToCreate> {
+    let partitions = spec.inputs.iter().map(|t| topology.partitions_of(t)).max().unwrap_or(1);
+    spec.all_stores()
+        .into_iter()
+        .map(|store| TopicToCreate { name: changelog_topic(spec.name, store), partitions, compacted: true })
+        .collect()
 }
 
 /// Fail with one clear line when no broker answers.
@@ -56,11 +62,14 @@ pub fn check_reachable(brokers: &str, timeout: Duration) -> Result<()> {
 /// Create every topic (existing ones are left as they are; a partition count that
 /// differs from the topology is an error, since keys would land elsewhere).
 pub async fn create_topics(brokers: &str, topology: &Topology) -> Result<Vec<String>> {
+    create_topic_list(brokers, &all_topics(topology), topology.topics.replication_factor).await
+}
+
+/// Create these topics (existing ones are checked, not changed).
+pub async fn create_topic_list(brokers: &str, topics: &[TopicToCreate], replication: i32) -> Result<Vec<String>> {
     check_reachable(brokers, Duration::from_secs(10))?;
     let admin: AdminClient<DefaultClientContext> =
         client_config(brokers).create().context("cannot create a Kafka admin client")?;
-    let topics = all_topics(topology);
-    let replication = topology.topics.replication_factor;
     let new_topics: Vec<NewTopic> = topics
         .iter()
         .map(|t| {
@@ -82,7 +91,7 @@ pub async fn create_topics(brokers: &str, topology: &Topology) -> Result<Vec<Str
             Err((name, code)) => bail!("cannot create topic {name}: {code}"),
         }
     }
-    verify_partitions(brokers, &topics)?;
+    verify_partitions(brokers, topics)?;
     Ok(created)
 }
 

@@ -1,6 +1,7 @@
 //! chorus: an omni-channel customer engagement pipeline on Kafka. This binary is the
 //! CLI, the Kafka runtime, the HTTP API and the embedded broker.
 
+mod bench;
 mod broker;
 mod commands;
 mod engine;
@@ -93,6 +94,26 @@ enum Command {
         #[arg(long)]
         no_validate: bool,
     },
+    /// Measure throughput (as a ratio to a passthrough in the same run) and latency.
+    Bench {
+        /// A fresh Kafka cluster; without it the embedded broker is used.
+        #[arg(long)]
+        brokers: Option<String>,
+        #[arg(long, default_value_t = 200_000)]
+        events: usize,
+        #[arg(long, default_value_t = 20_000)]
+        customers: usize,
+        #[arg(long, default_value_t = 8)]
+        partitions: u32,
+        /// Offered load for the latency measurement, events per second.
+        #[arg(long, default_value_t = 2_000)]
+        rate: u32,
+        /// Length of the latency measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value = "topology.yaml")]
+        topology: PathBuf,
+    },
     /// Check a topology file and print every error with its YAML path.
     Validate {
         #[arg(default_value = "topology.yaml")]
@@ -164,5 +185,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             commands::produce(&topic, &brokers, &topology, no_validate).await
         }
         Command::Validate { topology } => commands::validate(&topology),
+        Command::Bench { brokers, events, customers, partitions, rate, seconds, topology } => {
+            bench::bench(bench::BenchArgs { brokers, events, customers, partitions, rate, seconds, topology }).await
+        }
     }
 }

@@ -1,0 +1,354 @@
+//! `chorus bench`: throughput and latency of the pipeline, reported as ratios against a
+//! consume→produce passthrough measured in the same run on the same broker, since
+//! absolute numbers on shared machines are noisy.
+//!
+//! 1. passthrough: N records copied from `bench.in` to `bench.out` by a no-op processor
+//!    on the same runtime (same exactly-once transactions and commit interval), so the
+//!    ratio isolates what identity, profile, context and orchestration cost;
+//! 2. full slice: the same N events through identity → profile / context / orchestrator,
+//!    timed until profile and context have both processed every event;
+//! 3. latency: events offered at a fixed rate while the pipeline runs; event timestamp →
+//!    profile / context committed, from the end-to-end histogram.
+
+use crate::broker::EmbeddedBroker;
+use crate::commands::load_topology;
+use crate::engine::{run_processor, DrainState, EngineConfig};
+use crate::kafka::{changelog_topics, client_config, create_topic_list, create_topics, now_ms, TopicToCreate};
+use crate::metrics::metrics;
+use crate::query::LocalStores;
+use anyhow::{anyhow, bail, Context as _, Result};
+use chorus_processors::topology::{Clock, EVENTS_RAW};
+use chorus_processors::{processor_specs, Ctx, ProcessError, Processor, ProcessorSpec, Record, Topology};
+use chorus_state::SharedResources;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct BenchArgs {
+    pub brokers: Option<String>,
+    pub events: usize,
+    pub customers: usize,
+    pub partitions: u32,
+    pub rate: u32,
+    pub seconds: u64,
+    pub topology: PathBuf,
+}
+
+const BENCH_IN: &str = "bench.in";
+const BENCH_OUT: &str = "bench.out";
+
+struct Copy;
+
+impl Processor for Copy {
+    fn process(&mut self, ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
+        ctx.emit(BENCH_OUT, record.key.as_deref().unwrap_or_default(), record.value.clone(), None);
+        Ok(())
+    }
+}
+
+fn passthrough_spec() -> ProcessorSpec {
+    ProcessorSpec {
+        name: "passthrough",
+        inputs: vec![BENCH_IN.into()],
+        stores: vec![],
+        outputs: vec![BENCH_OUT.into()],
+        factory: Box::new(|| Box::new(Copy)),
+    }
+}
+
+/// One event of the benchmark workload, timestamped now.
+fn event(i: usize, customers: usize) -> (String, Vec<u8>) {
+    let c = i % customers;
+    let kind = ["page.viewed", "product.viewed", "cart.item_added", "order.completed", "app.opened"][i % 5];
+    let at = jiff::Timestamp::from_millisecond(now_ms()).map(|t| t.to_string()).unwrap_or_default();
+    let mut e = json!({"event_id": format!("bench-{i}"), "event_type": kind, "timestamp": at, "customer_id": format!("c{c}"),
+        "channel": if i % 3 == 0 { "mobile_app" } else { "web" },
+        "payload": {"product_id": format!("p{}", i % 997), "category": "outdoor", "price": 19.5, "quantity": 1, "total": 39.0}});
+    if i % 50 == 0 {
+        e["anonymous_id"] = json!(format!("anon-{c}"));
+    }
+    (format!("c{c}"), e.to_string().into_bytes())
+}
+
+async fn produce_all(
+    producer: &FutureProducer,
+    topic: &str,
+    records: impl Iterator<Item = (String, Vec<u8>)>,
+) -> Result<()> {
+    let mut pending = Vec::new();
+    for (key, value) in records {
+        let producer = producer.clone();
+        let topic = topic.to_owned();
+        pending.push(async move {
+            producer
+                .send(FutureRecord::to(&topic).key(&key).payload(&value).timestamp(now_ms()), Duration::from_secs(60))
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| anyhow!("produce to {topic}: {e}"))
+        });
+        if pending.len() >= 20_000 {
+            for r in futures::future::join_all(pending.drain(..)).await {
+                r?;
+            }
+        }
+    }
+    for r in futures::future::join_all(pending).await {
+        r?;
+    }
+    Ok(())
+}
+
+fn processed(name: &str, partitions: u32) -> u64 {
+    (0..partitions).map(|p| metrics().records_in.with_label_values(&[name, &p.to_string()]).get()).sum()
+}
+
+struct Running {
+    shutdown: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Running {
+    fn start(specs: Vec<ProcessorSpec>, config: &EngineConfig) -> Result<Running> {
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for spec in specs {
+            let mut config = config.clone();
+            config.shutdown = shutdown.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("bench-{}", spec.name))
+                    .spawn(move || run_processor(spec, config))?,
+            );
+        }
+        Ok(Running { shutdown, threads })
+    }
+
+    fn stop(self) -> Result<()> {
+        self.shutdown.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            t.join().map_err(|_| anyhow!("a processor thread panicked"))??;
+        }
+        Ok(())
+    }
+}
+
+async fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Result<Duration> {
+    let started = Instant::now();
+    while !done() {
+        if started.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(started.elapsed())
+}
+
+/// Cumulative (upper bound, count) buckets of a processor's end-to-end histogram.
+fn latency_buckets(processor: &str) -> Vec<(f64, u64)> {
+    use prometheus::core::Collector;
+    let h = metrics().end_to_end_seconds.with_label_values(&[processor]);
+    h.collect()
+        .first()
+        .and_then(|family| family.get_metric().first().map(|m| m.get_histogram().get_bucket().to_vec()))
+        .unwrap_or_default()
+        .iter()
+        .map(|b| (b.upper_bound(), b.cumulative_count()))
+        .collect()
+}
+
+/// Quantile of the samples recorded between two bucket snapshots (linear within a bucket).
+fn quantile(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> Option<f64> {
+    let counts: Vec<(f64, u64)> =
+        after.iter().zip(before.iter().chain(std::iter::repeat(&(0.0, 0)))).map(|(a, b)| (a.0, a.1 - b.1)).collect();
+    let total = counts.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let target = q * total as f64;
+    let mut lower = (0.0, 0u64);
+    for (bound, cum) in counts {
+        if cum as f64 >= target {
+            let width = (cum - lower.1).max(1) as f64;
+            return Some(lower.0 + (bound - lower.0) * ((target - lower.1 as f64) / width));
+        }
+        lower = (bound, cum);
+    }
+    None
+}
+
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn dir_size_mb(path: &std::path::Path) -> f64 {
+    fn walk(p: &std::path::Path) -> u64 {
+        std::fs::read_dir(p)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| match e.metadata() {
+                        Ok(m) if m.is_dir() => walk(&e.path()),
+                        Ok(m) => m.len(),
+                        Err(_) => 0,
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+    walk(path) as f64 / (1024.0 * 1024.0)
+}
+
+pub async fn bench(args: BenchArgs) -> Result<()> {
+    if args.events == 0 || args.customers == 0 || args.partitions == 0 {
+        bail!("--events, --customers and --partitions must be positive");
+    }
+    let mut topology: Topology = load_topology(&args.topology)?.with_partitions(args.partitions);
+    // Latency is event timestamp → visible, so events carry the wall-clock time.
+    topology.clock = Clock::Wall;
+    let topology = Arc::new(topology);
+    let pass = passthrough_spec();
+    let mut extra = vec![
+        TopicToCreate { name: BENCH_IN.into(), partitions: args.partitions, compacted: false },
+        TopicToCreate { name: BENCH_OUT.into(), partitions: args.partitions, compacted: false },
+    ];
+    extra.extend(changelog_topics(&pass, &topology));
+
+    let (embedded, brokers) = match &args.brokers {
+        Some(b) => {
+            create_topics(b, &topology).await?;
+            create_topic_list(b, &extra, topology.topics.replication_factor).await?;
+            (None, b.clone())
+        }
+        None => {
+            let broker = EmbeddedBroker::start(&topology)?;
+            for t in &extra {
+                broker.create_topic(&t.name, t.partitions)?;
+            }
+            let b = broker.bootstrap();
+            (Some(broker), b)
+        }
+    };
+    let probe: BaseConsumer = client_config(&brokers).create()?;
+    for topic in [EVENTS_RAW, BENCH_IN] {
+        for p in 0..args.partitions as i32 {
+            let (_, high) =
+                probe.fetch_watermarks(topic, p, Duration::from_secs(10)).map_err(|e| anyhow!("{topic}: {e}"))?;
+            if high > 0 {
+                bail!("{topic} already holds records: run the benchmark on a fresh broker");
+            }
+        }
+    }
+    let data = tempfile_dir()?;
+    let config = EngineConfig {
+        brokers: brokers.clone(),
+        topology: topology.clone(),
+        data_dir: data.clone(),
+        instance_id: format!("bench-{}", std::process::id()),
+        shared: Arc::new(SharedResources::new(
+            topology.state.block_cache_mb << 20,
+            topology.state.write_buffer_mb << 20,
+        )),
+        local: LocalStores::default(),
+        shutdown: Arc::new(AtomicBool::new(false)),
+        drain: Arc::new(DrainState::default()),
+        fresh_broker: embedded.is_some(),
+    };
+    let producer: FutureProducer = client_config(&brokers)
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .context("cannot create the benchmark producer")?;
+    let n = args.events;
+    let limit = Duration::from_secs(1800);
+    let where_ = if embedded.is_some() { "embedded broker".to_owned() } else { format!("Kafka at {brokers}") };
+    println!("chorus bench: {n} events, {} customers, {} partitions, {where_}", args.customers, args.partitions);
+
+    produce_all(&producer, BENCH_IN, (0..n).map(|i| event(i, args.customers))).await?;
+    let running = Running::start(vec![passthrough_spec()], &config)?;
+    let pass_time =
+        wait_for("the passthrough", limit, || processed("passthrough", args.partitions) >= n as u64).await?;
+    running.stop()?;
+    let pass_rate = n as f64 / pass_time.as_secs_f64();
+    println!("passthrough (consume→produce, same transactions):  {pass_rate:>10.0} events/s");
+
+    produce_all(&producer, EVENTS_RAW, (0..n).map(|i| event(i, args.customers))).await?;
+    let running = Running::start(processor_specs(&topology), &config)?;
+    let slice_time = wait_for("the full slice", limit, || {
+        processed("profile", args.partitions) >= n as u64 && processed("context", args.partitions) >= n as u64
+    })
+    .await?;
+    let slice_rate = n as f64 / slice_time.as_secs_f64();
+    println!("full slice (identity → profile, context, orch.):   {slice_rate:>10.0} events/s");
+    println!("ratio full slice / passthrough:                    {:>10.2}", slice_rate / pass_rate);
+
+    let before = (latency_buckets("profile"), latency_buckets("context"));
+    let offered = args.rate as usize * args.seconds as usize;
+    let started = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
+    let mut sends = Vec::with_capacity(offered);
+    for i in 0..offered {
+        let due = started + interval * i as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+        let (key, value) = event(n + i, args.customers);
+        let producer = producer.clone();
+        sends.push(tokio::spawn(async move {
+            producer
+                .send(
+                    FutureRecord::to(EVENTS_RAW).key(&key).payload(&value).timestamp(now_ms()),
+                    Duration::from_secs(60),
+                )
+                .await
+                .map(|_| ())
+        }));
+    }
+    for s in sends {
+        s.await?.map_err(|(e, _)| anyhow!("produce: {e}"))?;
+    }
+    wait_for("the offered load to be processed", limit, || {
+        processed("profile", args.partitions) >= (n + offered) as u64
+            && processed("context", args.partitions) >= (n + offered) as u64
+    })
+    .await?;
+    let after = (latency_buckets("profile"), latency_buckets("context"));
+    let ms = |v: Option<f64>| v.map(|s| format!("{:.1} ms", s * 1000.0)).unwrap_or_else(|| "n/a".into());
+    println!(
+        "event→profile at {} events/s offered:             p50 {}, p99 {}",
+        args.rate,
+        ms(quantile(&before.0, &after.0, 0.5)),
+        ms(quantile(&before.0, &after.0, 0.99))
+    );
+    println!(
+        "event→context at {} events/s offered:             p50 {}, p99 {}",
+        args.rate,
+        ms(quantile(&before.1, &after.1, 0.5)),
+        ms(quantile(&before.1, &after.1, 0.99))
+    );
+    running.stop()?;
+    println!("peak RSS of this process (processors + client):    {:>10.0} MB", rss_mb());
+    println!("RocksDB state on disk for {} customers:           {:>10.1} MB", args.customers, dir_size_mb(&data));
+    let _ = std::fs::remove_dir_all(&data);
+    // Clients first, so none of them reports the embedded broker going away.
+    drop(producer);
+    drop(probe);
+    drop(embedded);
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("chorus-bench-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
