@@ -66,9 +66,9 @@ fn event(i: usize, customers: usize) -> (String, Vec<u8>) {
     let kind = ["page.viewed", "product.viewed", "cart.item_added", "order.completed", "app.opened"][i % 5];
     let at = jiff::Timestamp::from_millisecond(now_ms()).map(|t| t.to_string()).unwrap_or_default();
     let mut e = json!({"event_id": format!("bench-{i}"), "event_type": kind, "timestamp": at, "customer_id": format!("c{c}"),
-        "channel": if i % 3 == 0 { "mobile_app" } else { "web" },
+        "channel": if i.is_multiple_of(3) { "mobile_app" } else { "web" },
         "payload": {"product_id": format!("p{}", i % 997), "category": "outdoor", "price": 19.5, "quantity": 1, "total": 39.0}});
-    if i % 50 == 0 {
+    if i.is_multiple_of(50) {
         e["anonymous_id"] = json!(format!("anon-{c}"));
     }
     (format!("c{c}"), e.to_string().into_bytes())
