@@ -84,7 +84,11 @@ pub fn restore_task(
                 .ok()
                 .and_then(|p| p.find_partition(&topic, partition).and_then(|e| e.offset().to_raw()))
                 .unwrap_or(next);
-            if next >= high || position >= high || last_seen.elapsed() > IDLE_LIMIT {
+            if next >= high || position >= high {
+                break;
+            }
+            if last_seen.elapsed() > IDLE_LIMIT {
+                tracing::warn!(%topic, partition, position, high, "restore stopped before the end of the changelog: no records for {IDLE_LIMIT:?} (an open transaction of another producer?)");
                 break;
             }
         }

@@ -5,21 +5,7 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
 use std::path::Path;
-
-/// A topology with one events.raw partition (identity links across partitions in the
-/// next stage) and four downstream partitions.
-fn test_topology(dir: &Path) -> std::path::PathBuf {
-    let base = std::fs::read_to_string(topology_path()).unwrap();
-    let text = base
-        .replace("clock: wall", "clock: event")
-        .replace("  partitions: {}", "  partitions: {events.raw: 1, messages.requests: 1, consent: 1}")
-        .replace("default_partitions: 8", "default_partitions: 4");
-    let path = dir.join("topology.yaml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 fn up(data: &Path, topology: &Path) -> Chorus {
     let c = Chorus::start(
@@ -36,16 +22,6 @@ fn up(data: &Path, topology: &Path) -> Chorus {
     );
     c.wait_ready();
     c
-}
-
-fn profiles_match(http: &str, expected: &BTreeMap<String, (i64, i64, i64)>) -> Option<()> {
-    for (customer, want) in expected {
-        let (status, profile) = get_json(&format!("{http}/v1/profiles/{customer}"));
-        if status != 200 || totals(&profile) != *want {
-            return None;
-        }
-    }
-    Some(())
 }
 
 #[test]
@@ -72,15 +48,7 @@ fn ten_thousand_events_end_to_end() {
 
     // Profiles on the topic agree with the API (latest per key).
     let records = tail(chorus.bootstrap(), "profiles", 3_000);
-    let mut latest: BTreeMap<String, Value> = BTreeMap::new();
-    for r in records {
-        let key = r["key"].as_str().unwrap().to_owned();
-        if r["value"].is_null() {
-            latest.remove(&key);
-        } else {
-            latest.insert(key, r["value"].clone());
-        }
-    }
+    let latest = latest_by_key(records);
     assert_eq!(latest.len(), expected.len());
     for p in latest.values() {
         let customer = p["customer_id"].as_str().unwrap();

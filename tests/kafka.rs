@@ -42,17 +42,6 @@ impl Drop for Kafka {
     }
 }
 
-fn test_topology(dir: &Path) -> PathBuf {
-    let base = std::fs::read_to_string(topology_path()).unwrap();
-    let text = base
-        .replace("clock: wall", "clock: event")
-        .replace("  partitions: {}", "  partitions: {events.raw: 1, messages.requests: 1, consent: 1}")
-        .replace("default_partitions: 8", "default_partitions: 4");
-    let path = dir.join("topology.yaml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 fn setup(dir: &Path) -> (Kafka, PathBuf) {
     let kafka = Kafka::start(&dir.join("kafka"));
     let topology = test_topology(dir);
@@ -83,16 +72,6 @@ fn run(kafka: &Kafka, topology: &Path, data: &Path, instance: &str) -> Chorus {
     );
     c.wait_ready();
     c
-}
-
-fn profiles_match(http: &str, expected: &BTreeMap<String, (i64, i64, i64)>) -> Option<()> {
-    for (customer, want) in expected {
-        let (status, profile) = get_json(&format!("{http}/v1/profiles/{customer}"));
-        if status != 200 || totals(&profile) != *want {
-            return None;
-        }
-    }
-    Some(())
 }
 
 /// Every event reaches events.resolved exactly once (read_committed).
@@ -157,15 +136,7 @@ fn kill_9_mid_stream_loses_and_duplicates_nothing() {
     eventually(180, "profiles equal to an uninterrupted run", || profiles_match(second.http(), &expected));
     assert_resolved_exactly_once(&kafka.bootstrap, &events);
     // The profile table on the topic agrees too (latest committed value per key).
-    let mut latest: BTreeMap<String, Value> = BTreeMap::new();
-    for r in tail(&kafka.bootstrap, "profiles", 3_000) {
-        let key = r["key"].as_str().unwrap().to_owned();
-        if r["value"].is_null() {
-            latest.remove(&key);
-        } else {
-            latest.insert(key, r["value"].clone());
-        }
-    }
+    let latest = latest_by_key(tail(&kafka.bootstrap, "profiles", 3_000));
     for p in latest.values() {
         assert_eq!(totals(p), expected[p["customer_id"].as_str().unwrap()]);
     }

@@ -6,9 +6,7 @@
 //! they expire. On a merge the anonymous cart and session follow the customer.
 
 use crate::processor::{Ctx, ProcessError, Processor, Record};
-use crate::resolved::{
-    forward_if_merged, forward_state_on_merge, parse_for_stage, AbsorbBody, Kind, MergeBody, RESOLVED_TOPIC,
-};
+use crate::resolved::{absorbed, decode, incoming, on_merge, Kind, RESOLVED_TOPIC};
 use crate::task::ProcessorSpec;
 use crate::topology::{ContextConfig, Topology};
 use chorus_schemas::Event;
@@ -323,14 +321,10 @@ impl CustomerContext {
 
 impl Processor for ContextStage {
     fn process(&mut self, ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
-        let Some(resolved) = parse_for_stage(ctx, record, NAME)? else { return Ok(()) };
-        if forward_if_merged(ctx, NAME, STORE, &resolved)? {
-            return Ok(());
-        }
+        let Some(resolved) = incoming(ctx, record, NAME, STORE)? else { return Ok(()) };
         match resolved.kind {
             Kind::Event => {
-                let mut event: Event = serde_json::from_value(resolved.body)
-                    .map_err(|e| ProcessError::reject("invalid_resolved", e.to_string()))?;
+                let mut event: Event = decode(resolved.body)?;
                 event.timestamp_ms = resolved.at;
                 if event.event_type == "identify" {
                     return Ok(());
@@ -341,19 +335,9 @@ impl Processor for ContextStage {
                 ctx.mark_visible(resolved.at);
                 self.save(ctx, context)
             }
-            Kind::Merge => {
-                let merge: MergeBody = serde_json::from_value(resolved.body)
-                    .map_err(|e| ProcessError::reject("invalid_resolved", e.to_string()))?;
-                forward_state_on_merge(ctx, NAME, STORE, &merge, Some(TOPIC))
-            }
+            Kind::Merge => on_merge(ctx, NAME, STORE, resolved.body, Some(TOPIC)),
             Kind::Absorb => {
-                let absorb: AbsorbBody = serde_json::from_value(resolved.body)
-                    .map_err(|e| ProcessError::reject("invalid_resolved", e.to_string()))?;
-                if absorb.stage != NAME {
-                    return Ok(());
-                }
-                let other: CustomerContext = serde_json::from_value(absorb.state)
-                    .map_err(|e| ProcessError::reject("invalid_resolved", e.to_string()))?;
+                let Some(other) = absorbed::<CustomerContext>(resolved.body, NAME)? else { return Ok(()) };
                 let mut context = self.load(ctx, &resolved.canonical_id)?;
                 context.absorb(other, &self.config);
                 context.expire(ctx.now, &self.config);

@@ -9,9 +9,7 @@
 //! Store `consent`: canonical id → every purpose's current state and its history.
 
 use crate::processor::{Ctx, ProcessError, Processor, Record};
-use crate::resolved::{
-    forward_if_merged, forward_state_on_merge, parse_for_stage, AbsorbBody, Kind, MergeBody, Resolved, RESOLVED_TOPIC,
-};
+use crate::resolved::{absorbed, decode, incoming, on_merge, Kind, Resolved, RESOLVED_TOPIC};
 use crate::task::ProcessorSpec;
 use crate::topology::Topology;
 use chorus_schemas::{ConsentChange, MessageRequest};
@@ -154,15 +152,11 @@ fn rfc3339(ms: i64) -> String {
 
 impl Processor for Orchestrator {
     fn process(&mut self, ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
-        let Some(resolved) = parse_for_stage(ctx, record, NAME)? else { return Ok(()) };
-        if forward_if_merged(ctx, NAME, CONSENT_STORE, &resolved)? {
-            return Ok(());
-        }
+        let Some(resolved) = incoming(ctx, record, NAME, CONSENT_STORE)? else { return Ok(()) };
         let id = resolved.canonical_id.clone();
         match resolved.kind {
             Kind::Consent => {
-                let change: ConsentChange = serde_json::from_value(resolved.body)
-                    .map_err(|e| ProcessError::reject("invalid_resolved", e.to_string()))?;
+                let change: ConsentChange = decode(resolved.body)?;
                 let mut state = ctx.get_json::<ConsentState>(CONSENT_STORE, &id)?.unwrap_or_default();
                 if state.apply(&change.purpose, change.granted, resolved.at, change.source.clone()) {
                     ctx.put_json(CONSENT_STORE, &id, &state)?;
@@ -170,8 +164,7 @@ impl Processor for Orchestrator {
                 Ok(())
             }
             Kind::Request => {
-                let request: MessageRequest = serde_json::from_value(resolved.body.clone())
-                    .map_err(|e| ProcessError::reject("invalid_resolved", e.to_string()))?;
+                let request: MessageRequest = decode(resolved.body.clone())?;
                 if ctx.get_bytes(REQUESTS_STORE, request.request_id.as_bytes())?.is_some() {
                     ctx.count("duplicates", "messages.requests");
                     return Ok(());
@@ -182,19 +175,9 @@ impl Processor for Orchestrator {
                 let decision = decide(&request, &consent, &self.topology);
                 self.emit_decision(ctx, &resolved, &request, decision)
             }
-            Kind::Merge => {
-                let merge: MergeBody = serde_json::from_value(resolved.body)
-                    .map_err(|e| ProcessError::reject("invalid_resolved", e.to_string()))?;
-                forward_state_on_merge(ctx, NAME, CONSENT_STORE, &merge, None)
-            }
+            Kind::Merge => on_merge(ctx, NAME, CONSENT_STORE, resolved.body, None),
             Kind::Absorb => {
-                let absorb: AbsorbBody = serde_json::from_value(resolved.body)
-                    .map_err(|e| ProcessError::reject("invalid_resolved", e.to_string()))?;
-                if absorb.stage != NAME {
-                    return Ok(());
-                }
-                let other: ConsentState = serde_json::from_value(absorb.state)
-                    .map_err(|e| ProcessError::reject("invalid_resolved", e.to_string()))?;
+                let Some(other) = absorbed::<ConsentState>(resolved.body, NAME)? else { return Ok(()) };
                 let mut state = ctx.get_json::<ConsentState>(CONSENT_STORE, &id)?.unwrap_or_default();
                 state.absorb(other);
                 ctx.put_json(CONSENT_STORE, &id, &state)

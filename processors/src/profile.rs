@@ -6,9 +6,7 @@
 //! twice.
 
 use crate::processor::{Ctx, ProcessError, Processor, Record};
-use crate::resolved::{
-    forward_if_merged, forward_state_on_merge, parse_for_stage, AbsorbBody, Kind, MergeBody, RESOLVED_TOPIC,
-};
+use crate::resolved::{absorbed, decode, incoming, on_merge, Kind, RESOLVED_TOPIC};
 use crate::task::ProcessorSpec;
 use crate::topology::Topology;
 use chorus_schemas::Event;
@@ -247,15 +245,10 @@ fn flatten_traits(traits: &Map<String, Value>) -> Vec<(String, Value)> {
 
 impl Processor for ProfileStage {
     fn process(&mut self, ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
-        let Some(resolved) = parse_for_stage(ctx, record, NAME)? else { return Ok(()) };
-        if forward_if_merged(ctx, NAME, STORE, &resolved)? {
-            return Ok(());
-        }
+        let Some(resolved) = incoming(ctx, record, NAME, STORE)? else { return Ok(()) };
         match resolved.kind {
             Kind::Event => {
-                let event: Event = serde_json::from_value(resolved.body)
-                    .map_err(|e| ProcessError::reject("invalid_resolved", e.to_string()))?;
-                let mut event = event;
+                let mut event: Event = decode(resolved.body)?;
                 event.timestamp_ms = resolved.at;
                 let id = resolved.canonical_id;
                 let mut profile = ctx.get_json::<Profile>(STORE, &id)?.unwrap_or_else(|| Profile::new(&id));
@@ -263,19 +256,9 @@ impl Processor for ProfileStage {
                 ctx.mark_visible(resolved.at);
                 self.save(ctx, profile)
             }
-            Kind::Merge => {
-                let merge: MergeBody = serde_json::from_value(resolved.body)
-                    .map_err(|e| ProcessError::reject("invalid_resolved", e.to_string()))?;
-                forward_state_on_merge(ctx, NAME, STORE, &merge, Some(TOPIC))
-            }
+            Kind::Merge => on_merge(ctx, NAME, STORE, resolved.body, Some(TOPIC)),
             Kind::Absorb => {
-                let absorb: AbsorbBody = serde_json::from_value(resolved.body)
-                    .map_err(|e| ProcessError::reject("invalid_resolved", e.to_string()))?;
-                if absorb.stage != NAME {
-                    return Ok(());
-                }
-                let other: Profile = serde_json::from_value(absorb.state)
-                    .map_err(|e| ProcessError::reject("invalid_resolved", e.to_string()))?;
+                let Some(other) = absorbed::<Profile>(resolved.body, NAME)? else { return Ok(()) };
                 let id = resolved.canonical_id;
                 let mut profile = ctx.get_json::<Profile>(STORE, &id)?.unwrap_or_else(|| Profile::new(&id));
                 profile.absorb(&other);

@@ -67,6 +67,32 @@ pub fn parse_record(record: &crate::Record) -> Result<Resolved, crate::ProcessEr
     Resolved::parse(value)
 }
 
+/// Decode a record body (`body` of an event, request, consent, merge or absorb record).
+pub fn decode<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, crate::ProcessError> {
+    serde_json::from_value(body).map_err(|e| crate::ProcessError::reject("invalid_resolved", e.to_string()))
+}
+
+/// The state carried by an absorb record, when it is addressed to `stage`.
+pub fn absorbed<T: serde::de::DeserializeOwned>(body: Value, stage: &str) -> Result<Option<T>, crate::ProcessError> {
+    let absorb: AbsorbBody = decode(body)?;
+    if absorb.stage != stage {
+        return Ok(None);
+    }
+    decode(absorb.state).map(Some)
+}
+
+/// Handle a merge record: move this stage's state of the merged-away id to the survivor.
+pub fn on_merge(
+    ctx: &mut crate::Ctx<'_>,
+    stage: &str,
+    store: &str,
+    body: Value,
+    output_topic: Option<&str>,
+) -> Result<(), crate::ProcessError> {
+    let merge: MergeBody = decode(body)?;
+    forward_state_on_merge(ctx, stage, store, &merge, output_topic)
+}
+
 /// Decode a record for `stage`, or `None` when it is addressed to another stage.
 pub fn parse_for_stage(
     ctx: &mut crate::Ctx<'_>,
@@ -78,6 +104,21 @@ pub fn parse_for_stage(
         return Ok(None);
     }
     ctx.observe_event_time(resolved.at);
+    Ok(Some(resolved))
+}
+
+/// The next record for `stage`, or `None` when there is nothing for it to do: the record
+/// is addressed to another stage, or it was forwarded to the survivor of a merge.
+pub fn incoming(
+    ctx: &mut crate::Ctx<'_>,
+    record: &crate::Record,
+    stage: &str,
+    store: &str,
+) -> Result<Option<Resolved>, crate::ProcessError> {
+    let Some(resolved) = parse_for_stage(ctx, record, stage)? else { return Ok(None) };
+    if forward_if_merged(ctx, stage, store, &resolved)? {
+        return Ok(None);
+    }
     Ok(Some(resolved))
 }
 

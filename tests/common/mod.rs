@@ -238,3 +238,41 @@ pub fn totals(profile: &Value) -> (i64, i64, i64) {
         (profile["metrics"]["lifetime_value"].as_f64().unwrap_or(-1.0) * 100.0).round() as i64,
     )
 }
+
+/// The shipped topology under `clock: event`, with one partition for the identity stage's
+/// inputs (it links identifiers within one partition) and four downstream.
+pub fn test_topology(dir: &Path) -> PathBuf {
+    let base = std::fs::read_to_string(topology_path()).unwrap();
+    let text = base
+        .replace("clock: wall", "clock: event")
+        .replace("  partitions: {}", "  partitions: {events.raw: 1, messages.requests: 1, consent: 1}")
+        .replace("default_partitions: 8", "default_partitions: 4");
+    let path = dir.join("topology.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Whether every customer's profile, read over HTTP, has the expected totals.
+pub fn profiles_match(http: &str, expected: &Expected) -> Option<()> {
+    for (customer, want) in expected {
+        let (status, profile) = get_json(&format!("{http}/v1/profiles/{customer}"));
+        if status != 200 || totals(&profile) != *want {
+            return None;
+        }
+    }
+    Some(())
+}
+
+/// What a compacted topic holds: the latest value per key of tailed records.
+pub fn latest_by_key(records: Vec<Value>) -> std::collections::BTreeMap<String, Value> {
+    let mut latest = std::collections::BTreeMap::new();
+    for r in records {
+        let key = r["key"].as_str().unwrap_or_default().to_owned();
+        if r["value"].is_null() {
+            latest.remove(&key);
+        } else {
+            latest.insert(key, r["value"].clone());
+        }
+    }
+    latest
+}
