@@ -171,3 +171,17 @@ fn clean_restart_keeps_every_store() {
     eventually(120, "profiles equal to an uninterrupted run", || profiles_match(second.http(), &expected));
     second.stop();
 }
+
+#[test]
+fn at_least_once_processing_gives_the_same_profiles() {
+    let dir = tempfile::tempdir().unwrap();
+    let topology = test_topology(dir.path());
+    let text =
+        std::fs::read_to_string(&topology).unwrap().replace("processing: exactly_once", "processing: at_least_once");
+    std::fs::write(&topology, text).unwrap();
+    let chorus = up(&dir.path().join("data"), &topology);
+    let (events, expected) = workload(2_000, 20);
+    produce(chorus.bootstrap(), "events.raw", &events);
+    eventually(90, "profiles under at_least_once", || profiles_match(chorus.http(), &expected));
+    chorus.stop();
+}

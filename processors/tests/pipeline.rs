@@ -378,3 +378,20 @@ fn strip_nulls(v: Value) -> Value {
         other => other,
     }
 }
+
+#[test]
+fn avro_events_are_accepted_and_corrupt_avro_goes_to_the_dlq() {
+    let mut d = TestDriver::new(topology(1, 1), 2);
+    let e = json!({"event_id": "av1", "event_type": "order.completed", "timestamp": ts(T0), "customer_id": "c1",
+                   "identifiers": {}, "payload": {"total": 12.0}});
+    let bytes = chorus_schemas::encode_avro("events.raw", &e).unwrap();
+    d.pipe("events.raw", b"c1", Some(bytes.clone()), 0);
+    let mut corrupt = bytes;
+    corrupt.truncate(14);
+    d.pipe("events.raw", b"c1", Some(corrupt), 0);
+    d.run().unwrap();
+    assert_eq!(profile_of(&d, "c1")["metrics"]["lifetime_value"], 12.0);
+    let dlq: Vec<Value> = d.read("events.dlq").iter().map(|r| r.json().unwrap()).collect();
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0]["reason"], "invalid_avro");
+}
