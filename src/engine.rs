@@ -58,6 +58,8 @@ pub fn run_processor(spec: ProcessorSpec, config: EngineConfig) -> Result<()> {
     let inputs = spec.inputs.clone();
     let assignor = if inputs.len() > 1 { "range" } else { "cooperative-sticky" };
     let context = EngineContext {
+        name,
+        lag_series: Mutex::new(BTreeSet::new()),
         state: Mutex::new(EngineState {
             spec,
             config: config.clone(),
@@ -80,6 +82,7 @@ pub fn run_processor(spec: ProcessorSpec, config: EngineConfig) -> Result<()> {
         .set("heartbeat.interval.ms", "1000")
         .set("max.poll.interval.ms", "300000")
         .set("fetch.wait.max.ms", "10")
+        .set("statistics.interval.ms", "2000")
         .create_with_context(context)
         .with_context(|| format!("cannot create the {name} consumer"))?;
     let topics: Vec<&str> = inputs.iter().map(String::as_str).collect();
@@ -88,7 +91,6 @@ pub fn run_processor(spec: ProcessorSpec, config: EngineConfig) -> Result<()> {
 
     let interval = Duration::from_millis(config.topology.commit_interval.ms() as u64);
     let mut last_commit = Instant::now();
-    let mut last_lag = Instant::now();
     let mut last_drain_check = Instant::now();
     while !config.shutdown.load(Ordering::SeqCst) {
         match consumer.poll(Duration::from_millis(20)) {
@@ -113,10 +115,6 @@ pub fn run_processor(spec: ProcessorSpec, config: EngineConfig) -> Result<()> {
             state.punctuate()?;
             state.commit(&consumer)?;
             last_commit = Instant::now();
-        }
-        if last_lag.elapsed() >= Duration::from_secs(2) {
-            report_lag(&consumer, name);
-            last_lag = Instant::now();
         }
     }
     let mut state = consumer.context().lock();
@@ -213,27 +211,6 @@ fn create_producer(config: &EngineConfig, name: &str, eos: bool) -> Result<BaseP
     Ok(producer)
 }
 
-fn report_lag(consumer: &BaseConsumer<EngineContext>, name: &str) {
-    let Ok(assignment) = consumer.assignment() else { return };
-    let Ok(positions) = consumer.position() else { return };
-    for elem in assignment.elements() {
-        let Ok((_, high)) = consumer.fetch_watermarks(elem.topic(), elem.partition(), Duration::from_millis(500))
-        else {
-            continue;
-        };
-        let position = positions
-            .find_partition(elem.topic(), elem.partition())
-            .and_then(|p| p.offset().to_raw())
-            .filter(|o| *o >= 0);
-        if let Some(position) = position {
-            metrics()
-                .lag
-                .with_label_values(&[name, elem.topic(), &elem.partition().to_string()])
-                .set((high - position).max(0));
-        }
-    }
-}
-
 /// Delivery reports: the highest offset written per topic partition in the current
 /// transaction (changelog checkpoints), and any failure (which aborts it).
 #[derive(Default)]
@@ -263,7 +240,10 @@ impl ProducerContext for DeliveryContext {
 }
 
 struct EngineContext {
+    name: &'static str,
     state: Mutex<EngineState>,
+    /// Partitions with a lag series, so series of partitions that left can be removed.
+    lag_series: Mutex<BTreeSet<(String, i32)>>,
 }
 
 impl EngineContext {
@@ -272,7 +252,26 @@ impl EngineContext {
     }
 }
 
-impl ClientContext for EngineContext {}
+impl ClientContext for EngineContext {
+    /// Consumer lag from librdkafka's periodic statistics: no extra broker requests on the
+    /// processing thread.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut now = BTreeSet::new();
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if *partition >= 0 && p.desired && p.consumer_lag >= 0 {
+                    metrics().lag.with_label_values(&[self.name, topic, &partition.to_string()]).set(p.consumer_lag);
+                    now.insert((topic.clone(), *partition));
+                }
+            }
+        }
+        let mut series = self.lag_series.lock().unwrap_or_else(|p| p.into_inner());
+        for (topic, partition) in series.difference(&now) {
+            let _ = metrics().lag.remove_label_values(&[self.name, topic, &partition.to_string()]);
+        }
+        *series = now;
+    }
+}
 
 impl ConsumerContext for EngineContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
