@@ -80,10 +80,14 @@ impl LocalStores {
         if dbs.is_empty() {
             return Lookup::NotLocal;
         }
-        let mut canonical = None;
-        if identifier.starts_with("cus_") {
-            canonical = Some(identifier.to_owned());
-        }
+        // A canonical id (live, or merged away) is known by its component or pointer.
+        let is_canonical = |id: &str| {
+            dbs.iter().any(|db| {
+                db.get(identity::STORE, format!("comp:{id}").as_bytes()).ok().flatten().is_some()
+                    || db.get(identity::STORE, format!("fwd:{id}").as_bytes()).ok().flatten().is_some()
+            })
+        };
+        let mut canonical = is_canonical(identifier).then(|| identifier.to_owned());
         if canonical.is_none() {
             'keys: for key in identity::lookup_keys(identifier) {
                 for db in &dbs {

@@ -39,6 +39,10 @@ fn ten_thousand_events_end_to_end() {
     let (status, by_anon) = get_json(&format!("{}/v1/profiles/anonymous_id:anon-7", chorus.http()));
     assert_eq!(status, 200);
     assert_eq!(by_anon["customer_id"], "c7");
+    let canonical = by_anon["canonical_id"].as_str().unwrap();
+    let (status, by_canonical) = get_json(&format!("{}/v1/profiles/{canonical}", chorus.http()));
+    assert_eq!(status, 200);
+    assert_eq!(by_canonical["customer_id"], "c7");
     let (status, context) = get_json(&format!("{}/v1/context/c7", chorus.http()));
     assert_eq!(status, 200, "{context}");
     assert!(context["recent_interactions"].as_array().unwrap().len() <= 50);
