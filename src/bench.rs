@@ -241,8 +241,15 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     let probe: BaseConsumer = client_config(&brokers).create()?;
     for topic in [EVENTS_RAW, BENCH_IN] {
         for p in 0..args.partitions as i32 {
-            let (_, high) =
-                probe.fetch_watermarks(topic, p, Duration::from_secs(10)).map_err(|e| anyhow!("{topic}: {e}"))?;
+            // Fresh topics may not have a leader yet: retry for a while.
+            let started = Instant::now();
+            let high = loop {
+                match probe.fetch_watermarks(topic, p, Duration::from_secs(10)) {
+                    Ok((_, high)) => break high,
+                    Err(e) if started.elapsed() > Duration::from_secs(30) => bail!("{topic}[{p}]: {e}"),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+                }
+            };
             if high > 0 {
                 bail!("{topic} already holds records: run the benchmark on a fresh broker");
             }

@@ -91,8 +91,16 @@ pub async fn create_topic_list(brokers: &str, topics: &[TopicToCreate], replicat
             Err((name, code)) => bail!("cannot create topic {name}: {code}"),
         }
     }
-    verify_partitions(brokers, topics)?;
-    Ok(created)
+    // Metadata of just-created topics reaches every broker shortly after CreateTopics
+    // returns; wait for it rather than report a topic as missing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match verify_partitions(brokers, topics) {
+            Ok(()) => return Ok(created),
+            Err(e) if std::time::Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
 }
 
 /// Check that every topic exists with the partition count the topology expects.
