@@ -69,6 +69,7 @@ pub fn run_processor(spec: ProcessorSpec, config: EngineConfig) -> Result<()> {
             txn_open: false,
             offsets: BTreeMap::new(),
             failed: None,
+            records_out: BTreeMap::new(),
         }),
     };
     let consumer: BaseConsumer<EngineContext> = client_config(&config.brokers)
@@ -287,7 +288,7 @@ impl ConsumerContext for EngineContext {
         }
     }
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             let assigned: BTreeSet<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             let mut state = self.lock();
@@ -298,7 +299,6 @@ impl ConsumerContext for EngineContext {
                     return;
                 }
             }
-            let _ = consumer;
         }
     }
 }
@@ -306,6 +306,8 @@ impl ConsumerContext for EngineContext {
 struct TaskSlot {
     task: Task,
     state: TaskState,
+    records_in: prometheus::IntCounter,
+    processing_seconds: prometheus::Histogram,
     /// Store writes produced to the changelog in the open transaction.
     unapplied: Vec<StoreWrite>,
 }
@@ -320,6 +322,8 @@ struct EngineState {
     /// Next offset per consumed topic partition in the open transaction.
     offsets: BTreeMap<(String, i32), i64>,
     failed: Option<anyhow::Error>,
+    /// Output counters by topic, looked up once rather than per record.
+    records_out: BTreeMap<String, prometheus::IntCounter>,
 }
 
 impl EngineState {
@@ -344,6 +348,7 @@ impl EngineState {
             return Ok(());
         }
         self.begin()?;
+        let Some(slot) = self.tasks.get_mut(&partition) else { return Ok(()) };
         let record = Record {
             topic: message.topic().to_owned(),
             partition: partition as u32,
@@ -353,13 +358,10 @@ impl EngineState {
             timestamp: message.timestamp().to_millis().unwrap_or_else(now_ms),
         };
         let started = Instant::now();
-        let slot = self.tasks.get_mut(&partition).expect("checked above");
         let out = slot.task.process(&mut slot.state, &record, now_ms());
-        let name = self.spec.name;
-        let p = partition.to_string();
-        metrics().records_in.with_label_values(&[name, &p]).inc();
-        metrics().processing_seconds.with_label_values(&[name, &p]).observe(started.elapsed().as_secs_f64());
-        let out = out.map_err(|e| task_failure(name, partition, e))?;
+        slot.records_in.inc();
+        slot.processing_seconds.observe(started.elapsed().as_secs_f64());
+        let out = out.map_err(|e| task_failure(self.spec.name, partition, e))?;
         self.send_outputs(out)?;
         self.offsets.insert((record.topic, partition), record.offset + 1);
         Ok(())
@@ -370,13 +372,16 @@ impl EngineState {
             return Ok(());
         }
         let now = now_ms();
-        let partitions: Vec<i32> = self.tasks.keys().copied().collect();
-        for p in partitions {
-            let slot = self.tasks.get_mut(&p).expect("listed");
-            let out = slot.task.punctuate(&mut slot.state, now).map_err(|e| task_failure(self.spec.name, p, e))?;
-            if !out.outputs.is_empty() || slot.state.has_pending() {
-                self.begin()?;
-            }
+        let mut fired = Vec::new();
+        let mut wrote = false;
+        for (p, slot) in self.tasks.iter_mut() {
+            fired.push(slot.task.punctuate(&mut slot.state, now).map_err(|e| task_failure(self.spec.name, *p, e))?);
+            wrote |= slot.state.has_pending();
+        }
+        if wrote || fired.iter().any(|out| !out.outputs.is_empty()) {
+            self.begin()?;
+        }
+        for out in fired {
             self.send_outputs(out)?;
         }
         Ok(())
@@ -406,7 +411,10 @@ impl EngineState {
                 record = record.partition(p as i32);
             }
             send(&self.producer, record)?;
-            metrics().records_out.with_label_values(&[name, &o.topic]).inc();
+            self.records_out
+                .entry(o.topic.clone())
+                .or_insert_with(|| metrics().records_out.with_label_values(&[name, &o.topic]))
+                .inc();
         }
         Ok(())
     }
@@ -536,7 +544,10 @@ impl EngineState {
         let state = TaskState::new(db, &stores);
         self.config.local.register(name, partition as u32, state.db_handle());
         let task = Task::new(&self.spec, &self.config.topology, partition as u32);
-        self.tasks.insert(partition, TaskSlot { task, state, unapplied: Vec::new() });
+        let labels = [name, &partition.to_string()];
+        let records_in = metrics().records_in.with_label_values(&labels);
+        let processing_seconds = metrics().processing_seconds.with_label_values(&labels);
+        self.tasks.insert(partition, TaskSlot { task, state, records_in, processing_seconds, unapplied: Vec::new() });
         Ok(())
     }
 

@@ -35,6 +35,16 @@ pub enum Lookup<T> {
     NotLocal,
 }
 
+impl<T> Lookup<T> {
+    fn and_then<U>(self, f: impl FnOnce(T) -> Lookup<U>) -> Lookup<U> {
+        match self {
+            Lookup::Found(v) => f(v),
+            Lookup::Unknown => Lookup::Unknown,
+            Lookup::NotLocal => Lookup::NotLocal,
+        }
+    }
+}
+
 impl LocalStores {
     pub fn register(&self, processor: &str, partition: u32, db: Arc<TaskDb>) {
         self.tasks.write().unwrap_or_else(|p| p.into_inner()).insert((processor.to_owned(), partition), db);
@@ -128,35 +138,23 @@ impl LocalStores {
     }
 
     pub fn profile(&self, topology: &Topology, identifier: &str) -> Lookup<Value> {
-        match self.resolve(identifier) {
-            Lookup::Found(id) => match self.read_owned::<Profile>(topology, "profile", "profiles", &id) {
-                Lookup::Found(p) => Lookup::Found(p.snapshot()),
-                Lookup::Unknown => Lookup::Unknown,
-                Lookup::NotLocal => Lookup::NotLocal,
-            },
-            Lookup::Unknown => Lookup::Unknown,
-            Lookup::NotLocal => Lookup::NotLocal,
-        }
+        self.resolve(identifier).and_then(|id| {
+            self.read_owned::<Profile>(topology, "profile", "profiles", &id).and_then(|p| Lookup::Found(p.snapshot()))
+        })
     }
 
     /// `now` is the wall clock, or `None` under `clock: event` (then expiry is left to
     /// the task, which alone knows event time).
     pub fn context(&self, topology: &Topology, identifier: &str, now: Option<i64>) -> Lookup<Value> {
-        match self.resolve(identifier) {
-            Lookup::Found(id) => match self.read_owned::<CustomerContext>(topology, "context", "context", &id) {
-                Lookup::Found(mut c) => {
-                    // Expired parts vanish from reads at once, before the sweep runs.
-                    if let Some(now) = now {
-                        c.expire(now, &topology.context);
-                    }
-                    Lookup::Found(c.snapshot())
+        self.resolve(identifier).and_then(|id| {
+            self.read_owned::<CustomerContext>(topology, "context", "context", &id).and_then(|mut c| {
+                // Expired parts vanish from reads at once, before the sweep runs.
+                if let Some(now) = now {
+                    c.expire(now, &topology.context);
                 }
-                Lookup::Unknown => Lookup::Unknown,
-                Lookup::NotLocal => Lookup::NotLocal,
-            },
-            Lookup::Unknown => Lookup::Unknown,
-            Lookup::NotLocal => Lookup::NotLocal,
-        }
+                Lookup::Found(c.snapshot())
+            })
+        })
     }
 }
 

@@ -5,30 +5,12 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use std::path::Path;
-
-fn up(data: &Path, topology: &Path) -> Chorus {
-    let c = Chorus::start(
-        &[
-            "up",
-            "--topology",
-            topology.to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--http",
-            "127.0.0.1:0",
-        ],
-        true,
-    );
-    c.wait_ready();
-    c
-}
 
 #[test]
 fn ten_thousand_events_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let topology = test_topology(dir.path());
-    let chorus = up(&dir.path().join("data"), &topology);
+    let chorus = Chorus::up(&dir.path().join("data"), &topology);
     let (events, expected) = workload(10_000, 50);
     produce(chorus.bootstrap(), "events.raw", &events);
     // Redelivered events are processed once.
@@ -67,7 +49,7 @@ fn ten_thousand_events_end_to_end() {
 fn bad_input_lands_in_the_dlq_and_decisions_follow_consent() {
     let dir = tempfile::tempdir().unwrap();
     let topology = test_topology(dir.path());
-    let chorus = up(&dir.path().join("data"), &topology);
+    let chorus = Chorus::up(&dir.path().join("data"), &topology);
     let raw = |line: &str| {
         let mut child = std::process::Command::new(bin())
             .args([
@@ -164,11 +146,11 @@ fn clean_restart_keeps_every_store() {
     let topology = test_topology(dir.path());
     let data = dir.path().join("data");
     let (events, expected) = workload(4_000, 40);
-    let first = up(&data, &topology);
+    let first = Chorus::up(&data, &topology);
     produce(first.bootstrap(), "events.raw", &events[..2_000]);
     // Stop mid-stream: chorus finishes what it accepted before exiting.
     first.stop();
-    let second = up(&data, &topology);
+    let second = Chorus::up(&data, &topology);
     produce(second.bootstrap(), "events.raw", &events[2_000..]);
     // Events seen before the restart are still deduplicated after it.
     produce(second.bootstrap(), "events.raw", &events[..100]);
@@ -183,7 +165,7 @@ fn at_least_once_processing_gives_the_same_profiles() {
     let text =
         std::fs::read_to_string(&topology).unwrap().replace("processing: exactly_once", "processing: at_least_once");
     std::fs::write(&topology, text).unwrap();
-    let chorus = up(&dir.path().join("data"), &topology);
+    let chorus = Chorus::up(&dir.path().join("data"), &topology);
     let (events, expected) = workload(2_000, 20);
     produce(chorus.bootstrap(), "events.raw", &events);
     eventually(90, "profiles under at_least_once", || profiles_match(chorus.http(), &expected));

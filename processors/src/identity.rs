@@ -358,6 +358,9 @@ pub fn resolve(ctx: &mut Ctx<'_>, identifiers: &[Identifier], at: i64) -> Result
         }
     }
     owners.sort();
+    // The component is rewritten (store + changelog) only when something changed:
+    // most events come from identifiers already linked.
+    let mut changed = owners.len() != 1;
     let mut component = match owners.first() {
         Some(survivor) => load_component(ctx, survivor)?,
         None => {
@@ -377,14 +380,18 @@ pub fn resolve(ctx: &mut Ctx<'_>, identifiers: &[Identifier], at: i64) -> Result
                 rule: "deterministic".into(),
                 first_seen: at,
             });
+            changed = true;
             ctx.put_json(STORE, &id.store_key(), &component.canonical_id)?;
             emit_graph(ctx, id, &component.canonical_id, "deterministic", at)?;
         }
         if id.kind == "customer_id" && component.customer_id.is_none() {
             component.customer_id = Some(id.value.clone());
+            changed = true;
         }
     }
-    ctx.put_json(STORE, &format!("comp:{}", component.canonical_id), &component)?;
+    if changed {
+        ctx.put_json(STORE, &format!("comp:{}", component.canonical_id), &component)?;
+    }
     Ok(component)
 }
 

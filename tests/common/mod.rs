@@ -67,9 +67,9 @@ impl Chorus {
         me
     }
 
-    pub fn up(data_dir: &Path, partitions: u32) -> Chorus {
-        let topology = topology_path();
-        Chorus::start(
+    /// `chorus up` with this topology and data dir, ready to serve.
+    pub fn up(data_dir: &Path, topology: &Path) -> Chorus {
+        let c = Chorus::start(
             &[
                 "up",
                 "--topology",
@@ -78,13 +78,11 @@ impl Chorus {
                 data_dir.to_str().unwrap(),
                 "--http",
                 "127.0.0.1:0",
-                "--partitions",
-                &partitions.to_string(),
-                "--clock",
-                "event",
             ],
             true,
-        )
+        );
+        c.wait_ready();
+        c
     }
 
     pub fn bootstrap(&self) -> &str {
