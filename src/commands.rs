@@ -7,6 +7,7 @@ use crate::http::{event_key, serve, ApiState};
 use crate::kafka::{client_config, create_topics, now_ms};
 use crate::query::LocalStores;
 use anyhow::{anyhow, bail, Context as _, Result};
+use chorus_processors::identity;
 use chorus_processors::topology::{Clock, CONSENT, EVENTS_RAW, MESSAGES_REQUESTS};
 use chorus_processors::{processor_specs, Topology};
 use chorus_schemas::{decode_avro, ConsentChange, Event, MessageRequest};
@@ -409,15 +410,17 @@ fn record_key(topic: &str, value: &Value, topology: &Topology) -> Result<(String
             if !topology.is_known_event_type(&event.event_type) {
                 bail!("event_type {:?} is not in the topology's event_types", event.event_type);
             }
-            (event_key(&event), event.event_type == "system.tick")
+            (event_key(topology, &event), event.event_type == "system.tick")
         }
         MESSAGES_REQUESTS => {
             let r = MessageRequest::from_json(value)?;
-            (r.customer_id.or_else(|| r.identifiers.values().next().cloned()).unwrap_or(r.request_id), false)
+            let key = identity::named_partition_key(&topology.identity, r.customer_id.as_deref(), &r.identifiers);
+            (key.unwrap_or(r.request_id), false)
         }
         CONSENT => {
             let c = ConsentChange::from_json(value)?;
-            (c.customer_id.or_else(|| c.identifiers.values().next().cloned()).unwrap_or_default(), false)
+            let key = identity::named_partition_key(&topology.identity, c.customer_id.as_deref(), &c.identifiers);
+            (key.unwrap_or_default(), false)
         }
         _ => (value.get("key").and_then(Value::as_str).unwrap_or_default().to_owned(), false),
     })

@@ -12,7 +12,8 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chorus_processors::topology::{Clock, EVENTS_RAW};
+use chorus_processors::identity::{self, Identifier};
+use chorus_processors::topology::{Clock, EVENTS_RAW, IDENTITY_REPARTITION};
 use chorus_processors::Topology;
 use chorus_schemas::Event;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -45,6 +46,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/events", post(post_events))
         .route("/v1/profiles/{identifier}", get(get_profile))
         .route("/v1/context/{identifier}", get(get_context))
+        .route("/v1/identity/unlink", post(post_unlink))
+        .route("/v1/identity/{kind}/{value}", get(get_identity))
         .route("/metrics", get(get_metrics))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
@@ -76,14 +79,10 @@ fn count(route: &str, status: StatusCode) {
     metrics().http_requests.with_label_values(&[route, status.as_str()]).inc();
 }
 
-/// The key an event is produced under: the most stable identifier it carries.
-pub fn event_key(event: &Event) -> String {
-    event
-        .customer_id
-        .clone()
-        .or_else(|| event.anonymous_id.clone())
-        .or_else(|| event.identifiers.values().next().cloned())
-        .unwrap_or_else(|| event.event_id.clone())
+/// The key an event is produced under: its most specific identifier (`type:value`), so
+/// it lands on the partition whose identity task owns that identifier.
+pub fn event_key(topology: &Topology, event: &Event) -> String {
+    identity::partition_key(&topology.identity, event).unwrap_or_else(|| event.event_id.clone())
 }
 
 async fn post_events(State(state): State<ApiState>, body: Bytes) -> Result<Response, ApiError> {
@@ -138,7 +137,7 @@ async fn accept_events(state: &ApiState, body: &[u8]) -> Result<usize, ApiError>
         prepared.push((event, bytes));
     }
     let partitions = state.topology.partitions_of(EVENTS_RAW) as i32;
-    let keys: Vec<String> = prepared.iter().map(|(event, _)| event_key(event)).collect();
+    let keys: Vec<String> = prepared.iter().map(|(event, _)| event_key(&state.topology, event)).collect();
     let mut deliveries = Vec::new();
     for ((event, bytes), key) in prepared.iter().zip(&keys) {
         let targets: Vec<Option<i32>> =
@@ -194,6 +193,83 @@ async fn get_context(State(state): State<ApiState>, Path(identifier): Path<Strin
     let now = (state.topology.clock == Clock::Wall).then(now_ms);
     let lookup = state.local.context(&state.topology, &identifier, now);
     lookup_response("/v1/context", "context", &identifier, lookup)
+}
+
+/// A path or body identifier, normalised as the graph stores it.
+fn parse_identifier(topology: &Topology, kind: &str, value: &str) -> Result<Identifier, ApiError> {
+    Identifier::parse(&topology.identity, kind, value)
+        .map_err(|refusal| ApiError::new(StatusCode::BAD_REQUEST, "invalid_identifier", refusal.explain(kind, value)))
+}
+
+async fn get_identity(State(state): State<ApiState>, Path((kind, value)): Path<(String, String)>) -> Response {
+    let id = match parse_identifier(&state.topology, &kind, &value) {
+        Ok(id) => id,
+        Err(e) => {
+            let response = e.into_response();
+            count("/v1/identity", response.status());
+            return response;
+        }
+    };
+    let lookup = state.local.identity(&state.topology, &id.label());
+    lookup_response("/v1/identity", "customer", &id.label(), lookup)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnlinkRequest {
+    #[serde(rename = "type")]
+    kind: String,
+    value: String,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// `POST /v1/identity/unlink {"type", "value", "reason"}`: the identifier leaves its
+/// customer, starts a new one that never merges back, and the split is emitted on
+/// `identity.merges` (rule `unlink`).
+async fn post_unlink(State(state): State<ApiState>, body: Bytes) -> Response {
+    let result = unlink(&state, &body).await;
+    let response = match result {
+        Ok(v) => (StatusCode::ACCEPTED, Json(v)).into_response(),
+        Err(e) => e.into_response(),
+    };
+    count("/v1/identity/unlink", response.status());
+    response
+}
+
+async fn unlink(state: &ApiState, body: &[u8]) -> Result<Value, ApiError> {
+    let request: UnlinkRequest = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("expected {{\"type\", \"value\"}}: {e}"))
+    })?;
+    let id = parse_identifier(&state.topology, &request.kind, &request.value)?;
+    let current = match state.local.identity(&state.topology, &id.label()) {
+        Lookup::Found(v) => v,
+        Lookup::Unknown => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("{} is not linked to any customer", id.label()),
+            ))
+        }
+        Lookup::NotLocal => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_available",
+                "identity state is not served here",
+            ))
+        }
+    };
+    let (key, payload) = identity::unlink_message(&id, now_ms());
+    let record = FutureRecord::to(IDENTITY_REPARTITION).key(&key).payload(&payload).timestamp(now_ms());
+    state.producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "broker_unavailable",
+            format!("could not request the unlink: {e}"),
+        )
+    })?;
+    tracing::info!(identifier = %id.label(), reason = ?request.reason, "unlink requested");
+    Ok(json!({"unlinking": id.label(), "from": current["canonical_id"]}))
 }
 
 async fn get_metrics(State(state): State<ApiState>) -> Response {

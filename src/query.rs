@@ -85,7 +85,7 @@ impl LocalStores {
     }
 
     /// The canonical id of a path identifier (a canonical id resolves to itself).
-    pub fn resolve(&self, identifier: &str) -> Lookup<String> {
+    pub fn resolve(&self, topology: &Topology, identifier: &str) -> Lookup<String> {
         let dbs = self.dbs(identity::NAME);
         if dbs.is_empty() {
             return Lookup::NotLocal;
@@ -99,17 +99,23 @@ impl LocalStores {
         };
         let mut canonical = is_canonical(identifier).then(|| identifier.to_owned());
         if canonical.is_none() {
-            'keys: for key in identity::lookup_keys(identifier) {
+            'labels: for label in identity::lookup_labels(&topology.identity, identifier) {
                 for db in &dbs {
-                    if let Some(id) = read_json::<String>(db, identity::STORE, &key) {
-                        canonical = Some(id);
-                        break 'keys;
+                    let key = identity::identifier_key(&label);
+                    if let Some(c) = read_json::<identity::IdState>(db, identity::STORE, &key).and_then(|s| s.canonical)
+                    {
+                        canonical = Some(c);
+                        break 'labels;
                     }
                 }
             }
         }
-        let Some(mut id) = canonical else { return Lookup::Unknown };
-        // Follow merges to the surviving id.
+        let Some(id) = canonical else { return Lookup::Unknown };
+        Lookup::Found(self.survivor(&dbs, id))
+    }
+
+    /// Follow merges to the surviving id.
+    fn survivor(&self, dbs: &[Arc<TaskDb>], mut id: String) -> String {
         for _ in 0..64 {
             let next = dbs.iter().find_map(|db| read_json::<String>(db, identity::STORE, &format!("fwd:{id}")));
             match next {
@@ -117,7 +123,38 @@ impl LocalStores {
                 None => break,
             }
         }
-        Lookup::Found(id)
+        id
+    }
+
+    /// `GET /v1/identity/{type}/{value}`: the customer holding an identifier, every
+    /// identifier linked to it with how, and its merge history.
+    pub fn identity(&self, topology: &Topology, label: &str) -> Lookup<Value> {
+        let dbs = self.dbs(identity::NAME);
+        if dbs.is_empty() {
+            return Lookup::NotLocal;
+        }
+        let key = identity::identifier_key(label);
+        let Some(state) = dbs.iter().find_map(|db| read_json::<identity::IdState>(db, identity::STORE, &key)) else {
+            return Lookup::Unknown;
+        };
+        let Some(canonical) = state.canonical else { return Lookup::Unknown };
+        let canonical = self.survivor(&dbs, canonical);
+        let comp_key = format!("comp:{canonical}");
+        let Some(comp) = dbs.iter().find_map(|db| read_json::<identity::Component>(db, identity::STORE, &comp_key))
+        else {
+            return Lookup::Unknown;
+        };
+        let _ = topology;
+        Lookup::Found(serde_json::json!({
+            "identifier": label,
+            "canonical_id": comp.canonical_id,
+            "customer_id": comp.customer_id,
+            "identifiers": comp.identifiers,
+            "merged_from": comp.merged_from,
+            "merges": comp.history,
+            "excluded": comp.excluded,
+            "created_at": comp.created_at,
+        }))
     }
 
     fn read_owned<T: DeserializeOwned>(
@@ -138,7 +175,7 @@ impl LocalStores {
     }
 
     pub fn profile(&self, topology: &Topology, identifier: &str) -> Lookup<Value> {
-        self.resolve(identifier).and_then(|id| {
+        self.resolve(topology, identifier).and_then(|id| {
             self.read_owned::<Profile>(topology, "profile", "profiles", &id).and_then(|p| Lookup::Found(p.snapshot()))
         })
     }
@@ -146,7 +183,7 @@ impl LocalStores {
     /// `now` is the wall clock, or `None` under `clock: event` (then expiry is left to
     /// the task, which alone knows event time).
     pub fn context(&self, topology: &Topology, identifier: &str, now: Option<i64>) -> Lookup<Value> {
-        self.resolve(identifier).and_then(|id| {
+        self.resolve(topology, identifier).and_then(|id| {
             self.read_owned::<CustomerContext>(topology, "context", "context", &id).and_then(|mut c| {
                 // Expired parts vanish from reads at once, before the sweep runs.
                 if let Some(now) = now {

@@ -217,6 +217,26 @@ impl TestDriver {
         crate::store::decode_value(key.as_bytes(), &stored).ok().map(|(_, v)| v)
     }
 
+    /// Every live entry of a store whose key starts with `prefix`, across partitions:
+    /// `(partition, key, value)`.
+    pub fn store_scan(&mut self, processor: &str, store: &str, prefix: &str) -> Vec<(u32, String, Vec<u8>)> {
+        let Some(i) = self.specs.iter().position(|s| s.name == processor) else { return Vec::new() };
+        let end = crate::store::prefix_end(prefix.as_bytes());
+        let mut out = Vec::new();
+        for ((s, p), t) in self.tasks.iter_mut() {
+            if *s != i {
+                continue;
+            }
+            let Ok(st) = t.stores.store(store) else { continue };
+            for (k, v) in st.range(prefix.as_bytes(), &end, usize::MAX).unwrap_or_default() {
+                if let Ok((_, value)) = crate::store::decode_value(&k, &v) {
+                    out.push((*p, String::from_utf8_lossy(&k).into_owned(), value));
+                }
+            }
+        }
+        out
+    }
+
     /// Total entries of a store across partitions.
     pub fn store_len(&mut self, processor: &str, store: &str) -> u64 {
         let Some(i) = self.specs.iter().position(|s| s.name == processor) else { return 0 };

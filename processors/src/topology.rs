@@ -3,6 +3,7 @@
 //! Parsed once with every error reported with its YAML path, then trusted. Defaults
 //! live here and only here; the shipped `topology.yaml` spells them out.
 
+pub use crate::identity::config::IdentityConfig;
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -131,13 +132,6 @@ pub struct DedupeConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct IdentityConfig {
-    /// Identifier types that link customers when seen together on one event.
-    pub link_types: Vec<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
 pub struct ContextConfig {
     pub session_timeout: Duration,
     pub cart_ttl: Duration,
@@ -253,14 +247,6 @@ impl Default for DedupeConfig {
     }
 }
 
-impl Default for IdentityConfig {
-    fn default() -> Self {
-        IdentityConfig {
-            link_types: ["customer_id", "anonymous_id", "email", "phone", "loyalty_card"].map(String::from).to_vec(),
-        }
-    }
-}
-
 impl Default for ContextConfig {
     fn default() -> Self {
         ContextConfig {
@@ -325,6 +311,9 @@ pub const EVENTS_RAW: &str = "events.raw";
 pub const MESSAGES_REQUESTS: &str = "messages.requests";
 pub const CONSENT: &str = "consent";
 pub const EVENTS_RESOLVED: &str = "events.resolved";
+/// The identity stage's internal topic: link, join and merge messages between the
+/// owners of identifiers and of customers. Always as many partitions as `events.raw`.
+pub const IDENTITY_REPARTITION: &str = "chorus-identity-repartition";
 
 /// One topic the topology needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -368,7 +357,9 @@ impl Topology {
             if *n == 0 {
                 errors.push(err(format!("topics.partitions.{topic}"), "must be at least 1"));
             }
-            if !known.contains(topic) {
+            if topic == IDENTITY_REPARTITION {
+                errors.push(err(format!("topics.partitions.{topic}"), "always has events.raw's partition count"));
+            } else if !known.contains(topic) {
                 errors.push(err(format!("topics.partitions.{topic}"), "is not a topic of this topology"));
             }
         }
@@ -401,14 +392,7 @@ impl Topology {
         if self.context.recent_interactions.max == 0 {
             errors.push(err("context.recent_interactions.max", "must be at least 1"));
         }
-        for (i, t) in self.identity.link_types.iter().enumerate() {
-            if !is_identifier_type(t) {
-                errors.push(err(
-                    format!("identity.link_types[{i}]"),
-                    format!("{t:?} is not a valid identifier type (lower-case letters, digits, _)"),
-                ));
-            }
-        }
+        self.identity.validate(&mut errors);
         for (i, t) in self.event_types.iter().enumerate() {
             if t.trim().is_empty() {
                 errors.push(err(format!("event_types[{i}]"), "must not be empty"));
@@ -448,6 +432,7 @@ impl Topology {
     }
 
     pub fn partitions_of(&self, topic: &str) -> u32 {
+        let topic = if topic == IDENTITY_REPARTITION { EVENTS_RAW } else { topic };
         self.topics.partitions.get(topic).copied().unwrap_or(self.topics.default_partitions)
     }
 
@@ -459,6 +444,8 @@ impl Topology {
             ("events.resolved", false),
             ("identity.merges", false),
             ("identity.graph", true),
+            ("identity.review", false),
+            (IDENTITY_REPARTITION, false),
             ("profiles", true),
             ("context", true),
             ("segments", false),
@@ -501,7 +488,7 @@ impl Topology {
     }
 }
 
-fn is_identifier_type(t: &str) -> bool {
+pub(crate) fn is_identifier_type(t: &str) -> bool {
     !t.is_empty() && t.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
@@ -521,9 +508,13 @@ mod tests {
     #[test]
     fn shipped_topology_is_valid() {
         let text = include_str!("../../topology.yaml");
-        if let Err(errors) = Topology::from_yaml_str(text) {
-            panic!("{errors:?}");
-        }
+        let shipped = Topology::from_yaml_str(text).unwrap_or_else(|errors| panic!("{errors:?}"));
+        // The shipped file spells out the built-in defaults.
+        let defaults = Topology::default();
+        assert_eq!(shipped.identity.types, defaults.identity.types);
+        assert_eq!(shipped.identity.blocked_values, defaults.identity.blocked_values);
+        assert_eq!(shipped.identity.probabilistic.fields, defaults.identity.probabilistic.fields);
+        assert_eq!(shipped.identity.probabilistic.blocking, defaults.identity.probabilistic.blocking);
     }
 
     #[test]

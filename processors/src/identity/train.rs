@@ -1,0 +1,1 @@
+//! EM training of the m/u probabilities (`chorus identity train`).
