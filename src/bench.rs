@@ -359,3 +359,234 @@ fn tempfile_dir() -> Result<PathBuf> {
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     Ok(dir)
 }
+
+pub struct IdentityBenchArgs {
+    pub file: PathBuf,
+    pub brokers: Option<String>,
+    pub partitions: u32,
+    pub topology: PathBuf,
+}
+
+/// One labelled record of an identity benchmark file: `{"entity": ..., "event": {...}}`.
+#[derive(serde::Deserialize)]
+struct Labelled {
+    entity: String,
+    event: serde_json::Value,
+}
+
+/// `chorus bench identity`: resolution quality and speed of the identity stage alone.
+/// Every record of FILE is an identify event with the entity it truly belongs to; the
+/// events go through the identity stage once, and the components it builds are
+/// compared pair by pair with the true entities (precision, recall, F1).
+pub async fn bench_identity(args: IdentityBenchArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
+    let mut records = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let r: Labelled = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: expected {{\"entity\", \"event\"}}", args.file.display(), i + 1))?;
+        records.push(r);
+    }
+    if records.is_empty() || args.partitions == 0 {
+        bail!("the file holds no records, or --partitions is 0");
+    }
+    let topology = Arc::new(load_topology(&args.topology)?.with_partitions(args.partitions));
+    let (embedded, brokers) = match &args.brokers {
+        Some(b) => {
+            create_topics(b, &topology).await?;
+            (None, b.clone())
+        }
+        None => {
+            let broker = EmbeddedBroker::start(&topology)?;
+            let b = broker.bootstrap();
+            (Some(broker), b)
+        }
+    };
+    let data = tempfile_dir()?;
+    let config = EngineConfig {
+        brokers: brokers.clone(),
+        topology: topology.clone(),
+        data_dir: data.clone(),
+        instance_id: format!("bench-{}", std::process::id()),
+        shared: Arc::new(SharedResources::new(
+            topology.state.block_cache_mb << 20,
+            topology.state.write_buffer_mb << 20,
+        )),
+        local: LocalStores::default(),
+        shutdown: Arc::new(AtomicBool::new(false)),
+        drain: Arc::new(DrainState::default()),
+        fresh_broker: embedded.is_some(),
+    };
+    let producer: FutureProducer = client_config(&brokers)
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .context("cannot create the benchmark producer")?;
+    let n = records.len();
+    let where_ = if embedded.is_some() { "embedded broker".to_owned() } else { format!("Kafka at {brokers}") };
+    println!(
+        "chorus bench identity: {n} records from {}, {} partitions, {where_}",
+        args.file.display(),
+        args.partitions
+    );
+
+    let mut entity_of = std::collections::BTreeMap::new();
+    let mut events = Vec::with_capacity(n);
+    for r in &records {
+        let event = chorus_schemas::Event::from_json(&r.event).map_err(|e| anyhow!("invalid event: {e}"))?;
+        let key = crate::http::event_key(&topology, &event);
+        let anchor = chorus_processors::identity::partition_key(&topology.identity, &event)
+            .ok_or_else(|| anyhow!("event {} has no usable identifier", event.event_id))?;
+        entity_of.insert(anchor, r.entity.clone());
+        events.push((key, r.event.to_string().into_bytes()));
+    }
+    produce_all(&producer, EVENTS_RAW, events.into_iter()).await?;
+    let identity_spec: Vec<ProcessorSpec> =
+        processor_specs(&topology).into_iter().filter(|s| s.name == chorus_processors::identity::NAME).collect();
+    let business = |name: &str, labels: &[&str]| -> u64 {
+        labels.iter().map(|l| metrics().business.with_label_values(&["identity", name, l]).get()).sum()
+    };
+    let started = Instant::now();
+    let running = Running::start(identity_spec, &config)?;
+    let limit = Duration::from_secs(3600);
+    wait_for("every record to resolve", limit, || business("resolved", &["known", "anonymous"]) >= n as u64).await?;
+    // Then until the graph is quiet: no record consumed for 2 s (20 commit intervals).
+    let mut last = (processed("identity", args.partitions), Instant::now());
+    let quiet_at = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = processed("identity", args.partitions);
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(2) {
+            break last.1;
+        }
+        if started.elapsed() > limit {
+            bail!("the identity graph did not settle within {limit:?}");
+        }
+    };
+    let elapsed = quiet_at.duration_since(started).as_secs_f64();
+    running.stop()?;
+    let merges = business("merges", &["deterministic", "probabilistic"]);
+
+    // The graph as a compacted consumer sees it: identifier → canonical id.
+    let graph = read_table(&brokers, chorus_processors::identity::GRAPH_TOPIC).await?;
+    let mut predicted = std::collections::BTreeMap::new();
+    for (anchor, entity) in &entity_of {
+        let canonical = graph
+            .get(anchor)
+            .and_then(|v| v["canonical_id"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("missing:{anchor}"));
+        predicted.insert(anchor.clone(), (canonical, entity.clone()));
+    }
+    let quality = pairwise_quality(predicted.values().cloned());
+    println!("records resolved:                 {n:>10}");
+    println!("merges:                           {merges:>10}");
+    println!("pairwise precision:               {:>10.4}", quality.precision);
+    println!("pairwise recall:                  {:>10.4}", quality.recall);
+    println!("pairwise F1:                      {:>10.4}", quality.f1);
+    println!("true pairs / predicted pairs:     {:>10} / {}", quality.true_pairs, quality.predicted_pairs);
+    println!("identity throughput:              {:>10.0} events/s (until the graph is quiet)", n as f64 / elapsed);
+    println!("merges per second:                {:>10.0}", merges as f64 / elapsed);
+    let _ = std::fs::remove_dir_all(&data);
+    drop(producer);
+    drop(embedded);
+    Ok(())
+}
+
+#[derive(Debug, PartialEq)]
+pub struct Quality {
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+    pub true_pairs: u64,
+    pub predicted_pairs: u64,
+}
+
+/// Pairwise precision/recall/F1 of a clustering (`(predicted cluster, true entity)` per
+/// record) against the truth.
+pub fn pairwise_quality(items: impl IntoIterator<Item = (String, String)>) -> Quality {
+    use std::collections::BTreeMap;
+    let pairs = |n: u64| n * n.saturating_sub(1) / 2;
+    let (mut by_pred, mut by_true, mut by_both) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+    for (pred, truth) in items {
+        *by_pred.entry(pred.clone()).or_insert(0u64) += 1;
+        *by_true.entry(truth.clone()).or_insert(0u64) += 1;
+        *by_both.entry((pred, truth)).or_insert(0u64) += 1;
+    }
+    let tp: u64 = by_both.values().map(|n| pairs(*n)).sum();
+    let predicted_pairs: u64 = by_pred.values().map(|n| pairs(*n)).sum();
+    let true_pairs: u64 = by_true.values().map(|n| pairs(*n)).sum();
+    let precision = if predicted_pairs == 0 { 1.0 } else { tp as f64 / predicted_pairs as f64 };
+    let recall = if true_pairs == 0 { 1.0 } else { tp as f64 / true_pairs as f64 };
+    let f1 = if precision + recall == 0.0 { 0.0 } else { 2.0 * precision * recall / (precision + recall) };
+    Quality { precision, recall, f1, true_pairs, predicted_pairs }
+}
+
+/// Latest value per key of a topic, read from the beginning to the current end.
+async fn read_table(brokers: &str, topic: &str) -> Result<std::collections::BTreeMap<String, serde_json::Value>> {
+    use rdkafka::Message;
+    let consumer: BaseConsumer = client_config(brokers)
+        .set("group.id", format!("chorus-bench-read-{}", uuid::Uuid::new_v4().simple()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions = metadata.topics().first().map(|t| t.partitions().len()).unwrap_or(0) as i32;
+    let mut ends = std::collections::BTreeMap::new();
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        ends.insert(p, high);
+        assignment.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    let mut table = std::collections::BTreeMap::new();
+    let mut positions: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
+    let started = Instant::now();
+    while ends.iter().any(|(p, end)| positions.get(p).copied().unwrap_or(0) < *end) {
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("timed out reading {topic}");
+        }
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            // Transaction markers occupy offsets no message reports: use the position.
+            for p in 0..partitions {
+                if let Ok(pos) = consumer.position() {
+                    if let Some(off) = pos.find_partition(topic, p).and_then(|e| e.offset().to_raw()) {
+                        positions.insert(p, off);
+                    }
+                }
+            }
+            continue;
+        };
+        let message = message?;
+        positions.insert(message.partition(), message.offset() + 1);
+        let key = message.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+        match message.payload() {
+            Some(v) => {
+                if let Ok(json) = serde_json::from_slice(v) {
+                    table.insert(key, json);
+                }
+            }
+            None => {
+                table.remove(&key);
+            }
+        }
+    }
+    Ok(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairwise_quality_counts_pairs() {
+        let s = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+        // Truth {1,2,3} {4}; predicted {1,2} {3,4}.
+        let q = pairwise_quality([s("x", "A"), s("x", "A"), s("y", "A"), s("y", "B")]);
+        assert_eq!((q.true_pairs, q.predicted_pairs), (3, 2));
+        assert!((q.precision - 0.5).abs() < 1e-9 && (q.recall - 1.0 / 3.0).abs() < 1e-9);
+        assert!((q.f1 - 0.4).abs() < 1e-9);
+    }
+}

@@ -16,6 +16,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,6 +51,47 @@ pub fn validate(path: &Path) -> Result<()> {
             std::process::exit(1);
         }
     }
+}
+
+/// `chorus identity train FILE`: fit m/u with EM and print the fields section.
+pub fn identity_train(file: &Path, topology: &Path, iterations: usize) -> Result<()> {
+    let topology = load_topology(topology)?;
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let mut records = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: Value =
+            serde_json::from_str(line).with_context(|| format!("{}:{}: not a JSON record", file.display(), i + 1))?;
+        if !value.is_object() {
+            bail!("{}:{}: expected a JSON object (an event or its traits)", file.display(), i + 1);
+        }
+        records.push(value);
+    }
+    let model = &topology.identity.probabilistic;
+    let trained = identity::train::train(model, &records, iterations.max(1)).map_err(|e| anyhow!(e))?;
+    let fields: BTreeMap<&String, Value> = trained
+        .fields
+        .iter()
+        .map(|(name, f)| {
+            let mut v = serde_json::to_value(f).unwrap_or(Value::Null);
+            if f.thresholds.is_empty() {
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("thresholds");
+                }
+            }
+            (name, v)
+        })
+        .collect();
+    let section = serde_json::json!({"identity": {"probabilistic": {"fields": fields}}});
+    println!(
+        "# chorus identity train: {} records, {} candidate pairs, estimated match share {:.4}, {} EM iterations",
+        trained.records, trained.pairs, trained.match_share, trained.iterations
+    );
+    println!("# u measured on random pairs; m fitted by EM per blocking rule. Paste into topology.yaml.");
+    print!("{}", serde_yaml::to_string(&section).context("cannot write YAML")?);
+    Ok(())
 }
 
 pub struct UpArgs {

@@ -393,7 +393,7 @@ impl EngineState {
             if c.name == "dlq" {
                 metrics().dlq.with_label_values(&[name, &c.label]).inc();
             }
-            metrics().business.with_label_values(&[name, c.name, &c.label]).inc();
+            metrics().business(name, c.name, &c.label);
         }
         let now = now_ms();
         for at in &out.visible {

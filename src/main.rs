@@ -94,8 +94,11 @@ enum Command {
         #[arg(long)]
         no_validate: bool,
     },
-    /// Measure throughput (as a ratio to a passthrough in the same run) and latency.
+    /// Measure throughput (as a ratio to a passthrough in the same run) and latency;
+    /// `chorus bench identity FILE` measures identity resolution quality and speed.
     Bench {
+        #[command(subcommand)]
+        command: Option<BenchCommand>,
         /// A fresh Kafka cluster; without it the embedded broker is used.
         #[arg(long)]
         brokers: Option<String>,
@@ -118,6 +121,42 @@ enum Command {
     Validate {
         #[arg(default_value = "topology.yaml")]
         topology: PathBuf,
+    },
+    /// Identity graph tools.
+    Identity {
+        #[command(subcommand)]
+        command: IdentityCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Resolution quality (pairwise precision, recall, F1 against the true entities)
+    /// and identity throughput, for labelled records `{"entity", "event"}` per line
+    /// (scripts/febrl4.py writes the FEBRL4 data set in this form).
+    Identity {
+        file: PathBuf,
+        /// A fresh Kafka cluster; without it the embedded broker is used.
+        #[arg(long)]
+        brokers: Option<String>,
+        #[arg(long, default_value_t = 8)]
+        partitions: u32,
+        #[arg(long, default_value = "topology.yaml")]
+        topology: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum IdentityCommand {
+    /// Estimate the probabilistic model's m/u probabilities from unlabelled records
+    /// (JSON lines: identify events, or bare trait objects) with EM, and print them as
+    /// the `identity.probabilistic.fields` section of topology.yaml.
+    Train {
+        file: PathBuf,
+        #[arg(long, default_value = "topology.yaml")]
+        topology: PathBuf,
+        #[arg(long, default_value_t = 200)]
+        iterations: usize,
     },
 }
 
@@ -185,7 +224,13 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             commands::produce(&topic, &brokers, &topology, no_validate).await
         }
         Command::Validate { topology } => commands::validate(&topology),
-        Command::Bench { brokers, events, customers, partitions, rate, seconds, topology } => {
+        Command::Identity { command: IdentityCommand::Train { file, topology, iterations } } => {
+            commands::identity_train(&file, &topology, iterations)
+        }
+        Command::Bench { command: Some(BenchCommand::Identity { file, brokers, partitions, topology }), .. } => {
+            bench::bench_identity(bench::IdentityBenchArgs { file, brokers, partitions, topology }).await
+        }
+        Command::Bench { command: None, brokers, events, customers, partitions, rate, seconds, topology } => {
             bench::bench(bench::BenchArgs { brokers, events, customers, partitions, rate, seconds, topology }).await
         }
     }

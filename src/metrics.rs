@@ -19,6 +19,41 @@ pub struct Metrics {
     pub restored_records: IntCounterVec,
     pub business: IntCounterVec,
     pub http_requests: IntCounterVec,
+    pub identity: IdentityMetrics,
+}
+
+/// The identity stage's own series (the seed's identity resolution rate among them).
+pub struct IdentityMetrics {
+    /// Inputs resolved, by `known` (the customer has a business id) or `anonymous`.
+    pub resolved: IntCounterVec,
+    pub merges: IntCounterVec,
+    pub guard_refusals: IntCounterVec,
+    pub identifier_refusals: IntCounterVec,
+    pub component_size: prometheus::Histogram,
+    /// Share of inputs resolved to a known customer since start.
+    pub resolution_rate: prometheus::Gauge,
+}
+
+impl Metrics {
+    /// Record a processor's business counter: the generic series, and the identity
+    /// series it feeds.
+    pub fn business(&self, processor: &str, name: &str, label: &str) {
+        self.business.with_label_values(&[processor, name, label]).inc();
+        let id = &self.identity;
+        match name {
+            "resolved" => {
+                id.resolved.with_label_values(&[label]).inc();
+                let known = id.resolved.with_label_values(&["known"]).get() as f64;
+                let anonymous = id.resolved.with_label_values(&["anonymous"]).get() as f64;
+                id.resolution_rate.set(known / (known + anonymous).max(1.0));
+            }
+            "merges" => id.merges.with_label_values(&[label]).inc(),
+            "guard_refusals" => id.guard_refusals.with_label_values(&[label]).inc(),
+            "identifier_refusals" => id.identifier_refusals.with_label_values(&[label]).inc(),
+            "component_size" => id.component_size.observe(label.parse().unwrap_or(0.0)),
+            _ => {}
+        }
+    }
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -72,6 +107,26 @@ pub fn metrics() -> &'static Metrics {
                 &["processor", "name", "label"],
             ),
             http_requests: counter(&registry, "http_requests_total", "HTTP requests by route and status", &["route", "status"]),
+            identity: IdentityMetrics {
+                resolved: counter(&registry, "identity_resolved_total", "Inputs resolved, by known (customer has a business id) or anonymous", &["result"]),
+                merges: counter(&registry, "identity_merges_total", "Customers merged, by rule", &["rule"]),
+                guard_refusals: counter(&registry, "identity_guard_refusals_total", "Links refused by a guard", &["guard"]),
+                identifier_refusals: counter(&registry, "identity_identifier_refusals_total", "Identifiers not used: unknown type, placeholder, bad shape, too long", &["reason"]),
+                component_size: {
+                    let h = prometheus::Histogram::with_opts(
+                        HistogramOpts::new("identity_component_size", "Identifiers per customer, observed each time a customer is created or grows")
+                            .buckets(vec![1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0]),
+                    )
+                    .expect("valid metric definition");
+                    registry.register(Box::new(h.clone())).expect("metric registered once");
+                    h
+                },
+                resolution_rate: {
+                    let g = prometheus::Gauge::new("identity_resolution_rate", "Share of inputs resolved to a known customer since this process started").expect("valid metric definition");
+                    registry.register(Box::new(g.clone())).expect("metric registered once");
+                    g
+                },
+            },
             registry,
         }
     })

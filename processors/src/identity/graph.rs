@@ -164,6 +164,10 @@ fn is_zero(n: &u32) -> bool {
 pub enum Pending {
     Join(String),
     Unlink,
+    /// An input passed this unknown identifier on to the next of its identifiers; the
+    /// identifier waits for the link that input will send back, so that no other input
+    /// creates a second customer for it meanwhile.
+    Probe,
 }
 
 /// Most identifiers remembered in [`IdState::linked`].
@@ -224,6 +228,9 @@ pub struct ResolveMsg {
     /// Nothing was known along the probe: the owner of `identifiers[probe]` creates.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub create: bool,
+    /// Unknown identifiers the probe passed (frozen until linked).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frozen: Vec<String>,
     pub body: Value,
     /// Events are processed once per `event_id` within the dedupe window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -365,8 +372,13 @@ impl Graph<'_> {
     fn on_resolve(&self, ctx: &mut Ctx<'_>, at: i64, mut r: ResolveMsg) -> Result<(), ProcessError> {
         let Some(here) = r.identifiers.get(r.probe).cloned() else { return Ok(()) };
         let mut st = self.load_id(ctx, &here)?;
-        if st.pending.is_some() {
-            return self.park(ctx, &here.label(), Envelope { at, msg: Msg::Resolve(Box::new(r)) });
+        let probed_here = r.frozen.contains(&here.label());
+        let released = matches!(st.pending, Some(Pending::Probe)) && probed_here && r.create;
+        match st.pending {
+            // The input that froze this identifier comes back to create its customer.
+            Some(Pending::Probe) if released => st.pending = None,
+            Some(_) => return self.park(ctx, &here.label(), Envelope { at, msg: Msg::Resolve(Box::new(r)) }),
+            None => {}
         }
         if r.probe == 0 && !r.create {
             if let Some(event_id) = &r.event_id {
@@ -384,6 +396,11 @@ impl Graph<'_> {
         let anchor_ok = st.canonical.is_some() && (r.create || founder.is_none() || self.merges(&here));
         if !anchor_ok {
             if !r.create && r.probe + 1 < r.identifiers.len() {
+                if st.canonical.is_none() {
+                    st.pending = Some(Pending::Probe);
+                    self.save_id(ctx, &here, &st)?;
+                    r.frozen.push(here.label());
+                }
                 r.probe += 1;
                 return send(ctx, at, Msg::Resolve(Box::new(r)));
             }
@@ -422,7 +439,8 @@ impl Graph<'_> {
         let here_merges = self.merges(&here);
         for id in r.identifiers.iter().filter(|id| **id != here) {
             let label = id.label();
-            if st.linked.contains(&label) {
+            // A frozen identifier waits for this link: always send it.
+            if st.linked.contains(&label) && !r.frozen.contains(&label) {
                 continue;
             }
             if st.linked.len() < LINKED_MEMORY {
@@ -444,7 +462,11 @@ impl Graph<'_> {
         ctx.count("resolved", if customer_id.is_some() { "known" } else { "anonymous" });
         let resolved =
             Resolved { kind: r.kind, canonical_id: canonical.clone(), customer_id, at, body: r.body, stage: None };
-        ctx.emit_json(RESOLVED_TOPIC, &canonical, &resolved)
+        ctx.emit_json(RESOLVED_TOPIC, &canonical, &resolved)?;
+        if released {
+            self.settle_identifier(ctx, &here, |_| {})?;
+        }
+        Ok(())
     }
 
     fn merges(&self, id: &Identifier) -> bool {
@@ -460,8 +482,11 @@ impl Graph<'_> {
         evidence: Evidence,
     ) -> Result<(), ProcessError> {
         let mut st = self.load_id(ctx, &id)?;
-        if st.pending.is_some() {
-            return self.park(ctx, &id.label(), Envelope { at, msg: Msg::Link { id, canonical, evidence } });
+        match st.pending {
+            // The link a probing input owed this identifier: join as if unknown.
+            Some(Pending::Probe) => st.pending = None,
+            Some(_) => return self.park(ctx, &id.label(), Envelope { at, msg: Msg::Link { id, canonical, evidence } }),
+            None => {}
         }
         match st.canonical.clone() {
             None => {
@@ -615,6 +640,7 @@ impl Graph<'_> {
             return send(ctx, at, Msg::JoinRefused { id, canonical, guard: guard.to_owned() });
         }
         comp.identifiers.extend(joining);
+        ctx.count("component_size", comp.identifiers.len().to_string());
         let became_known = id.kind == "customer_id" && comp.customer_id.is_none();
         if became_known {
             comp.customer_id = Some(id.value.clone());
@@ -754,7 +780,7 @@ impl Graph<'_> {
         }
         ctx.emit_json(MERGES_TOPIC, &from_id, &record)?;
         ctx.count("merges", evidence.rule.clone());
-        ctx.count("component_size", size_bucket(comp.identifiers.len()));
+        ctx.count("component_size", comp.identifiers.len().to_string());
         let body = serde_json::to_value(MergeBody { from: from_id.clone(), into: into.clone() }).unwrap_or(Value::Null);
         let merge =
             Resolved { kind: Kind::Merge, canonical_id: from_id.clone(), customer_id: None, at, body, stage: None };
@@ -917,16 +943,4 @@ impl Graph<'_> {
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
-}
-
-/// Histogram bucket label of a component size.
-fn size_bucket(n: usize) -> &'static str {
-    match n {
-        0..=1 => "1",
-        2 => "2",
-        3..=5 => "3-5",
-        6..=10 => "6-10",
-        11..=50 => "11-50",
-        _ => "51+",
-    }
 }
