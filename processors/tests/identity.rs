@@ -295,22 +295,29 @@ proptest! {
         for comp in view.comps.values() {
             prop_assert!(violation(&config, comp.identifiers.iter().map(|l| l.identifier())).is_none(), "{comp:?}");
         }
-        let merges_of = |label: &str| config.identifier_type(label.split(':').next().unwrap()).is_none_or(|t| t.merges);
-        for e in &events {
-            let ids = usable(&config, e);
-            for (i, a) in ids.iter().enumerate() {
-                for b in &ids[i + 1..] {
-                    let (la, lb) = (a.label(), b.label());
-                    if members.get(&la).is_some() && members.get(&la) == members.get(&lb) { continue; }
-                    if !merges_of(&la) || !merges_of(&lb) { continue; }
-                    let side = |l: &String| -> Vec<Identifier> { match members.get(l) {
-                        Some(c) => view.comps[c].identifiers.iter().map(|x| x.identifier()).collect(),
-                        None => vec![Identifier::from_label(l).unwrap()],
-                    }};
-                    let union = side(&la).into_iter().chain(side(&lb));
-                    prop_assert!(violation(&config, union).is_some(), "link {la} ~ {lb} was not honoured, yet no guard forbids it");
-                }
+        // An input links each of its identifiers to the customer of the one it resolved
+        // through (its anchor). So some identifier of every input must hold a customer
+        // that every other identifier joined, unless a guard forbids the union (the
+        // guards only grow stricter as customers grow, so final customers can judge).
+        let merges_of = |l: &str| config.identifier_type(l.split(':').next().unwrap()).is_none_or(|t| t.merges);
+        let side = |l: &String| -> Vec<Identifier> {
+            match members.get(l) {
+                Some(c) => view.comps[c].identifiers.iter().map(|x| x.identifier()).collect(),
+                None => vec![Identifier::from_label(l).unwrap()],
             }
+        };
+        let honoured = |anchor: &String, other: &String| {
+            members.get(other).is_some() && members.get(other) == members.get(anchor)
+                || !merges_of(anchor)
+                || !merges_of(other)
+                || violation(&config, side(anchor).into_iter().chain(side(other))).is_some()
+        };
+        for e in &events {
+            let labels: Vec<String> = usable(&config, e).iter().map(Identifier::label).collect();
+            if labels.is_empty() { continue; }
+            let centre = labels.iter().find(|a| members.contains_key(*a) && labels.iter().all(|b| b == *a || honoured(a, b)));
+            prop_assert!(centre.is_some(), "input {} {:?}: no identifier's customer honours every unrefused link: {:?}",
+                e.event_id, labels, labels.iter().map(|l| members.get(l)).collect::<Vec<_>>());
         }
         let merges = d.read("identity.merges");
         let froms: BTreeSet<String> = merges.iter().map(|r| r.key_str()).collect();
@@ -486,7 +493,7 @@ fn similar_traits_link_probabilistically_and_borderline_pairs_go_to_review() {
     assert_ne!(a.canonical_id, kim.canonical_id);
     let merge = d.read("identity.merges")[0].json().unwrap();
     assert_eq!(merge["rule"], "probabilistic");
-    assert!(merge["score"].as_f64().unwrap() >= 22.0, "{merge}");
+    assert!(merge["score"].as_f64().unwrap() >= 17.0, "{merge}");
     let linked = a.identifiers.iter().find(|l| l.rule == "probabilistic").expect("linked probabilistically");
     assert!(linked.score.is_some());
     let reviews = d.read("identity.review");

@@ -205,6 +205,8 @@ pub struct ProbabilisticConfig {
     pub review_threshold: f64,
     /// Candidates kept per blocking key (the most recent).
     pub max_block_size: usize,
+    /// Most agreement weight a field group (see `fields.*.group`) may add to a score.
+    pub group_caps: BTreeMap<String, f64>,
     /// Compared fields, by name.
     pub fields: BTreeMap<String, FieldConfig>,
     /// Candidate pairs are only those sharing a blocking key.
@@ -227,6 +229,11 @@ pub struct FieldConfig {
     pub m: Vec<f64>,
     /// P(level | different customers), one per level.
     pub u: Vec<f64>,
+    /// Fields of one group describe one fact (street, city, postcode and state are one
+    /// address): their agreement weights together count at most the group's cap in
+    /// `group_caps`, so a household sharing an address does not look like one person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -257,7 +264,8 @@ impl FieldConfig {
 #[serde(deny_unknown_fields)]
 pub struct BlockingRule {
     pub name: String,
-    /// Field names, each optionally with `|initial` (first letter) or `|year`.
+    /// Field names, each optionally with `|initial` (first letter), `|year` (first four
+    /// characters) or `|soundex` (the American Soundex code, robust to typos).
     pub fields: Vec<String>,
     /// Candidates older than this are not compared (IP + user agent within 30 minutes).
     #[serde(default)]
@@ -305,6 +313,11 @@ impl ProbabilisticConfig {
                     errors.push(err(format!("{path}.{which}"), "probabilities must be in (0, 1]"));
                 }
             }
+            if let Some(g) = &f.group {
+                if !self.group_caps.contains_key(g) {
+                    errors.push(err(format!("{path}.group"), format!("group {g:?} has no cap in group_caps")));
+                }
+            }
             if matches!(f.compare, Comparison::Exact | Comparison::Date) && !f.thresholds.is_empty() {
                 errors.push(err(format!("{path}.thresholds"), "only jaro_winkler and numeric take thresholds"));
             }
@@ -319,10 +332,10 @@ impl ProbabilisticConfig {
                 if !self.fields.contains_key(name) {
                     errors.push(err(format!("{path}.fields[{j}]"), format!("{name:?} is not a declared field")));
                 }
-                if !matches!(transform, "" | "initial" | "year") {
+                if !matches!(transform, "" | "initial" | "year" | "soundex") {
                     errors.push(err(
                         format!("{path}.fields[{j}]"),
-                        format!("unknown transform {transform:?} (initial or year)"),
+                        format!("unknown transform {transform:?} (initial, year or soundex)"),
                     ));
                 }
             }
@@ -340,23 +353,29 @@ fn field(from: &[&str], compare: Comparison, thresholds: &[f64], m: &[f64], u: &
         thresholds: thresholds.to_vec(),
         m: m.to_vec(),
         u: u.to_vec(),
+        group: None,
     }
 }
 
+fn grouped(group: &str, field: FieldConfig) -> FieldConfig {
+    FieldConfig { group: Some(group.to_owned()), ..field }
+}
+
 /// The shipped model: Segment's reserved identify traits and the seed's `name` and
-/// `location`, with m/u probabilities estimated by `chorus identity train` on FEBRL4.
+/// `location`. m/u of names, birthday and address were estimated by
+/// `chorus identity train` on FEBRL4 (scripts/febrl4.py); the address fields form one
+/// capped group; email, phone, ip and user agent are set by hand.
 fn default_model() -> ProbabilisticConfig {
     use Comparison::*;
-    let jw = [0.94, 0.88];
     let fields = [
         (
             "first_name",
             field(
                 &["traits.firstName", "traits.first_name", "traits.name|first_word"],
                 JaroWinkler,
-                &jw,
-                &[0.83, 0.10, 0.05, 0.02],
-                &[0.004, 0.002, 0.01, 0.984],
+                &[0.94, 0.88],
+                &[0.762, 0.099, 0.038, 0.101],
+                &[0.0033, 0.00094, 0.0016, 0.99416],
             ),
         ),
         (
@@ -364,62 +383,81 @@ fn default_model() -> ProbabilisticConfig {
             field(
                 &["traits.lastName", "traits.last_name", "traits.name|last_word"],
                 JaroWinkler,
-                &jw,
-                &[0.80, 0.10, 0.05, 0.05],
-                &[0.002, 0.001, 0.008, 0.989],
+                &[0.94, 0.88],
+                &[0.778, 0.13, 0.034, 0.058],
+                &[0.0037, 0.00063, 0.00082, 0.99485],
             ),
         ),
         (
             "birthday",
-            field(&["traits.birthday", "traits.dob"], Date, &[], &[0.87, 0.1, 0.03], &[0.0002, 0.002, 0.9978]),
+            field(&["traits.birthday", "traits.dob"], Date, &[], &[0.879, 0.018, 0.103], &[0.00016, 0.0037, 0.99614]),
         ),
         (
             "street",
-            field(
-                &["traits.address.street", "traits.location.street"],
-                JaroWinkler,
-                &jw,
-                &[0.6, 0.15, 0.1, 0.15],
-                &[0.002, 0.002, 0.006, 0.99],
+            grouped(
+                "address",
+                field(
+                    &["traits.address.street", "traits.location.street"],
+                    JaroWinkler,
+                    &[0.94, 0.88],
+                    &[0.246, 0.45, 0.129, 0.175],
+                    &[6e-05, 7e-05, 1.5e-05, 0.999855],
+                ),
             ),
         ),
         (
             "city",
-            field(
-                &["traits.address.city", "traits.location.city"],
-                JaroWinkler,
-                &jw,
-                &[0.8, 0.08, 0.04, 0.08],
-                &[0.05, 0.01, 0.02, 0.92],
+            grouped(
+                "address",
+                field(
+                    &["traits.address.city", "traits.location.city"],
+                    JaroWinkler,
+                    &[0.94, 0.88],
+                    &[0.715, 0.161, 0.022, 0.102],
+                    &[0.00097, 0.0002, 0.0004, 0.99843],
+                ),
             ),
         ),
         (
             "postcode",
-            field(
-                &["traits.address.postalCode", "traits.location.postcode", "traits.location.postalCode"],
-                Exact,
-                &[],
-                &[0.8, 0.2],
-                &[0.02, 0.98],
+            grouped(
+                "address",
+                field(
+                    &["traits.address.postalCode", "traits.location.postcode", "traits.location.postalCode"],
+                    Exact,
+                    &[],
+                    &[0.769, 0.231],
+                    &[0.0011, 0.9989],
+                ),
             ),
         ),
-        ("state", field(&["traits.address.state", "traits.location.state"], Exact, &[], &[0.9, 0.1], &[0.3, 0.7])),
-        ("email", field(&["traits.email"], Exact, &[], &[0.8, 0.2], &[0.00001, 0.99999])),
-        ("phone", field(&["traits.phone"], Exact, &[], &[0.75, 0.25], &[0.00001, 0.99999])),
+        (
+            "state",
+            grouped(
+                "address",
+                field(&["traits.address.state", "traits.location.state"], Exact, &[], &[0.934, 0.066], &[0.224, 0.776]),
+            ),
+        ),
+        ("email", field(&["traits.email"], Exact, &[], &[0.8, 0.2], &[1e-05, 0.99999])),
+        ("phone", field(&["traits.phone"], Exact, &[], &[0.75, 0.25], &[1e-05, 0.99999])),
         ("ip", field(&["context.ip"], Exact, &[], &[0.6, 0.4], &[0.001, 0.999])),
         ("user_agent", field(&["context.user_agent"], Exact, &[], &[0.9, 0.1], &[0.05, 0.95])),
     ];
     let blocking = [
-        ("surname_postcode", vec!["last_name", "postcode"], None),
-        ("birthday_initial", vec!["birthday", "first_name|initial"], None),
-        ("name_city", vec!["first_name", "last_name", "city"], None),
+        ("birthday", vec!["birthday"], None),
+        ("surname_postcode", vec!["last_name|soundex", "postcode"], None),
+        ("given_name_postcode", vec!["first_name|soundex", "postcode"], None),
+        ("street_postcode", vec!["street|soundex", "postcode"], None),
+        ("full_name", vec!["first_name|soundex", "last_name|soundex"], None),
+        ("surname_city", vec!["last_name|soundex", "city"], None),
         ("ip_user_agent", vec!["ip", "user_agent"], Some(Duration::minutes(30))),
     ];
     ProbabilisticConfig {
         enabled: true,
-        link_threshold: 22.0,
+        link_threshold: 17.0,
         review_threshold: 10.0,
         max_block_size: 50,
+        group_caps: [("address".to_owned(), 14.0)].into_iter().collect(),
         fields: fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
         blocking: blocking
             .into_iter()

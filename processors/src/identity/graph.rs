@@ -283,8 +283,10 @@ fn fwd_key(canonical: &str) -> String {
     format!("fwd:{canonical}")
 }
 
-fn mailbox_key(owner: &str) -> String {
-    format!("mbox:{owner}")
+/// Keys of an actor's parked messages. Identifiers and canonical ids never hold
+/// control characters, so `\u{1}` ends the owner unambiguously.
+fn mailbox_prefix(owner: &str) -> String {
+    format!("mbox:{owner}\u{1}")
 }
 
 /// The identity stage's graph logic, with the topology's rules.
@@ -332,37 +334,40 @@ impl Graph<'_> {
         ctx.put_json(STORE, &id_key(id), st)
     }
 
-    /// Park a message for a frozen actor.
+    /// Park a message for a frozen actor: one entry per message, numbered in arrival
+    /// order (a frozen customer may collect many inputs; appending stays O(1)).
     fn park(&self, ctx: &mut Ctx<'_>, owner: &str, env: Envelope) -> Result<(), ProcessError> {
-        let key = mailbox_key(owner);
-        let mut queue: Vec<Envelope> = ctx.get_json(STORE, &key)?.unwrap_or_default();
-        queue.push(env);
+        let seq_key = format!("mseq:{owner}");
+        let seq: u64 = ctx.get_json(STORE, &seq_key)?.unwrap_or(0);
+        ctx.put_json(STORE, &format!("{}{seq:020}", mailbox_prefix(owner)), &env)?;
+        ctx.put_json(STORE, &seq_key, &(seq + 1))?;
         ctx.count("identity_parked", "message");
-        ctx.put_json(STORE, &key, &queue)
+        Ok(())
     }
 
     /// Replay parked messages of an actor that is no longer frozen, in arrival order,
-    /// until one freezes it again (the rest stay parked).
+    /// until one freezes it again (the rest stay parked). Each message is taken off the
+    /// store before it is handled, so a replay nested in a handler never repeats one.
     fn replay(
         &self,
         ctx: &mut Ctx<'_>,
         owner: &str,
         frozen: impl Fn(&mut Ctx<'_>) -> Result<bool, ProcessError>,
     ) -> Result<(), ProcessError> {
-        let key = mailbox_key(owner);
-        let Some(mut queue) = ctx.get_json::<Vec<Envelope>>(STORE, &key)? else { return Ok(()) };
-        ctx.delete(STORE, &key)?;
-        while !queue.is_empty() {
+        let prefix = mailbox_prefix(owner);
+        loop {
             if frozen(ctx)? {
-                // Anything parked meanwhile arrived before what is still queued.
-                let mut parked: Vec<Envelope> = ctx.get_json(STORE, &key)?.unwrap_or_default();
-                parked.append(&mut queue);
-                return ctx.put_json(STORE, &key, &parked);
+                return Ok(());
             }
-            let env = queue.remove(0);
+            let Some((key, bytes)) = ctx.scan_prefix(STORE, &prefix, 1)?.pop() else {
+                return ctx.delete(STORE, &format!("mseq:{owner}"));
+            };
+            ctx.delete(STORE, &key)?;
+            let env: Envelope = serde_json::from_slice(&bytes).map_err(|e| {
+                ProcessError::Store(crate::store::StoreError::Corrupt { key: key.clone(), message: e.to_string() })
+            })?;
             self.handle(ctx, env)?;
         }
-        Ok(())
     }
 
     /// Resolve an input at the owner of `identifiers[probe]`. Owners of identifiers the

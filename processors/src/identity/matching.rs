@@ -140,14 +140,23 @@ pub fn weight(field: &FieldConfig, level: usize) -> f64 {
 }
 
 /// Score two records field by field (fields missing on either side count 0).
+/// Agreement weights of a field group count at most the group's cap.
 pub fn score(model: &ProbabilisticConfig, a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> Scored {
     let mut total = 0.0;
+    let mut grouped: BTreeMap<&str, f64> = BTreeMap::new();
     let mut levels = BTreeMap::new();
     for (name, field) in &model.fields {
         let (Some(x), Some(y)) = (a.get(name), b.get(name)) else { continue };
         let l = level(field, x, y);
-        total += weight(field, l);
+        let w = weight(field, l);
+        match (&field.group, w > 0.0) {
+            (Some(g), true) => *grouped.entry(g.as_str()).or_default() += w,
+            _ => total += w,
+        }
         levels.insert(name.clone(), level_name(field, l));
+    }
+    for (group, sum) in grouped {
+        total += model.group_caps.get(group).map_or(sum, |cap| sum.min(*cap));
     }
     Scored { score: total, levels }
 }
@@ -163,11 +172,49 @@ pub fn blocking_keys(model: &ProbabilisticConfig, fields: &BTreeMap<String, Stri
             let part: String = match transform {
                 "initial" => value.chars().take(1).collect(),
                 "year" => value.chars().take(4).collect(),
+                "soundex" => soundex(value),
                 _ => value.clone(),
             };
             parts.push(part);
         }
         out.push((rule.name.clone(), format!("{}:{}", rule.name, parts.join("|"))));
+    }
+    out
+}
+
+/// American Soundex (a letter and three digits): names that sound alike share a code,
+/// so a blocking key survives most typos (`smith`, `smyth` → S530).
+pub fn soundex(text: &str) -> String {
+    fn code(c: char) -> Option<char> {
+        match c {
+            'b' | 'f' | 'p' | 'v' => Some('1'),
+            'c' | 'g' | 'j' | 'k' | 'q' | 's' | 'x' | 'z' => Some('2'),
+            'd' | 't' => Some('3'),
+            'l' => Some('4'),
+            'm' | 'n' => Some('5'),
+            'r' => Some('6'),
+            _ => None,
+        }
+    }
+    let letters: Vec<char> = text.to_lowercase().chars().filter(char::is_ascii_alphabetic).collect();
+    let Some(&first) = letters.first() else { return String::new() };
+    let mut out = first.to_ascii_uppercase().to_string();
+    let mut last = code(first);
+    for &c in &letters[1..] {
+        let digit = code(c);
+        if digit.is_some() && digit != last {
+            out.push(digit.unwrap_or('0'));
+            if out.len() == 4 {
+                break;
+            }
+        }
+        // h and w do not separate equal codes; vowels do.
+        if !matches!(c, 'h' | 'w') {
+            last = digit;
+        }
+    }
+    while out.len() < 4 {
+        out.push('0');
     }
     out
 }
@@ -219,6 +266,24 @@ mod tests {
     }
 
     #[test]
+    fn soundex_codes_match_the_reference() {
+        for (name, code) in [
+            ("robert", "R163"),
+            ("rupert", "R163"),
+            ("rubin", "R150"),
+            ("ashcraft", "A261"),
+            ("tymczak", "T522"),
+            ("pfister", "P236"),
+            ("smith", "S530"),
+            ("smyth", "S530"),
+            ("lee", "L000"),
+            ("", ""),
+        ] {
+            assert_eq!(soundex(name), code, "{name}");
+        }
+    }
+
+    #[test]
     fn blocking_keys_need_every_field_of_a_rule() {
         let model = ProbabilisticConfig::default();
         let f = extract_fields(
@@ -226,6 +291,6 @@ mod tests {
             &json!({"traits": {"firstName": "Ann", "lastName": "Lee", "birthday": "1980-05-17"}}),
         );
         let keys: Vec<String> = blocking_keys(&model, &f).into_iter().map(|(_, k)| k).collect();
-        assert_eq!(keys, vec!["birthday_initial:1980-05-17|a".to_string()]);
+        assert_eq!(keys, vec!["birthday:1980-05-17".to_string(), "full_name:A500|L000".to_string()]);
     }
 }

@@ -232,12 +232,12 @@ mod tests {
     #[test]
     fn em_separates_matches_from_non_matches() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        let first = ["ann", "bob", "cara", "dev", "eve", "finn", "gus", "hana", "ivan", "jo"];
-        let last = ["lee", "smith", "nguyen", "brown", "khan", "garcia", "silva", "tan"];
+        let syllables = ["an", "bo", "ca", "dev", "el", "fin", "gus", "ha", "iv", "jo", "ka", "lu", "mo", "ne", "or"];
+        let mut name =
+            |parts: usize| -> String { (0..parts).map(|_| syllables[rng.random_range(0..syllables.len())]).collect() };
+        let people: Vec<(String, String)> = (0..400).map(|_| (name(2), name(3))).collect();
         let mut records = Vec::new();
-        for i in 0..400 {
-            let f = first[rng.random_range(0..first.len())];
-            let l = last[rng.random_range(0..last.len())];
+        for (i, (f, l)) in people.iter().enumerate() {
             let dob = format!(
                 "19{:02}-{:02}-{:02}",
                 rng.random_range(40..99),
@@ -247,7 +247,7 @@ mod tests {
             let pc = format!("{}", 2000 + i % 7);
             records.push(json!({"firstName": f, "lastName": l, "birthday": dob, "address": {"postalCode": pc}}));
             if i % 2 == 0 {
-                let typo = if rng.random_bool(0.3) { format!("{f}e") } else { f.to_string() };
+                let typo = if rng.random_bool(0.3) { format!("{f}e") } else { f.clone() };
                 records.push(json!({"firstName": typo, "lastName": l, "birthday": dob, "address": {"postalCode": pc}}));
             }
         }
@@ -257,7 +257,7 @@ mod tests {
         assert!(fname.m[0] > 0.5, "{fname:?}");
         assert!(fname.m[0] / fname.u[0] > 5.0, "{fname:?}");
         let dob = &trained.fields["birthday"];
-        assert!(dob.m[0] > 0.9 && dob.u[0] < 0.2, "{dob:?}");
+        assert!(dob.m[0] > 0.8 && dob.u[0] < 0.01, "{dob:?}");
         assert!(trained.match_share > 0.0 && trained.match_share < 1.0);
     }
 
