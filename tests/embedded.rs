@@ -175,3 +175,98 @@ fn at_least_once_processing_gives_the_same_profiles() {
     eventually(90, "profiles under at_least_once", || profiles_match(chorus.http(), &expected));
     chorus.stop();
 }
+
+/// Identifiers of one customer on different partitions of events.raw: the graph joins
+/// them, the profile and the anonymous cart follow, the API shows how each identifier
+/// was linked, and an operator's unlink splits one off for good.
+#[test]
+fn identity_links_across_partitions_and_unlinks_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::read_to_string(test_topology(dir.path())).unwrap();
+    let topology = dir.path().join("topology4.yaml");
+    std::fs::write(&topology, base.replace("{events.raw: 1, messages.requests: 1, consent: 1}", "{}")).unwrap();
+    let chorus = Chorus::up(&dir.path().join("data"), &topology);
+    let event = |id: &str, kind: &str, at: i64, ids: Value| {
+        let mut e = json!({"event_id": id, "event_type": kind, "timestamp": ts(T0 + at), "payload": {"product_id": "p1", "price": 20.0, "quantity": 1}});
+        for (k, v) in ids.as_object().unwrap() {
+            e[k] = v.clone();
+        }
+        e
+    };
+    produce(
+        chorus.bootstrap(),
+        "events.raw",
+        &[
+            event("i1", "page.viewed", 0, json!({"anonymous_id": "web-9"})),
+            event("i2", "cart.item_added", 1, json!({"anonymous_id": "app-9"})),
+            event(
+                "i3",
+                "identify",
+                2,
+                json!({"customer_id": "u9", "anonymous_id": "web-9", "traits": {"email": " Nine@Example.com"}}),
+            ),
+            event(
+                "i4",
+                "app.opened",
+                3,
+                json!({"anonymous_id": "app-9", "identifiers": {"email": "nine@example.com"}}),
+            ),
+            event("i5", "page.viewed", 4, json!({"customer_id": "u9"})),
+        ],
+    );
+    let http = chorus.http().to_owned();
+    let linked = eventually(60, "four identifiers on one customer", || {
+        let (status, v) = get_json(&format!("{http}/v1/identity/email/NINE@example.com"));
+        (status == 200 && v["identifiers"].as_array().is_some_and(|a| a.len() == 4)).then_some(v)
+    });
+    assert_eq!(linked["customer_id"], "u9");
+    let canonical = linked["canonical_id"].as_str().unwrap().to_owned();
+    for id in linked["identifiers"].as_array().unwrap() {
+        assert_eq!(id["rule"], "deterministic", "{id}");
+        assert!(id["first_seen"].as_i64().unwrap() >= T0, "{id}");
+    }
+    // Any identifier answers with the same customer; each event counted once.
+    let profile = eventually(60, "the profile to count all five events", || {
+        let (status, p) = get_json(&format!("{http}/v1/profiles/anonymous_id:app-9"));
+        (status == 200 && p["metrics"]["event_count"] == 5).then_some(p)
+    });
+    assert_eq!(profile["canonical_id"], canonical.as_str());
+    // The anonymous app cart follows the customer to the web.
+    let (status, context) = get_json(&format!("{http}/v1/context/web-9"));
+    assert_eq!(status, 200);
+    assert_eq!(context["cart"]["items"][0]["product_id"], "p1", "{context}");
+
+    // Bad unlinks: a clear 4xx.
+    let (status, e) = post_json(&format!("{http}/v1/identity/unlink"), &json!({"type": "shoe_size", "value": "9"}));
+    assert_eq!((status, e["error"]["code"].as_str()), (400, Some("invalid_identifier")));
+    let (status, e) =
+        post_json(&format!("{http}/v1/identity/unlink"), &json!({"type": "email", "value": "nobody@x.com"}));
+    assert_eq!((status, e["error"]["code"].as_str()), (404, Some("not_found")));
+    let (status, e) = post_json(&format!("{http}/v1/identity/unlink"), &json!({"value": "x"}));
+    assert_eq!((status, e["error"]["code"].as_str()), (400, Some("invalid_request")));
+
+    let (status, _) = post_json(
+        &format!("{http}/v1/identity/unlink"),
+        &json!({"type": "anonymous_id", "value": "app-9", "reason": "shared tablet"}),
+    );
+    assert_eq!(status, 202);
+    let split = eventually(60, "app-9 to leave the customer", || {
+        let (status, v) = get_json(&format!("{http}/v1/identity/anonymous_id/app-9"));
+        (status == 200 && v["canonical_id"] != canonical.as_str()).then_some(v)
+    });
+    assert_eq!(split["excluded"][0], canonical.as_str());
+    let merges = eventually(30, "the split on identity.merges", || {
+        let r = tail(chorus.bootstrap(), "identity.merges", 1_000);
+        r.iter().any(|m| m["value"]["rule"] == "unlink").then_some(r)
+    });
+    assert!(merges.iter().any(|m| m["value"]["rule"] == "deterministic"));
+    let (_, metrics) = get_text(&format!("{http}/metrics"));
+    for series in [
+        "chorus_identity_merges_total{rule=\"deterministic\"}",
+        "chorus_identity_resolution_rate",
+        "chorus_identity_component_size_bucket",
+    ] {
+        assert!(metrics.contains(series), "{series} missing from /metrics");
+    }
+    chorus.stop();
+}

@@ -177,6 +177,18 @@ pub fn get_json(url: &str) -> (u16, Value) {
     (status, r.json().unwrap_or(Value::Null))
 }
 
+pub fn get_text(url: &str) -> (u16, String) {
+    let r = reqwest::blocking::get(url).unwrap();
+    let status = r.status().as_u16();
+    (status, r.text().unwrap_or_default())
+}
+
+pub fn post_json(url: &str, body: &Value) -> (u16, Value) {
+    let r = reqwest::blocking::Client::new().post(url).json(body).send().unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
 /// Poll until `check` holds or fail after `secs`.
 pub fn eventually<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(secs);
