@@ -307,7 +307,7 @@ proptest! {
             }
         };
         let honoured = |anchor: &String, other: &String| {
-            members.get(other).is_some() && members.get(other) == members.get(anchor)
+            members.contains_key(other) && members.get(other) == members.get(anchor)
                 || !merges_of(anchor)
                 || !merges_of(other)
                 || violation(&config, side(anchor).into_iter().chain(side(other))).is_some()
