@@ -136,6 +136,47 @@ impl Running {
     }
 }
 
+/// Records per second a no-op processor copies from `bench.in` to `bench.out` on the same
+/// runtime (same exactly-once transactions and commit interval): the yardstick every
+/// benchmark figure is divided by.
+async fn passthrough_rate(
+    producer: &FutureProducer,
+    config: &EngineConfig,
+    partitions: u32,
+    records: impl ExactSizeIterator<Item = (String, Vec<u8>)>,
+) -> Result<f64> {
+    let n = records.len();
+    produce_all(producer, BENCH_IN, records).await?;
+    let running = Running::start(vec![passthrough_spec()], config)?;
+    let took =
+        wait_for("the passthrough", Duration::from_secs(1800), || processed("passthrough", partitions) >= n as u64)
+            .await?;
+    running.stop()?;
+    Ok(n as f64 / took.as_secs_f64())
+}
+
+/// The passthrough's two topics, created on `brokers` (or the embedded broker).
+async fn create_bench_topics(
+    embedded: Option<&EmbeddedBroker>,
+    brokers: &str,
+    partitions: u32,
+    topology: &Topology,
+) -> Result<()> {
+    let mut topics: Vec<TopicToCreate> =
+        [BENCH_IN, BENCH_OUT].map(|name| TopicToCreate { name: name.into(), partitions, compacted: false }).to_vec();
+    // Every task has timer and expiry stores, so the passthrough has changelogs too.
+    topics.extend(changelog_topics(&passthrough_spec(), topology));
+    match embedded {
+        Some(broker) => {
+            for t in &topics {
+                broker.create_topic(&t.name, t.partitions)?;
+            }
+            Ok(())
+        }
+        None => create_topic_list(brokers, &topics, topology.topics.replication_factor).await.map(|_| ()),
+    }
+}
+
 async fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Result<Duration> {
     let started = Instant::now();
     while !done() {
@@ -208,6 +249,51 @@ fn dir_size_mb(path: &std::path::Path) -> f64 {
     walk(path) as f64 / (1024.0 * 1024.0)
 }
 
+/// An engine configuration over a fresh data dir, and a fast producer, for a benchmark.
+fn bench_runtime(
+    brokers: &str,
+    topology: &Arc<Topology>,
+    fresh: bool,
+) -> Result<(EngineConfig, PathBuf, FutureProducer)> {
+    let data = tempfile_dir()?;
+    let config = EngineConfig {
+        brokers: brokers.to_owned(),
+        topology: topology.clone(),
+        data_dir: data.clone(),
+        instance_id: format!("bench-{}", std::process::id()),
+        shared: Arc::new(SharedResources::new(
+            topology.state.block_cache_mb << 20,
+            topology.state.write_buffer_mb << 20,
+        )),
+        local: LocalStores::default(),
+        shutdown: Arc::new(AtomicBool::new(false)),
+        drain: Arc::new(DrainState::default()),
+        fresh_broker: fresh,
+    };
+    let producer: FutureProducer = client_config(brokers)
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .context("cannot create the benchmark producer")?;
+    Ok((config, data, producer))
+}
+
+/// The topology's topics on `brokers`, or an embedded broker holding them.
+async fn start_broker(brokers: Option<&str>, topology: &Topology) -> Result<(Option<EmbeddedBroker>, String)> {
+    match brokers {
+        Some(b) => {
+            create_topics(b, topology).await?;
+            Ok((None, b.to_owned()))
+        }
+        None => {
+            let broker = EmbeddedBroker::start(topology)?;
+            let b = broker.bootstrap();
+            Ok((Some(broker), b))
+        }
+    }
+}
+
 pub async fn bench(args: BenchArgs) -> Result<()> {
     if args.events == 0 || args.customers == 0 || args.partitions == 0 {
         bail!("--events, --customers and --partitions must be positive");
@@ -216,28 +302,8 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     // Latency is event timestamp → visible, so events carry the wall-clock time.
     topology.clock = Clock::Wall;
     let topology = Arc::new(topology);
-    let pass = passthrough_spec();
-    let mut extra = vec![
-        TopicToCreate { name: BENCH_IN.into(), partitions: args.partitions, compacted: false },
-        TopicToCreate { name: BENCH_OUT.into(), partitions: args.partitions, compacted: false },
-    ];
-    extra.extend(changelog_topics(&pass, &topology));
-
-    let (embedded, brokers) = match &args.brokers {
-        Some(b) => {
-            create_topics(b, &topology).await?;
-            create_topic_list(b, &extra, topology.topics.replication_factor).await?;
-            (None, b.clone())
-        }
-        None => {
-            let broker = EmbeddedBroker::start(&topology)?;
-            for t in &extra {
-                broker.create_topic(&t.name, t.partitions)?;
-            }
-            let b = broker.bootstrap();
-            (Some(broker), b)
-        }
-    };
+    let (embedded, brokers) = start_broker(args.brokers.as_deref(), &topology).await?;
+    create_bench_topics(embedded.as_ref(), &brokers, args.partitions, &topology).await?;
     let probe: BaseConsumer = client_config(&brokers).create()?;
     for topic in [EVENTS_RAW, BENCH_IN] {
         for p in 0..args.partitions as i32 {
@@ -255,38 +321,14 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
             }
         }
     }
-    let data = tempfile_dir()?;
-    let config = EngineConfig {
-        brokers: brokers.clone(),
-        topology: topology.clone(),
-        data_dir: data.clone(),
-        instance_id: format!("bench-{}", std::process::id()),
-        shared: Arc::new(SharedResources::new(
-            topology.state.block_cache_mb << 20,
-            topology.state.write_buffer_mb << 20,
-        )),
-        local: LocalStores::default(),
-        shutdown: Arc::new(AtomicBool::new(false)),
-        drain: Arc::new(DrainState::default()),
-        fresh_broker: embedded.is_some(),
-    };
-    let producer: FutureProducer = client_config(&brokers)
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .context("cannot create the benchmark producer")?;
+    let (config, data, producer) = bench_runtime(&brokers, &topology, embedded.is_some())?;
     let n = args.events;
     let limit = Duration::from_secs(1800);
     let where_ = if embedded.is_some() { "embedded broker".to_owned() } else { format!("Kafka at {brokers}") };
     println!("chorus bench: {n} events, {} customers, {} partitions, {where_}", args.customers, args.partitions);
 
-    produce_all(&producer, BENCH_IN, (0..n).map(|i| event(i, args.customers))).await?;
-    let running = Running::start(vec![passthrough_spec()], &config)?;
-    let pass_time =
-        wait_for("the passthrough", limit, || processed("passthrough", args.partitions) >= n as u64).await?;
-    running.stop()?;
-    let pass_rate = n as f64 / pass_time.as_secs_f64();
+    let pass_rate =
+        passthrough_rate(&producer, &config, args.partitions, (0..n).map(|i| event(i, args.customers))).await?;
     println!("passthrough (consume→produce, same transactions):  {pass_rate:>10.0} events/s");
 
     produce_all(&producer, EVENTS_RAW, (0..n).map(|i| event(i, args.customers))).await?;
@@ -390,38 +432,9 @@ pub async fn bench_identity(args: IdentityBenchArgs) -> Result<()> {
         bail!("the file holds no records, or --partitions is 0");
     }
     let topology = Arc::new(load_topology(&args.topology)?.with_partitions(args.partitions));
-    let (embedded, brokers) = match &args.brokers {
-        Some(b) => {
-            create_topics(b, &topology).await?;
-            (None, b.clone())
-        }
-        None => {
-            let broker = EmbeddedBroker::start(&topology)?;
-            let b = broker.bootstrap();
-            (Some(broker), b)
-        }
-    };
-    let data = tempfile_dir()?;
-    let config = EngineConfig {
-        brokers: brokers.clone(),
-        topology: topology.clone(),
-        data_dir: data.clone(),
-        instance_id: format!("bench-{}", std::process::id()),
-        shared: Arc::new(SharedResources::new(
-            topology.state.block_cache_mb << 20,
-            topology.state.write_buffer_mb << 20,
-        )),
-        local: LocalStores::default(),
-        shutdown: Arc::new(AtomicBool::new(false)),
-        drain: Arc::new(DrainState::default()),
-        fresh_broker: embedded.is_some(),
-    };
-    let producer: FutureProducer = client_config(&brokers)
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .context("cannot create the benchmark producer")?;
+    let (embedded, brokers) = start_broker(args.brokers.as_deref(), &topology).await?;
+    create_bench_topics(embedded.as_ref(), &brokers, args.partitions, &topology).await?;
+    let (config, data, producer) = bench_runtime(&brokers, &topology, embedded.is_some())?;
     let n = records.len();
     let where_ = if embedded.is_some() { "embedded broker".to_owned() } else { format!("Kafka at {brokers}") };
     println!(
@@ -440,6 +453,7 @@ pub async fn bench_identity(args: IdentityBenchArgs) -> Result<()> {
         entity_of.insert(anchor, r.entity.clone());
         events.push((key, r.event.to_string().into_bytes()));
     }
+    let pass_rate = passthrough_rate(&producer, &config, args.partitions, events.clone().into_iter()).await?;
     produce_all(&producer, EVENTS_RAW, events.into_iter()).await?;
     let identity_spec: Vec<ProcessorSpec> =
         processor_specs(&topology).into_iter().filter(|s| s.name == chorus_processors::identity::NAME).collect();
@@ -485,7 +499,10 @@ pub async fn bench_identity(args: IdentityBenchArgs) -> Result<()> {
     println!("pairwise recall:                  {:>10.4}", quality.recall);
     println!("pairwise F1:                      {:>10.4}", quality.f1);
     println!("true pairs / predicted pairs:     {:>10} / {}", quality.true_pairs, quality.predicted_pairs);
-    println!("identity throughput:              {:>10.0} events/s (until the graph is quiet)", n as f64 / elapsed);
+    let rate = n as f64 / elapsed;
+    println!("passthrough, same records:        {pass_rate:>10.0} events/s");
+    println!("identity throughput:              {rate:>10.0} events/s (until the graph is quiet)");
+    println!("ratio identity / passthrough:     {:>10.2}", rate / pass_rate);
     println!("merges per second:                {:>10.0}", merges as f64 / elapsed);
     let _ = std::fs::remove_dir_all(&data);
     drop(producer);

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -43,8 +43,11 @@ impl Drop for Kafka {
 }
 
 fn setup(dir: &Path) -> (Kafka, PathBuf) {
+    setup_with(dir, test_topology(dir))
+}
+
+fn setup_with(dir: &Path, topology: PathBuf) -> (Kafka, PathBuf) {
     let kafka = Kafka::start(&dir.join("kafka"));
-    let topology = test_topology(dir);
     let out = Command::new(bin())
         .args(["topics", "create", "--brokers", &kafka.bootstrap, "--topology", topology.to_str().unwrap()])
         .output()
@@ -119,12 +122,54 @@ fn run_restarts_cleanly_on_real_kafka() {
     second.stop();
 }
 
+/// The workload with merges: each customer also browses anonymously on the web first,
+/// and a later login carries that web id, so the web visitor's customer merges into the
+/// customer's (one merge per customer).
+fn workload_with_merges(n: usize, customers: usize) -> (Vec<Value>, Expected) {
+    let (mut events, mut expected) = workload(n, customers);
+    let event = |id: String, at: i64, ids: Value| {
+        let mut e = json!({"event_id": id, "event_type": "page.viewed", "timestamp": ts(T0 + at), "channel": "web", "payload": {}});
+        for (k, v) in ids.as_object().unwrap() {
+            e[k] = v.clone();
+        }
+        e
+    };
+    let web: Vec<Value> = (0..customers)
+        .map(|c| event(format!("web-{c}"), c as i64, json!({"anonymous_id": format!("web-{c}")})))
+        .collect();
+    let logins: Vec<Value> = (0..customers)
+        .map(|c| {
+            event(
+                format!("weblogin-{c}"),
+                30_000 + c as i64,
+                json!({"customer_id": format!("c{c}"), "anonymous_id": format!("web-{c}")}),
+            )
+        })
+        .collect();
+    let middle = events.len() / 2;
+    events.splice(middle..middle, logins);
+    events.splice(0..0, web);
+    for c in 0..customers {
+        expected.get_mut(&format!("c{c}")).unwrap().0 += 2;
+    }
+    (events, expected)
+}
+
+/// Identity spread over four partitions of events.raw: the cross-partition graph runs
+/// through Kafka transactions.
+fn four_raw_partitions(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(test_topology(dir)).unwrap();
+    let path = dir.join("topology-4.yaml");
+    std::fs::write(&path, text.replace("{events.raw: 1, messages.requests: 1, consent: 1}", "{}")).unwrap();
+    path
+}
+
 #[test]
 fn kill_9_mid_stream_loses_and_duplicates_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let (kafka, topology) = setup(dir.path());
+    let (kafka, topology) = setup_with(dir.path(), four_raw_partitions(dir.path()));
     let data = dir.path().join("data");
-    let (events, expected) = workload(6_000, 40);
+    let (events, expected) = workload_with_merges(6_000, 40);
     produce(&kafka.bootstrap, "events.raw", &events);
     let first = run(&kafka, &topology, &data, "a");
     eventually(90, "some progress", || {
@@ -140,6 +185,10 @@ fn kill_9_mid_stream_loses_and_duplicates_nothing() {
     for p in latest.values() {
         assert_eq!(totals(p), expected[p["customer_id"].as_str().unwrap()]);
     }
+    // Each web visitor's customer merged exactly once, across the crash.
+    let merges = tail(&kafka.bootstrap, "identity.merges", 3_000);
+    let froms: BTreeSet<String> = merges.iter().map(|m| m["value"]["from"].as_str().unwrap().to_owned()).collect();
+    assert_eq!((merges.len(), froms.len()), (40, 40), "one merge per customer, none repeated");
     second.stop();
 }
 

@@ -240,6 +240,22 @@ pub struct ResolveMsg {
     pub match_fields: Option<BTreeMap<String, String>>,
 }
 
+impl ResolveMsg {
+    /// An input to resolve, starting at its most specific identifier.
+    pub fn new(kind: Kind, identifiers: Vec<Identifier>, body: Value) -> ResolveMsg {
+        ResolveMsg {
+            kind,
+            identifiers,
+            probe: 0,
+            create: false,
+            frozen: Vec::new(),
+            body,
+            event_id: None,
+            match_fields: None,
+        }
+    }
+}
+
 /// A message with the event time it carries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope {

@@ -227,14 +227,9 @@ impl Identity {
         };
         let body = serde_json::to_value(&event).unwrap_or(Value::Null);
         let resolve = ResolveMsg {
-            kind: Kind::Event,
-            identifiers: extracted.identifiers,
-            probe: 0,
-            create: false,
-            frozen: Vec::new(),
-            body,
             event_id: Some(event.event_id.clone()),
             match_fields,
+            ..ResolveMsg::new(Kind::Event, extracted.identifiers, body)
         };
         self.resolve(ctx, event.timestamp_ms, resolve)
     }
@@ -263,16 +258,7 @@ impl Identity {
         let extracted = self.extract(ctx, named(request.customer_id.as_deref(), &request.identifiers));
         self.require_identifiers("the request", &extracted)?;
         let body = serde_json::to_value(&request).unwrap_or(Value::Null);
-        let resolve = ResolveMsg {
-            kind: Kind::Request,
-            identifiers: extracted.identifiers,
-            probe: 0,
-            create: false,
-            frozen: Vec::new(),
-            body,
-            event_id: None,
-            match_fields: None,
-        };
+        let resolve = ResolveMsg::new(Kind::Request, extracted.identifiers, body);
         self.resolve(ctx, request.timestamp_ms, resolve)
     }
 
@@ -289,16 +275,7 @@ impl Identity {
         let extracted = self.extract(ctx, named(change.customer_id.as_deref(), &change.identifiers));
         self.require_identifiers("the consent change", &extracted)?;
         let body = serde_json::to_value(&change).unwrap_or(Value::Null);
-        let resolve = ResolveMsg {
-            kind: Kind::Consent,
-            identifiers: extracted.identifiers,
-            probe: 0,
-            create: false,
-            frozen: Vec::new(),
-            body,
-            event_id: None,
-            match_fields: None,
-        };
+        let resolve = ResolveMsg::new(Kind::Consent, extracted.identifiers, body);
         self.resolve(ctx, change.timestamp_ms, resolve)
     }
 
