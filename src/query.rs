@@ -153,6 +153,7 @@ impl LocalStores {
             "merged_from": comp.merged_from,
             "merges": comp.history,
             "excluded": comp.excluded,
+            "refusals": comp.refusals,
             "created_at": comp.created_at,
         }))
     }

@@ -389,6 +389,12 @@ fn unique_ids_and_type_limits_refuse_merges_and_count_them() {
     assert_eq!(d.counter("guard_refusals", "type_limit"), 1);
     let c1 = identity_of(&mut d, "customer_id:c1");
     assert_eq!(c1.identifiers.iter().filter(|l| l.kind == "email").count(), 2);
+    // Each refusal is visible on the customer that refused it.
+    let guards: Vec<&str> = c1.refusals.iter().map(|r| r.guard.as_str()).collect();
+    assert!(guards.contains(&"type_limit"), "{guards:?}");
+    let c2 = identity_of(&mut d, "customer_id:c2");
+    let all: Vec<&str> = c1.refusals.iter().chain(&c2.refusals).map(|r| r.guard.as_str()).collect();
+    assert!(all.contains(&"unique"), "{all:?}");
     assert!(d.read("identity.merges").is_empty());
 }
 

@@ -119,6 +119,9 @@ pub struct Component {
     /// Customers this one must never merge with (an operator unlinked them).
     #[serde(default)]
     pub excluded: Vec<String>,
+    /// The latest links a guard refused at this customer (most recent last).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refusals: Vec<GuardRefusal>,
     /// The customer this one has proposed to merge into, awaiting the answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<String>,
@@ -132,6 +135,31 @@ impl Component {
 
     fn holds(&self, id: &Identifier) -> bool {
         self.identifiers.iter().any(|l| l.kind == id.kind && l.value == id.value)
+    }
+}
+
+/// A link a guard refused, kept on the customer that refused it (visible in
+/// `GET /v1/identity/...`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuardRefusal {
+    pub guard: String,
+    /// The identifiers that asked to join (the first few of a refused customer's).
+    pub identifiers: Vec<String>,
+    /// The other customer, when a merge was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer: Option<String>,
+    pub at: i64,
+}
+
+/// Refusals kept per customer.
+const REFUSALS_KEPT: usize = 20;
+
+impl Component {
+    fn refused(&mut self, guard: &str, identifiers: Vec<String>, customer: Option<String>, at: i64) {
+        self.refusals.push(GuardRefusal { guard: guard.to_owned(), identifiers, customer, at });
+        if self.refusals.len() > REFUSALS_KEPT {
+            self.refusals.remove(0);
+        }
     }
 }
 
@@ -633,6 +661,7 @@ impl Graph<'_> {
                 merged_from: Vec::new(),
                 history: Vec::new(),
                 excluded,
+                refusals: Vec::new(),
                 pending: None,
                 created_at: at,
             };
@@ -658,6 +687,8 @@ impl Graph<'_> {
         let joining = [LinkedIdentifier::new(&id, &evidence, at)];
         if let Some(guard) = self.refusal(&comp, &joining, &[], &[]) {
             ctx.count("guard_refusals", guard);
+            comp.refused(guard, vec![id.label()], None, at);
+            self.save_comp(ctx, &comp)?;
             return send(ctx, at, Msg::JoinRefused { id, canonical, guard: guard.to_owned() });
         }
         comp.identifiers.extend(joining);
@@ -722,7 +753,8 @@ impl Graph<'_> {
         if evidence.shared {
             // A shared identifier (a family's device) never merges two customers.
             ctx.count("guard_refusals", "shared_identifier");
-            return Ok(());
+            comp.refused("shared_identifier", evidence.identifiers, Some(into), at);
+            return self.save_comp(ctx, &comp);
         }
         comp.pending = Some(into.clone());
         self.save_comp(ctx, &comp)?;
@@ -752,6 +784,9 @@ impl Graph<'_> {
         let from_aliases: Vec<String> = from.aliases().cloned().collect();
         if let Some(guard) = self.refusal(&comp, &from.identifiers, &from_aliases, &from.excluded) {
             ctx.count("guard_refusals", guard);
+            let labels = from.identifiers.iter().take(5).map(|l| l.identifier().label()).collect();
+            comp.refused(guard, labels, Some(from_id.clone()), at);
+            self.save_comp(ctx, &comp)?;
             return send(ctx, at, Msg::Refused { from: from_id, into, guard: guard.to_owned() });
         }
         let became_known = comp.customer_id.is_none() && from.customer_id.is_some();

@@ -219,7 +219,9 @@ impl Identity {
             }
         }
         let model = &self.topology.identity.probabilistic;
-        let match_fields = if model.enabled {
+        // Only inputs that describe the person (traits) are matched: page views sharing an
+        // office's IP and browser must not flood the candidate blocks.
+        let match_fields = if model.enabled && !event.traits.is_empty() {
             let fields = matching::extract_fields(model, json);
             (!fields.is_empty()).then_some(fields)
         } else {
