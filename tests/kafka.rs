@@ -195,27 +195,30 @@ fn kill_9_mid_stream_loses_and_duplicates_nothing() {
 #[test]
 fn two_members_split_partitions_and_hand_over_state() {
     let dir = tempfile::tempdir().unwrap();
-    let (kafka, topology) = setup(dir.path());
-    let (events, expected) = workload(3_000, 30);
+    let (kafka, topology) = setup_with(dir.path(), four_raw_partitions(dir.path()));
+    let (events, expected) = workload_with_merges(3_000, 30);
     let one = run(&kafka, &topology, &dir.path().join("one"), "one");
     let two = run(&kafka, &topology, &dir.path().join("two"), "two");
     produce(&kafka.bootstrap, "events.raw", &events[..1_500]);
-    // Both members own part of the profile partitions.
+    // Both members own part of the identity and of the profile partitions: the identity
+    // graph's messages cross between the two processes.
     eventually(90, "both members processing", || {
-        let owned = |http: &str| {
+        let owned = |http: &str, processor: &str, store: &str| {
             let text = reqwest::blocking::get(format!("{http}/metrics")).ok()?.text().ok()?;
+            let (p, s) = (format!("processor=\"{processor}\""), format!("store=\"{store}\""));
             Some(
                 text.lines()
-                    .filter(|l| {
-                        l.starts_with("chorus_store_entries{")
-                            && l.contains("processor=\"profile\"")
-                            && l.contains("store=\"profiles\"")
-                    })
+                    .filter(|l| l.starts_with("chorus_store_entries{") && l.contains(&p) && l.contains(&s))
                     .count(),
             )
         };
-        let (a, b) = (owned(one.http())?, owned(two.http())?);
-        (a > 0 && b > 0 && a + b == 4).then_some(())
+        for (processor, store) in [("profile", "profiles"), ("identity", "identity")] {
+            let (a, b) = (owned(one.http(), processor, store)?, owned(two.http(), processor, store)?);
+            if !(a > 0 && b > 0 && a + b == 4) {
+                return None;
+            }
+        }
+        Some(())
     });
     two.stop();
     produce(&kafka.bootstrap, "events.raw", &events[1_500..]);
@@ -223,5 +226,8 @@ fn two_members_split_partitions_and_hand_over_state() {
         profiles_match(one.http(), &expected)
     });
     assert_resolved_exactly_once(&kafka.bootstrap, &events);
+    let merges = tail(&kafka.bootstrap, "identity.merges", 3_000);
+    let froms: BTreeSet<String> = merges.iter().map(|m| m["value"]["from"].as_str().unwrap().to_owned()).collect();
+    assert_eq!((merges.len(), froms.len()), (30, 30), "one merge per customer, none repeated");
     one.stop();
 }
