@@ -12,6 +12,7 @@ pub mod partition;
 pub mod processor;
 pub mod profile;
 pub mod resolved;
+pub mod segments;
 pub mod store;
 pub mod task;
 pub mod topology;

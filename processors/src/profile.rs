@@ -7,28 +7,36 @@
 
 use crate::processor::{Ctx, ProcessError, Processor, Record};
 use crate::resolved::{absorbed, decode, incoming, on_merge, Kind, RESOLVED_TOPIC};
+use crate::segments::Segments;
 use crate::task::ProcessorSpec;
 use crate::topology::Topology;
 use chorus_schemas::Event;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 pub const NAME: &str = "profile";
 pub const STORE: &str = "profiles";
 pub const TOPIC: &str = "profiles";
 
-pub fn spec(_topology: &Topology) -> ProcessorSpec {
+pub const SEGMENTS_TOPIC: &str = "segments";
+
+pub fn spec(topology: &Topology) -> ProcessorSpec {
+    // Validated with the topology; a rule that does not compile matches nobody.
+    let segments = Arc::new(Segments::compile(&topology.segments).unwrap_or_else(|_| Segments::none()));
     ProcessorSpec {
         name: NAME,
         inputs: vec![RESOLVED_TOPIC.into()],
         stores: vec![STORE],
-        outputs: vec![TOPIC.into(), RESOLVED_TOPIC.into()],
-        factory: Box::new(|| Box::new(ProfileStage)),
+        outputs: vec![TOPIC.into(), SEGMENTS_TOPIC.into(), RESOLVED_TOPIC.into()],
+        factory: Box::new(move || Box::new(ProfileStage { segments: segments.clone() })),
     }
 }
 
-pub struct ProfileStage;
+pub struct ProfileStage {
+    segments: Arc<Segments>,
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Attribute {
@@ -54,6 +62,11 @@ pub struct Metrics {
     pub gross_revenue: f64,
     #[serde(default)]
     pub returns_value: f64,
+    /// `payload.category` of the latest order, by event time.
+    #[serde(default)]
+    pub last_purchase_category: Option<String>,
+    #[serde(default)]
+    pub last_purchase_at: i64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -101,6 +114,12 @@ impl Profile {
             "order.completed" => {
                 self.metrics.purchase_count += 1;
                 self.metrics.gross_revenue += event.payload_f64("total").unwrap_or(0.0);
+                if let Some(category) = event.payload.get("category").and_then(Value::as_str) {
+                    if at >= self.metrics.last_purchase_at {
+                        self.metrics.last_purchase_category = Some(category.to_owned());
+                        self.metrics.last_purchase_at = at;
+                    }
+                }
             }
             "order.returned" => self.metrics.returns_value += event.payload_f64("amount").unwrap_or(0.0),
             _ => {}
@@ -141,6 +160,12 @@ impl Profile {
         self.metrics.purchase_count += other.metrics.purchase_count;
         self.metrics.gross_revenue += other.metrics.gross_revenue;
         self.metrics.returns_value += other.metrics.returns_value;
+        if other.metrics.last_purchase_category.is_some()
+            && other.metrics.last_purchase_at > self.metrics.last_purchase_at
+        {
+            self.metrics.last_purchase_category = other.metrics.last_purchase_category.clone();
+            self.metrics.last_purchase_at = other.metrics.last_purchase_at;
+        }
         self.first_seen = self.first_seen.min(other.first_seen);
         self.last_seen = self.last_seen.max(other.last_seen);
         if other.last_channel.is_some() && other.last_channel_at > self.last_channel_at {
@@ -175,6 +200,36 @@ impl Profile {
             if m.purchase_count > 0 { round2(m.gross_revenue / m.purchase_count as f64) } else { 0.0 };
     }
 
+    /// What segment rules see as `customer`: the metrics at the top level
+    /// (`customer.lifetime_value`), the attributes as nested objects
+    /// (`customer.location.state`), identity, counts and times.
+    pub fn customer_view(&self) -> Value {
+        let mut view = Map::new();
+        for (name, attr) in &self.attributes {
+            let parts: Vec<&str> = name.split('.').collect();
+            insert_path(&mut view, &parts, attr.value.clone());
+        }
+        let m = &self.metrics;
+        for (k, v) in [
+            ("canonical_id", serde_json::json!(self.canonical_id)),
+            ("customer_id", serde_json::json!(self.customer_id)),
+            ("lifetime_value", serde_json::json!(m.lifetime_value)),
+            ("purchase_count", serde_json::json!(m.purchase_count)),
+            ("average_order_value", serde_json::json!(m.average_order_value)),
+            ("event_count", serde_json::json!(m.event_count)),
+            ("last_purchase_category", serde_json::json!(m.last_purchase_category)),
+            ("event_counts", serde_json::json!(self.event_counts)),
+            ("emails", serde_json::json!(self.identity.emails)),
+            ("phones", serde_json::json!(self.identity.phones)),
+            ("first_seen", serde_json::json!(self.first_seen)),
+            ("last_seen", serde_json::json!(self.last_seen)),
+            ("last_channel", serde_json::json!(self.last_channel)),
+        ] {
+            view.insert(k.to_owned(), v);
+        }
+        Value::Object(view)
+    }
+
     /// The record published on `profiles` and served by the API.
     pub fn snapshot(&self) -> Value {
         let attributes: Map<String, Value> =
@@ -190,6 +245,7 @@ impl Profile {
                 "purchase_count": self.metrics.purchase_count,
                 "average_order_value": self.metrics.average_order_value,
                 "event_count": self.metrics.event_count,
+                "last_purchase_category": self.metrics.last_purchase_category,
             },
             "event_counts": self.event_counts,
             "first_seen": if self.first_seen == i64::MAX { 0 } else { self.first_seen },
@@ -218,6 +274,25 @@ impl ProfileIdentity {
         let label = format!("{kind}:{value}");
         if !self.linked_ids.contains(&label) {
             self.linked_ids.push(label);
+        }
+    }
+}
+
+/// Set `a.b.c` in a JSON object, creating (or replacing non-object) parents.
+fn insert_path(map: &mut Map<String, Value>, path: &[&str], value: Value) {
+    match path {
+        [] => {}
+        [last] => {
+            map.insert((*last).to_owned(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = map.entry((*first).to_owned()).or_insert_with(|| Value::Object(Map::new()));
+            if !entry.is_object() {
+                *entry = Value::Object(Map::new());
+            }
+            if let Value::Object(inner) = entry {
+                insert_path(inner, rest, value);
+            }
         }
     }
 }
@@ -272,6 +347,20 @@ impl Processor for ProfileStage {
 impl ProfileStage {
     fn save(&self, ctx: &mut Ctx<'_>, mut profile: Profile) -> Result<(), ProcessError> {
         profile.updated_at = ctx.now;
+        let now_in = self.segments.evaluate(&profile.customer_view());
+        for (name, change) in profile
+            .segments
+            .iter()
+            .filter(|s| !now_in.contains(s))
+            .map(|s| (s, "exited"))
+            .chain(now_in.iter().filter(|s| !profile.segments.contains(s)).map(|s| (s, "entered")))
+        {
+            ctx.count("segment_changes", change);
+            let record = serde_json::json!({"canonical_id": profile.canonical_id, "customer_id": profile.customer_id,
+                "segment": name, "change": change, "at": ctx.now});
+            ctx.emit_json(SEGMENTS_TOPIC, &profile.canonical_id, &record)?;
+        }
+        profile.segments = now_in;
         ctx.put_json(STORE, &profile.canonical_id, &profile)?;
         ctx.emit_json(TOPIC, &profile.canonical_id, &profile.snapshot())
     }

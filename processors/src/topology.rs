@@ -104,6 +104,8 @@ pub struct Topology {
     pub context: ContextConfig,
     pub consent: ConsentConfig,
     pub orchestration: OrchestrationConfig,
+    /// Named rule expressions over the customer; membership changes go to `segments`.
+    pub segments: Vec<crate::segments::SegmentRule>,
     pub state: StateConfig,
 }
 
@@ -224,6 +226,7 @@ impl Default for Topology {
             context: ContextConfig::default(),
             consent: ConsentConfig::default(),
             orchestration: OrchestrationConfig::default(),
+            segments: crate::segments::default_rules(),
             state: StateConfig::default(),
         }
     }
@@ -425,6 +428,20 @@ impl Topology {
         if self.orchestration.categories.is_empty() {
             errors.push(err("orchestration.categories", "must declare at least one category"));
         }
+        for (i, seg) in self.segments.iter().enumerate() {
+            if !is_identifier_type(&seg.name) {
+                errors.push(err(
+                    format!("segments[{i}].name"),
+                    format!("{:?} is not a valid segment name (lower-case letters, digits, _)", seg.name),
+                ));
+            }
+            if self.segments[..i].iter().any(|o| o.name == seg.name) {
+                errors.push(err(format!("segments[{i}].name"), format!("{:?} is declared twice", seg.name)));
+            }
+            if let Err((_, message)) = crate::segments::Segments::compile(std::slice::from_ref(seg)) {
+                errors.push(err(format!("segments[{i}].rule"), message));
+            }
+        }
         if self.state.block_cache_mb == 0 || self.state.write_buffer_mb == 0 {
             errors.push(err("state", "block_cache_mb and write_buffer_mb must be positive"));
         }
@@ -515,6 +532,7 @@ mod tests {
         assert_eq!(shipped.identity.blocked_values, defaults.identity.blocked_values);
         assert_eq!(shipped.identity.probabilistic.fields, defaults.identity.probabilistic.fields);
         assert_eq!(shipped.identity.probabilistic.blocking, defaults.identity.probabilistic.blocking);
+        assert_eq!(shipped.segments, defaults.segments);
     }
 
     #[test]
@@ -530,6 +548,10 @@ mod tests {
         let paths: Vec<_> = e.iter().map(|e| e.path.as_str()).collect();
         assert!(paths.contains(&"topics.partitions.consent"), "{paths:?}");
         assert!(paths.contains(&"topics.partitions.nope"), "{paths:?}");
+
+        let e =
+            Topology::from_yaml_str("segments:\n  - {name: vip, rule: \"customer.lifetime_value >\"}\n").unwrap_err();
+        assert_eq!(e[0].path, "segments[0].rule");
 
         let e = Topology::from_yaml_str("consent:\n  defaults:\n    telepathy: true\n").unwrap_err();
         assert_eq!(e[0].path, "consent.defaults.telepathy");

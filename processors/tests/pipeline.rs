@@ -351,7 +351,7 @@ fn every_output_round_trips_through_its_avro_schema() {
         ),
     );
     let mut identify = event("l1", "identify", T0 + 2, json!({"customer_id": "c1", "anonymous_id": "a1"}), json!({}));
-    identify["traits"] = json!({"name": "Ann", "address": {"city": "Brisbane"}});
+    identify["traits"] = json!({"name": "Ann", "address": {"city": "Brisbane"}, "location": {"state": "QLD"}});
     send(&mut d, &identify);
     d.pipe("events.raw", b"k", Some(b"nope".to_vec()), 0);
     d.pipe_json("messages.requests", "c1", &json!({"request_id": "r1", "timestamp": ts(T0 + 3), "customer_id": "c1", "category": "transactional", "channels": ["email"], "variables": {"order": "o1"}}), 0);
@@ -366,6 +366,7 @@ fn every_output_round_trips_through_its_avro_schema() {
         "context",
         "decisions.email",
         "decisions.suppressed",
+        "segments",
     ];
     for topic in topics {
         let records = d.read(topic);
@@ -405,4 +406,36 @@ fn avro_events_are_accepted_and_corrupt_avro_goes_to_the_dlq() {
     let dlq: Vec<Value> = d.read("events.dlq").iter().map(|r| r.json().unwrap()).collect();
     assert_eq!(dlq.len(), 1);
     assert_eq!(dlq[0]["reason"], "invalid_avro");
+}
+
+/// Segments follow the profile: entered when the rule starts to hold, exited when it
+/// stops, listed on the profile; the seed's rules work as written.
+#[test]
+fn segments_are_entered_and_exited_as_the_profile_changes() {
+    let mut d = TestDriver::new(topology(1, 3), 11);
+    let order = |id: &str, at: i64, total: f64, category: &str| {
+        event(id, "order.completed", at, json!({"customer_id": "vip"}), json!({"total": total, "category": category}))
+    };
+    send(&mut d, &order("o1", T0, 6000.0, "books"));
+    send(&mut d, &order("o2", T0 + 1, 5000.0, "outdoor"));
+    d.run().unwrap();
+    let mut identify = event("t1", "identify", T0 + 2, json!({"customer_id": "vip"}), json!({}));
+    identify["traits"] = json!({"location": {"state": "QLD"}});
+    send(&mut d, &identify);
+    d.run().unwrap();
+    let profile = profile_of(&d, "vip");
+    assert_eq!(profile["segments"], json!(["high_value", "outdoor_enthusiast", "queensland"]));
+    // A return brings lifetime value to 10,000: no longer above it.
+    send(&mut d, &event("r1", "order.returned", T0 + 3, json!({"customer_id": "vip"}), json!({"amount": 1000.0})));
+    d.run().unwrap();
+    assert_eq!(profile_of(&d, "vip")["segments"], json!(["outdoor_enthusiast", "queensland"]));
+    let changes: Vec<(String, String)> = d
+        .read("segments")
+        .iter()
+        .filter_map(|r| r.json())
+        .map(|v| (v["segment"].as_str().unwrap().to_owned(), v["change"].as_str().unwrap().to_owned()))
+        .collect();
+    let count = |seg: &str, change: &str| changes.iter().filter(|(s, c)| s == seg && c == change).count();
+    assert_eq!((count("high_value", "entered"), count("high_value", "exited")), (1, 1));
+    assert_eq!((count("outdoor_enthusiast", "entered"), count("queensland", "entered")), (1, 1));
 }
