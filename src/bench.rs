@@ -447,11 +447,11 @@ pub async fn bench_identity(args: IdentityBenchArgs) -> Result<()> {
     let mut events = Vec::with_capacity(n);
     for r in &records {
         let event = chorus_schemas::Event::from_json(&r.event).map_err(|e| anyhow!("invalid event: {e}"))?;
-        let key = crate::http::event_key(&topology, &event);
+        // Keyed by its most specific identifier, as `POST /v1/events` keys it.
         let anchor = chorus_processors::identity::partition_key(&topology.identity, &event)
             .ok_or_else(|| anyhow!("event {} has no usable identifier", event.event_id))?;
-        entity_of.insert(anchor, r.entity.clone());
-        events.push((key, r.event.to_string().into_bytes()));
+        entity_of.insert(anchor.clone(), r.entity.clone());
+        events.push((anchor, r.event.to_string().into_bytes()));
     }
     let pass_rate = passthrough_rate(&producer, &config, args.partitions, events.clone().into_iter()).await?;
     produce_all(&producer, EVENTS_RAW, events.into_iter()).await?;

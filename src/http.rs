@@ -210,7 +210,7 @@ async fn get_identity(State(state): State<ApiState>, Path((kind, value)): Path<(
             return response;
         }
     };
-    let lookup = state.local.identity(&state.topology, &id.label());
+    let lookup = state.local.identity(&id.label());
     lookup_response("/v1/identity", "customer", &id.label(), lookup)
 }
 
@@ -242,7 +242,7 @@ async fn unlink(state: &ApiState, body: &[u8]) -> Result<Value, ApiError> {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("expected {{\"type\", \"value\"}}: {e}"))
     })?;
     let id = parse_identifier(&state.topology, &request.kind, &request.value)?;
-    let current = match state.local.identity(&state.topology, &id.label()) {
+    let current = match state.local.identity(&id.label()) {
         Lookup::Found(v) => v,
         Lookup::Unknown => {
             return Err(ApiError::new(

@@ -41,12 +41,7 @@ impl Metrics {
         self.business.with_label_values(&[processor, name, label]).inc();
         let id = &self.identity;
         match name {
-            "resolved" => {
-                id.resolved.with_label_values(&[label]).inc();
-                let known = id.resolved.with_label_values(&["known"]).get() as f64;
-                let anonymous = id.resolved.with_label_values(&["anonymous"]).get() as f64;
-                id.resolution_rate.set(known / (known + anonymous).max(1.0));
-            }
+            "resolved" => id.resolved.with_label_values(&[label]).inc(),
             "merges" => id.merges.with_label_values(&[label]).inc(),
             "guard_refusals" => id.guard_refusals.with_label_values(&[label]).inc(),
             "identifier_refusals" => id.identifier_refusals.with_label_values(&[label]).inc(),
@@ -56,23 +51,23 @@ impl Metrics {
     }
 }
 
+/// Register a metric whose definition is fixed in this file (valid by construction).
+fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: prometheus::Result<C>) -> C {
+    let metric = metric.expect("valid metric definition");
+    registry.register(Box::new(metric.clone())).expect("metric registered once");
+    metric
+}
+
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-    registry.register(Box::new(c.clone())).expect("metric registered once");
-    c
+    register(registry, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
 fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
-    let h =
-        HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid metric definition");
-    registry.register(Box::new(h.clone())).expect("metric registered once");
-    h
+    register(registry, HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels))
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-    registry.register(Box::new(g.clone())).expect("metric registered once");
-    g
+    register(registry, IntGaugeVec::new(Opts::new(name, help), labels))
 }
 
 const LATENCY_BUCKETS: [f64; 14] =
@@ -112,20 +107,17 @@ pub fn metrics() -> &'static Metrics {
                 merges: counter(&registry, "identity_merges_total", "Customers merged, by rule", &["rule"]),
                 guard_refusals: counter(&registry, "identity_guard_refusals_total", "Links refused by a guard", &["guard"]),
                 identifier_refusals: counter(&registry, "identity_identifier_refusals_total", "Identifiers not used: unknown type, placeholder, bad shape, too long", &["reason"]),
-                component_size: {
-                    let h = prometheus::Histogram::with_opts(
+                component_size: register(
+                    &registry,
+                    prometheus::Histogram::with_opts(
                         HistogramOpts::new("identity_component_size", "Identifiers per customer, observed each time a customer is created or grows")
                             .buckets(vec![1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0]),
-                    )
-                    .expect("valid metric definition");
-                    registry.register(Box::new(h.clone())).expect("metric registered once");
-                    h
-                },
-                resolution_rate: {
-                    let g = prometheus::Gauge::new("identity_resolution_rate", "Share of inputs resolved to a known customer since this process started").expect("valid metric definition");
-                    registry.register(Box::new(g.clone())).expect("metric registered once");
-                    g
-                },
+                    ),
+                ),
+                resolution_rate: register(
+                    &registry,
+                    prometheus::Gauge::new("identity_resolution_rate", "Share of inputs resolved to a known customer since this process started"),
+                ),
             },
             registry,
         }
@@ -133,6 +125,11 @@ pub fn metrics() -> &'static Metrics {
 }
 
 pub fn render() -> String {
+    // Derived at scrape time, not on every resolved input.
+    let id = &metrics().identity;
+    let known = id.resolved.with_label_values(&["known"]).get() as f64;
+    let anonymous = id.resolved.with_label_values(&["anonymous"]).get() as f64;
+    id.resolution_rate.set(known / (known + anonymous).max(1.0));
     let families = metrics().registry.gather();
     TextEncoder::new().encode_to_string(&families).unwrap_or_default()
 }

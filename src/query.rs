@@ -128,7 +128,7 @@ impl LocalStores {
 
     /// `GET /v1/identity/{type}/{value}`: the customer holding an identifier, every
     /// identifier linked to it with how, and its merge history.
-    pub fn identity(&self, topology: &Topology, label: &str) -> Lookup<Value> {
+    pub fn identity(&self, label: &str) -> Lookup<Value> {
         let dbs = self.dbs(identity::NAME);
         if dbs.is_empty() {
             return Lookup::NotLocal;
@@ -144,7 +144,6 @@ impl LocalStores {
         else {
             return Lookup::Unknown;
         };
-        let _ = topology;
         Lookup::Found(serde_json::json!({
             "identifier": label,
             "canonical_id": comp.canonical_id,

@@ -6,6 +6,9 @@ use chorus_processors::identity::config::IdentityConfig;
 use chorus_processors::identity::{Component, IdState, Identifier};
 use chorus_processors::topology::{Clock, Topology};
 use chorus_processors::TestDriver;
+mod common;
+
+use common::find;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -182,16 +185,6 @@ impl GraphView {
         }
         Ok(members)
     }
-}
-
-fn find(parent: &mut BTreeMap<String, String>, x: &str) -> String {
-    let p = parent.get(x).cloned().unwrap_or_else(|| x.to_owned());
-    if p == x {
-        return p;
-    }
-    let root = find(parent, &p);
-    parent.insert(x.to_owned(), root.clone());
-    root
 }
 
 /// Sets of identifier labels, one per component, in a canonical order.

@@ -2,6 +2,9 @@
 
 use chorus_processors::topology::{Clock, Topology};
 use chorus_processors::TestDriver;
+mod common;
+
+use common::find;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -251,16 +254,6 @@ fn traits_rectify_by_event_time() {
 /// A customer's events: (customer index, anonymous index, kind, amount).
 fn arb_stream() -> impl Strategy<Value = Vec<(u8, u8, u8, u16, bool)>> {
     prop::collection::vec((0u8..6, 0u8..8, 0u8..4, 1u16..500, any::<bool>()), 1..60)
-}
-
-fn find(parent: &mut BTreeMap<String, String>, x: &str) -> String {
-    let p = parent.get(x).cloned().unwrap_or_else(|| x.to_owned());
-    if p == x {
-        return p;
-    }
-    let root = find(parent, &p);
-    parent.insert(x.to_owned(), root.clone());
-    root
 }
 
 proptest! {

@@ -700,26 +700,27 @@ impl Graph<'_> {
         self.save_comp(ctx, &comp)?;
         self.emit_graph(ctx, &id, &canonical, &evidence.rule, at)?;
         if became_known {
-            self.announce_customer_id(ctx, at, &comp, Some(&id))?;
+            // The others learn the business id; `id` learns it from the answer.
+            self.repoint(ctx, at, &comp, comp.identifiers.iter().filter(|l| l.kind != id.kind || l.value != id.value))?;
         }
         send(ctx, at, Msg::Joined { id, canonical, customer_id: comp.customer_id })
     }
 
-    /// Tell every identifier of `comp` (but `skip`) its customer's business id.
-    fn announce_customer_id(
+    /// Tell identifiers (of `comp`) their customer: its canonical id and business id.
+    fn repoint<'l>(
         &self,
         ctx: &mut Ctx<'_>,
         at: i64,
         comp: &Component,
-        skip: Option<&Identifier>,
+        identifiers: impl Iterator<Item = &'l LinkedIdentifier>,
     ) -> Result<(), ProcessError> {
-        for linked in &comp.identifiers {
-            let id = linked.identifier();
-            if Some(&id) != skip {
-                let msg =
-                    Msg::Repoint { id, canonical: comp.canonical_id.clone(), customer_id: comp.customer_id.clone() };
-                send(ctx, at, msg)?;
-            }
+        for linked in identifiers {
+            let msg = Msg::Repoint {
+                id: linked.identifier(),
+                canonical: comp.canonical_id.clone(),
+                customer_id: comp.customer_id.clone(),
+            };
+            send(ctx, at, msg)?;
         }
         Ok(())
     }
@@ -819,18 +820,10 @@ impl Graph<'_> {
         };
         comp.history.push(record.clone());
         self.save_comp(ctx, &comp)?;
-        if became_known {
-            self.announce_customer_id(ctx, at, &comp, None)?;
-        } else {
-            for linked in &from.identifiers {
-                let msg = Msg::Repoint {
-                    id: linked.identifier(),
-                    canonical: into.clone(),
-                    customer_id: comp.customer_id.clone(),
-                };
-                send(ctx, at, msg)?;
-            }
-        }
+        // The absorbed identifiers move here; if the customer just got a business id,
+        // its own identifiers learn it too.
+        let moved = if became_known { &comp.identifiers } else { &from.identifiers };
+        self.repoint(ctx, at, &comp, moved.iter())?;
         for linked in &from.identifiers {
             self.emit_graph(ctx, &linked.identifier(), &into, &linked.rule, linked.first_seen)?;
         }

@@ -191,6 +191,21 @@ impl Identity {
         graph::send(ctx, at, msg)
     }
 
+    /// Resolve a message request or consent change by the identifiers it names.
+    fn resolve_named(
+        &self,
+        ctx: &mut Ctx<'_>,
+        what: &str,
+        kind: Kind,
+        named: Vec<(&str, &str)>,
+        body: Value,
+        at: i64,
+    ) -> Result<(), ProcessError> {
+        let extracted = self.extract(ctx, named);
+        self.require_identifiers(what, &extracted)?;
+        self.resolve(ctx, at, ResolveMsg::new(kind, extracted.identifiers, body))
+    }
+
     fn on_event(&mut self, ctx: &mut Ctx<'_>, json: &Value) -> Result<(), ProcessError> {
         let mut event = Event::from_json(json).map_err(|e| ProcessError::reject("invalid_event", e.to_string()))?;
         ctx.observe_event_time(event.timestamp_ms);
@@ -257,11 +272,9 @@ impl Identity {
                 format!("channel {bad:?} is not one of {:?}", orchestration.channels),
             ));
         }
-        let extracted = self.extract(ctx, named(request.customer_id.as_deref(), &request.identifiers));
-        self.require_identifiers("the request", &extracted)?;
         let body = serde_json::to_value(&request).unwrap_or(Value::Null);
-        let resolve = ResolveMsg::new(Kind::Request, extracted.identifiers, body);
-        self.resolve(ctx, request.timestamp_ms, resolve)
+        let named = named(request.customer_id.as_deref(), &request.identifiers);
+        self.resolve_named(ctx, "the request", Kind::Request, named, body, request.timestamp_ms)
     }
 
     fn on_consent(&mut self, ctx: &mut Ctx<'_>, json: &Value) -> Result<(), ProcessError> {
@@ -274,11 +287,9 @@ impl Identity {
                 format!("purpose {:?} is not one of {:?}", change.purpose, self.topology.consent.purposes),
             ));
         }
-        let extracted = self.extract(ctx, named(change.customer_id.as_deref(), &change.identifiers));
-        self.require_identifiers("the consent change", &extracted)?;
         let body = serde_json::to_value(&change).unwrap_or(Value::Null);
-        let resolve = ResolveMsg::new(Kind::Consent, extracted.identifiers, body);
-        self.resolve(ctx, change.timestamp_ms, resolve)
+        let named = named(change.customer_id.as_deref(), &change.identifiers);
+        self.resolve_named(ctx, "the consent change", Kind::Consent, named, body, change.timestamp_ms)
     }
 
     /// A tick reaches every partition of `events.raw`; each identity task forwards it to
