@@ -444,21 +444,23 @@ impl Graph<'_> {
         let founder = r.identifiers.iter().position(|id| self.merges(id));
         let anchor_ok = st.canonical.is_some() && (r.create || founder.is_none() || self.merges(&here));
         if !anchor_ok {
-            if !r.create && r.probe + 1 < r.identifiers.len() {
+            // On to the next identifier or, when nobody is known, back to the owner of the
+            // most specific identifier that may merge, which creates the customer.
+            let founder = founder.unwrap_or(0);
+            let next = if !r.create && r.probe + 1 < r.identifiers.len() {
+                Some((r.probe + 1, false))
+            } else {
+                (r.probe != founder).then_some((founder, true))
+            };
+            if let Some((probe, create)) = next {
+                // Passed over while unknown: frozen until the link this input owes it.
                 if st.canonical.is_none() {
                     st.pending = Some(Pending::Probe);
                     self.save_id(ctx, &here, &st)?;
                     r.frozen.push(here.label());
                 }
-                r.probe += 1;
-                return send(ctx, at, Msg::Resolve(Box::new(r)));
-            }
-            // Nobody known: the customer is created by the owner of the most specific
-            // identifier that may merge.
-            let founder = founder.unwrap_or(0);
-            if r.probe != founder {
-                r.probe = founder;
-                r.create = true;
+                r.probe = probe;
+                r.create = create;
                 return send(ctx, at, Msg::Resolve(Box::new(r)));
             }
         }
