@@ -41,7 +41,16 @@ pub struct Session {
     pub started: i64,
     pub last_activity: i64,
     pub expires_at: i64,
+    /// Categories viewed in this session, most recent first (recommendations boost them).
+    #[serde(default)]
+    pub categories: Vec<String>,
 }
+
+/// Open offers kept per customer.
+const MAX_OFFERS: usize = 20;
+
+/// Categories remembered per session.
+const SESSION_CATEGORIES: usize = 10;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CartItem {
@@ -86,9 +95,21 @@ pub struct SupportCase {
     pub transcript: Vec<TranscriptLine>,
 }
 
+/// An offer shown to the customer and not yet redeemed, dismissed or expired.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Offer {
+    pub offer_id: String,
+    pub channel: Option<String>,
+    pub presented_at: i64,
+    pub expires_at: i64,
+    pub details: Value,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Engagements {
     pub support_case: Option<SupportCase>,
+    #[serde(default)]
+    pub offers: Vec<Offer>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -111,7 +132,12 @@ impl CustomerContext {
 
     /// Drop what has expired at `now`. Returns whether anything changed.
     pub fn expire(&mut self, now: i64, config: &ContextConfig) -> bool {
-        let before = (self.session.is_some(), self.cart.is_some(), self.recent_interactions.len());
+        let before = (
+            self.session.is_some(),
+            self.cart.is_some(),
+            self.recent_interactions.len(),
+            self.engagements.offers.len(),
+        );
         if self.session.as_ref().is_some_and(|s| s.expires_at <= now) {
             self.session = None;
         }
@@ -120,7 +146,14 @@ impl CustomerContext {
         }
         let ttl = config.recent_interactions.ttl.ms();
         self.recent_interactions.retain(|i| i.at.saturating_add(ttl) > now);
-        before != (self.session.is_some(), self.cart.is_some(), self.recent_interactions.len())
+        self.engagements.offers.retain(|o| o.expires_at > now);
+        before
+            != (
+                self.session.is_some(),
+                self.cart.is_some(),
+                self.recent_interactions.len(),
+                self.engagements.offers.len(),
+            )
     }
 
     pub fn is_empty(&self) -> bool {
@@ -128,6 +161,7 @@ impl CustomerContext {
             && self.cart.is_none()
             && self.recent_interactions.is_empty()
             && self.engagements.support_case.is_none()
+            && self.engagements.offers.is_empty()
     }
 
     /// The earliest time something in here expires.
@@ -137,6 +171,7 @@ impl CustomerContext {
             self.session.as_ref().map(|s| s.expires_at),
             self.cart.as_ref().map(|c| c.expires_at),
             self.recent_interactions.iter().map(|i| i.at.saturating_add(ttl)).min(),
+            self.engagements.offers.iter().map(|o| o.expires_at).min(),
         ]
         .into_iter()
         .flatten()
@@ -167,6 +202,33 @@ impl CustomerContext {
                 };
                 if closes {
                     self.engagements.support_case = None;
+                }
+            }
+            "offer.presented" => {
+                let offer_id = event.payload_str("offer_id").unwrap_or(&event.event_id).to_owned();
+                let default_expiry = at.saturating_add(config.offer_ttl.ms());
+                let expires_at = event
+                    .payload_str("expires_at")
+                    .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                    .map_or(default_expiry, |t| t.as_millisecond().min(default_expiry));
+                let offers = &mut self.engagements.offers;
+                offers.retain(|o| o.offer_id != offer_id);
+                offers.push(Offer {
+                    offer_id,
+                    channel: event.channel.clone(),
+                    presented_at: at,
+                    expires_at,
+                    details: event.payload.clone(),
+                });
+                offers.sort_by_key(|o| o.presented_at);
+                if offers.len() > MAX_OFFERS {
+                    let excess = offers.len() - MAX_OFFERS;
+                    offers.drain(..excess);
+                }
+            }
+            "offer.redeemed" | "offer.dismissed" => {
+                if let Some(id) = event.payload_str("offer_id") {
+                    self.engagements.offers.retain(|o| o.offer_id != id);
                 }
             }
             "chat.message" | "call.completed" => {
@@ -200,6 +262,19 @@ impl CustomerContext {
     }
 
     fn touch_session(&mut self, event: &Event, config: &ContextConfig) {
+        self.touch_session_times(event, config);
+        let viewed = matches!(
+            event.event_type.as_str(),
+            "product.viewed" | "page.viewed" | "screen.viewed" | "content.viewed" | "cart.item_added"
+        );
+        if let (true, Some(category), Some(s)) = (viewed, event.payload_str("category"), self.session.as_mut()) {
+            s.categories.retain(|c| c != category);
+            s.categories.insert(0, category.to_owned());
+            s.categories.truncate(SESSION_CATEGORIES);
+        }
+    }
+
+    fn touch_session_times(&mut self, event: &Event, config: &ContextConfig) {
         let at = event.timestamp_ms;
         let timeout = config.session_timeout.ms();
         let continues = match (&self.session, &event.session_id) {
@@ -226,6 +301,7 @@ impl CustomerContext {
                 started: at,
                 last_activity: at,
                 expires_at: at.saturating_add(timeout),
+                categories: Vec::new(),
             });
         }
     }
@@ -298,6 +374,12 @@ impl CustomerContext {
         if self.engagements.support_case.is_none() {
             self.engagements.support_case = other.engagements.support_case;
         }
+        for offer in other.engagements.offers {
+            if !self.engagements.offers.iter().any(|o| o.offer_id == offer.offer_id) {
+                self.engagements.offers.push(offer);
+            }
+        }
+        self.engagements.offers.sort_by_key(|o| o.presented_at);
     }
 
     /// The record published on `context` and served by the API.
@@ -343,7 +425,7 @@ impl Processor for ContextStage {
                 context.expire(ctx.now, &self.config);
                 self.save(ctx, context)
             }
-            Kind::Request | Kind::Consent | Kind::Tick => Ok(()),
+            Kind::Request | Kind::Consent | Kind::Tick | Kind::Recommendations => Ok(()),
         }
     }
 

@@ -182,7 +182,7 @@ impl Processor for Orchestrator {
                 state.absorb(other);
                 ctx.put_json(CONSENT_STORE, &id, &state)
             }
-            Kind::Event | Kind::Tick => Ok(()),
+            Kind::Event | Kind::Tick | Kind::Recommendations => Ok(()),
         }
     }
 }

@@ -23,6 +23,9 @@ pub enum Kind {
     Absorb,
     /// Moves event time forward on this partition.
     Tick,
+    /// `body` is the customer's precomputed recommendations (or null to clear them);
+    /// addressed to the profile stage.
+    Recommendations,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,10 +1,8 @@
 //! Segments: named rule expressions over a customer (`customer.lifetime_value > 10000`,
 //! `customer.last_purchase_category == "outdoor"`, `customer.location.state == "QLD"`),
-//! evaluated on every profile change. The expression language is Jinja's (minijinja):
-//! attribute access, comparisons, `and` / `or` / `not`, `in`, arithmetic, filters such as
-//! `| length` and `| lower`. A missing attribute is undefined and compares false.
+//! evaluated on every profile change (see [`crate::rules`] for the expression language).
 
-use minijinja::Environment;
+use crate::rules::RuleSet;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -17,42 +15,27 @@ pub struct SegmentRule {
     pub rule: String,
 }
 
-/// The segment rules of a topology, compiled once (each as a template
-/// `{% if <rule> %}1{% endif %}` kept by the environment).
+/// The segment rules of a topology, compiled once.
 pub struct Segments {
-    env: Environment<'static>,
+    rules: RuleSet,
     names: Vec<String>,
 }
 
 impl Segments {
     /// Compile every rule; the error names the rule's index and what is wrong.
     pub fn compile(rules: &[SegmentRule]) -> Result<Segments, (usize, String)> {
-        let mut env = Environment::new();
-        for (i, r) in rules.iter().enumerate() {
-            env.compile_expression(&r.rule).map_err(|e| (i, e.to_string()))?;
-            env.add_template_owned(format!("segment:{i}"), format!("{{% if {} %}}1{{% endif %}}", r.rule))
-                .map_err(|e| (i, e.to_string()))?;
-        }
-        Ok(Segments { env, names: rules.iter().map(|r| r.name.clone()).collect() })
+        let compiled = RuleSet::compile(rules.iter().map(|r| r.rule.as_str()))?;
+        Ok(Segments { rules: compiled, names: rules.iter().map(|r| r.name.clone()).collect() })
     }
 
     /// No segments at all.
     pub fn none() -> Segments {
-        Segments { env: Environment::new(), names: Vec::new() }
+        Segments { rules: RuleSet::empty(), names: Vec::new() }
     }
 
-    /// The segments `customer` belongs to, in rule order. A rule that fails to evaluate
-    /// (a type error on this customer's data) does not match.
+    /// The segments `customer` belongs to, in rule order.
     pub fn evaluate(&self, customer: &Value) -> Vec<String> {
-        let ctx = minijinja::context! { customer => minijinja::Value::from_serialize(customer) };
-        self.names
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| {
-                self.env.get_template(&format!("segment:{i}")).and_then(|t| t.render(&ctx)).is_ok_and(|out| out == "1")
-            })
-            .map(|(_, name)| name.clone())
-            .collect()
+        self.rules.matching(&[("customer", customer)]).into_iter().filter_map(|i| self.names.get(i).cloned()).collect()
     }
 }
 

@@ -106,6 +106,10 @@ pub struct Topology {
     pub orchestration: OrchestrationConfig,
     /// Named rule expressions over the customer; membership changes go to `segments`.
     pub segments: Vec<crate::segments::SegmentRule>,
+    /// How events update the Customer 360 profile; churn model.
+    pub profile: crate::profile::config::ProfileConfig,
+    /// Rules, next best action, content variants, recommendations.
+    pub personalisation: crate::personalisation::PersonalisationConfig,
     pub state: StateConfig,
 }
 
@@ -137,6 +141,9 @@ pub struct DedupeConfig {
 pub struct ContextConfig {
     pub session_timeout: Duration,
     pub cart_ttl: Duration,
+    /// An offer presented to the customer stays open this long unless redeemed or
+    /// dismissed (or until its own `expires_at`).
+    pub offer_ttl: Duration,
     pub recent_interactions: RecentConfig,
 }
 
@@ -207,6 +214,9 @@ pub const DEFAULT_EVENT_TYPES: &[&str] = &[
     "complaint.filed",
     "chat.message",
     "call.completed",
+    "offer.presented",
+    "offer.redeemed",
+    "offer.dismissed",
     "system.tick",
 ];
 
@@ -227,6 +237,8 @@ impl Default for Topology {
             consent: ConsentConfig::default(),
             orchestration: OrchestrationConfig::default(),
             segments: crate::segments::default_rules(),
+            profile: Default::default(),
+            personalisation: Default::default(),
             state: StateConfig::default(),
         }
     }
@@ -255,6 +267,7 @@ impl Default for ContextConfig {
         ContextConfig {
             session_timeout: Duration::minutes(30),
             cart_ttl: Duration::days(7),
+            offer_ttl: Duration::days(7),
             recent_interactions: RecentConfig::default(),
         }
     }
@@ -314,6 +327,8 @@ pub const EVENTS_RAW: &str = "events.raw";
 pub const MESSAGES_REQUESTS: &str = "messages.requests";
 pub const CONSENT: &str = "consent";
 pub const EVENTS_RESOLVED: &str = "events.resolved";
+/// Precomputed recommendations per canonical id (compacted input of the profile stage).
+pub const RECOMMENDATIONS: &str = "recommendations";
 /// The identity stage's internal topic: link, join and merge messages between the
 /// owners of identifiers and of customers. Always as many partitions as `events.raw`.
 pub const IDENTITY_REPARTITION: &str = "chorus-identity-repartition";
@@ -377,6 +392,15 @@ impl Topology {
                 ));
             }
         }
+        let resolved = self.partitions_of(EVENTS_RESOLVED);
+        if self.partitions_of(RECOMMENDATIONS) != resolved {
+            errors.push(err(
+                format!("topics.partitions.{RECOMMENDATIONS}"),
+                format!(
+                    "must equal events.resolved's partition count ({resolved}): the profile stage reads them co-partitioned"
+                ),
+            ));
+        }
         if self.limits.max_record_bytes < 1024 {
             errors.push(err("limits.max_record_bytes", "must be at least 1024"));
         }
@@ -386,6 +410,7 @@ impl Topology {
         for (path, d) in [
             ("context.session_timeout", self.context.session_timeout),
             ("context.cart_ttl", self.context.cart_ttl),
+            ("context.offer_ttl", self.context.offer_ttl),
             ("context.recent_interactions.ttl", self.context.recent_interactions.ttl),
         ] {
             if d.ms() <= 0 {
@@ -442,6 +467,9 @@ impl Topology {
                 errors.push(err(format!("segments[{i}].rule"), message));
             }
         }
+        self.profile.validate(&self.event_types, &mut errors);
+        let segment_names: Vec<String> = self.segments.iter().map(|s| s.name.clone()).collect();
+        self.personalisation.validate(&segment_names, &mut errors);
         if self.state.block_cache_mb == 0 || self.state.write_buffer_mb == 0 {
             errors.push(err("state", "block_cache_mb and write_buffer_mb must be positive"));
         }
@@ -500,6 +528,11 @@ impl Topology {
         self
     }
 
+    /// Consent to `purpose` before any consent record.
+    pub fn default_consent(&self, purpose: &str) -> bool {
+        self.consent.defaults.get(purpose).copied().unwrap_or(false)
+    }
+
     pub fn is_known_event_type(&self, event_type: &str) -> bool {
         self.event_types.iter().any(|t| t == event_type)
     }
@@ -533,6 +566,8 @@ mod tests {
         assert_eq!(shipped.identity.probabilistic.fields, defaults.identity.probabilistic.fields);
         assert_eq!(shipped.identity.probabilistic.blocking, defaults.identity.probabilistic.blocking);
         assert_eq!(shipped.segments, defaults.segments);
+        assert_eq!(shipped.profile, defaults.profile);
+        assert_eq!(shipped.personalisation, defaults.personalisation);
     }
 
     #[test]

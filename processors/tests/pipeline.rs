@@ -247,7 +247,8 @@ fn traits_rectify_by_event_time() {
     d.run().unwrap();
     let p = profile_of(&d, "c1");
     assert_eq!(p["attributes"]["name"], "Ann Smith");
-    assert_eq!(p["attributes"]["location.state"], "QLD");
+    assert_eq!(p["attributes"]["location"]["state"], "QLD");
+    assert_eq!(p["attribute_sources"]["location.state"]["at"], T0 + 10);
     assert_eq!(p["identity"]["emails"][0], "ann@example.com");
 }
 

@@ -1,0 +1,399 @@
+//! Personalisation (the seed's "Personalisation Architecture"): rule-based actions
+//! (`if: customer.lifetime_value > 10000, then: show_premium_collection`), the next best
+//! action (first rule that holds), segment content variants, and hybrid
+//! recommendations — a precomputed per-customer list from the compacted
+//! `recommendations` topic, adjusted in real time by context (purchased and in-cart
+//! items dropped, categories viewed in the current session boosted) and filled from
+//! per-category popularity counted in-stream. Without `personalisation` consent every
+//! answer is the generic one, and says so.
+
+use crate::rules::RuleSet;
+use crate::topology::{ConfigError, Duration};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+
+pub const CONSENT_PURPOSE: &str = "personalisation";
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PersonalisationConfig {
+    /// Every rule that holds adds its action.
+    pub rules: Vec<ActionRule>,
+    /// The first rule that holds is the next best action.
+    pub next_best_action: Vec<ActionRule>,
+    /// Content per slot for customers in a segment; the first listed segment the
+    /// customer is in wins, per slot.
+    pub variants: Vec<Variant>,
+    /// Content per slot when no variant applies (and without consent).
+    pub default_content: BTreeMap<String, String>,
+    pub recommendations: RecommendationConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionRule {
+    /// An expression over `customer` and `context`.
+    #[serde(rename = "if")]
+    pub condition: String,
+    pub then: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Variant {
+    pub segment: String,
+    pub content: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecommendationConfig {
+    /// Items per answer.
+    pub size: usize,
+    /// Score factor for items of a category viewed in the current session.
+    pub session_boost: f64,
+    /// Popularity halves every `half_life` without new interest.
+    pub half_life: Duration,
+    /// Products kept per category (and overall) in the popularity tables.
+    pub per_category: usize,
+    /// Event type → popularity weight of the product it names.
+    pub weights: BTreeMap<String, f64>,
+}
+
+impl Default for RecommendationConfig {
+    fn default() -> Self {
+        let weights = [("product.viewed", 1.0), ("cart.item_added", 3.0), ("order.completed", 5.0)]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        RecommendationConfig { size: 10, session_boost: 1.5, half_life: Duration::days(7), per_category: 50, weights }
+    }
+}
+
+fn rule(condition: &str, then: &str) -> ActionRule {
+    ActionRule { condition: condition.to_owned(), then: then.to_owned() }
+}
+
+impl Default for PersonalisationConfig {
+    fn default() -> Self {
+        let slots = |content: &str, offers: &str, messaging: &str| {
+            [("content", content), ("offers", offers), ("messaging", messaging)]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        PersonalisationConfig {
+            rules: vec![
+                rule("customer.lifetime_value > 10000", "show_premium_collection"),
+                rule("customer.last_purchase_category == \"outdoor\"", "show_outdoor_accessories"),
+                rule("customer.location.state == \"QLD\"", "show_local_store_promotions"),
+            ],
+            next_best_action: vec![
+                rule("context.engagements.support_case", "resolve_support_case"),
+                rule("context.cart and context.cart.value > 0", "complete_purchase"),
+                rule("customer.churn_risk >= 0.7 and customer.purchase_count > 0", "win_back_offer"),
+                rule("customer.lifetime_value > 10000", "show_premium_collection"),
+                rule("customer.purchase_count == 0", "first_purchase_offer"),
+            ],
+            variants: vec![Variant {
+                segment: "high_value".into(),
+                content: slots("premium_recommendations", "exclusive_early_access", "vip_tone"),
+            }],
+            default_content: slots("popular_products", "standard_offers", "standard_tone"),
+            recommendations: RecommendationConfig::default(),
+        }
+    }
+}
+
+impl PersonalisationConfig {
+    pub fn validate(&self, segments: &[String], errors: &mut Vec<ConfigError>) {
+        let mut err = |path: String, message: String| errors.push(ConfigError { path, message });
+        for (list, rules) in [("rules", &self.rules), ("next_best_action", &self.next_best_action)] {
+            for (i, r) in rules.iter().enumerate() {
+                if let Err(message) = crate::rules::check(&r.condition) {
+                    err(format!("personalisation.{list}[{i}].if"), message);
+                }
+                if r.then.trim().is_empty() {
+                    err(format!("personalisation.{list}[{i}].then"), "must name an action".into());
+                }
+            }
+        }
+        for (i, v) in self.variants.iter().enumerate() {
+            if !segments.contains(&v.segment) {
+                err(
+                    format!("personalisation.variants[{i}].segment"),
+                    format!("{:?} is not a declared segment", v.segment),
+                );
+            }
+        }
+        let r = &self.recommendations;
+        if r.size == 0 || r.size > 500 {
+            err("personalisation.recommendations.size".into(), "must be between 1 and 500".into());
+        }
+        if r.per_category == 0 || r.per_category > 1000 {
+            err("personalisation.recommendations.per_category".into(), "must be between 1 and 1000".into());
+        }
+        if !(r.session_boost.is_finite() && r.session_boost > 0.0) {
+            err("personalisation.recommendations.session_boost".into(), "must be a positive number".into());
+        }
+        if r.half_life.ms() <= 0 {
+            err("personalisation.recommendations.half_life".into(), "must be positive".into());
+        }
+        for (event, w) in &r.weights {
+            if !w.is_finite() || *w < 0.0 {
+                err(format!("personalisation.recommendations.weights.{event}"), "must be a non-negative number".into());
+            }
+        }
+    }
+}
+
+/// The personalisation rules of a topology, compiled once.
+pub struct Personaliser {
+    pub config: PersonalisationConfig,
+    rules: RuleSet,
+    next_best_action: RuleSet,
+}
+
+/// What one customer gets right now.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Personalised {
+    /// Whether anything was chosen for this customer (consent given and a rule,
+    /// variant or precomputed recommendation applied).
+    pub personalised: bool,
+    /// Why the answer is generic, when it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+    pub actions: Vec<String>,
+    pub next_best_action: Option<String>,
+    /// Slot → content id, with the segment that chose it (`default` otherwise).
+    pub content: BTreeMap<String, Value>,
+}
+
+impl Personaliser {
+    pub fn compile(config: &PersonalisationConfig) -> Personaliser {
+        // Validated with the topology; a rule that does not compile never holds.
+        let compile = |rules: &[ActionRule]| {
+            RuleSet::compile(rules.iter().map(|r| r.condition.as_str())).unwrap_or_else(|_| RuleSet::empty())
+        };
+        Personaliser {
+            rules: compile(&config.rules),
+            next_best_action: compile(&config.next_best_action),
+            config: config.clone(),
+        }
+    }
+
+    /// Resolve rules and variants for a customer (`customer` is the profile's rule
+    /// view, `context` the context snapshot or null when not at hand).
+    pub fn resolve(&self, customer: &Value, context: &Value, segments: &[String], consent: bool) -> Personalised {
+        let default_content = || {
+            self.config.default_content.iter().map(|(slot, id)| (slot.clone(), json!({"id": id, "source": "default"})))
+        };
+        if !consent {
+            return Personalised {
+                personalised: false,
+                reason: Some("no_personalisation_consent"),
+                actions: Vec::new(),
+                next_best_action: None,
+                content: default_content().collect(),
+            };
+        }
+        let vars = [("customer", customer), ("context", context)];
+        let actions: Vec<String> = self
+            .rules
+            .matching(&vars)
+            .into_iter()
+            .filter_map(|i| self.config.rules.get(i).map(|r| r.then.clone()))
+            .fold(Vec::new(), |mut acc, a| {
+                if !acc.contains(&a) {
+                    acc.push(a);
+                }
+                acc
+            });
+        let next_best_action = self
+            .next_best_action
+            .matching(&vars)
+            .first()
+            .and_then(|i| self.config.next_best_action.get(*i))
+            .map(|r| r.then.clone());
+        let mut content: BTreeMap<String, Value> = BTreeMap::new();
+        for v in self.config.variants.iter().filter(|v| segments.contains(&v.segment)) {
+            for (slot, id) in &v.content {
+                content.entry(slot.clone()).or_insert_with(|| json!({"id": id, "source": v.segment}));
+            }
+        }
+        let by_segment = !content.is_empty();
+        for (slot, value) in default_content() {
+            content.entry(slot).or_insert(value);
+        }
+        let personalised = by_segment || !actions.is_empty();
+        Personalised {
+            personalised,
+            reason: (!personalised).then_some("no_rule_or_variant_applies"),
+            actions,
+            next_best_action,
+            content,
+        }
+    }
+}
+
+/// One precomputed recommendation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecItem {
+    pub product_id: String,
+    #[serde(default)]
+    pub score: f64,
+    #[serde(default)]
+    pub category: Option<String>,
+}
+
+/// A record of the `recommendations` topic (keyed by canonical id).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Precomputed {
+    pub items: Vec<RecItem>,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub generated_at: Option<String>,
+}
+
+impl Precomputed {
+    pub fn parse(bytes: &[u8]) -> Result<Precomputed, String> {
+        let p: Precomputed = serde_json::from_slice(bytes).map_err(|e| format!("not a recommendations record: {e}"))?;
+        if p.items.len() > 1000 {
+            return Err(format!("{} items; at most 1000 per customer", p.items.len()));
+        }
+        if let Some(bad) = p.items.iter().find(|i| i.product_id.is_empty() || !i.score.is_finite()) {
+            return Err(format!("item {:?} needs a product_id and a finite score", bad.product_id));
+        }
+        Ok(p)
+    }
+}
+
+/// Interest in products, decayed over time, for one category (or all).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Popularity {
+    /// product → (score at `at`, `at`, category).
+    pub items: BTreeMap<String, (f64, i64, Option<String>)>,
+}
+
+fn decayed(score: f64, from: i64, to: i64, half_life: Duration) -> f64 {
+    let elapsed = (to - from).max(0) as f64;
+    score * 0.5f64.powf(elapsed / half_life.ms().max(1) as f64)
+}
+
+impl Popularity {
+    /// Add interest in a product at `at`, keeping the `cap` most popular.
+    pub fn add(&mut self, product: &str, category: Option<&str>, weight: f64, at: i64, config: &RecommendationConfig) {
+        let entry = self.items.entry(product.to_owned()).or_insert((0.0, at, None));
+        let base = if at >= entry.1 { decayed(entry.0, entry.1, at, config.half_life) } else { entry.0 };
+        let added = if at >= entry.1 { weight } else { decayed(weight, at, entry.1, config.half_life) };
+        *entry = (base + added, at.max(entry.1), category.map(str::to_owned).or(entry.2.take()));
+        if self.items.len() > config.per_category {
+            let now = at;
+            if let Some(weakest) = self.ranked(now, config).last().map(|(p, _, _)| p.clone()) {
+                self.items.remove(&weakest);
+            }
+        }
+    }
+
+    /// Products by score at `now`, best first (ties by product id).
+    pub fn ranked(&self, now: i64, config: &RecommendationConfig) -> Vec<(String, f64, Option<String>)> {
+        let mut out: Vec<(String, f64, Option<String>)> = self
+            .items
+            .iter()
+            .map(|(p, (s, at, c))| (p.clone(), decayed(*s, *at, now, config.half_life), c.clone()))
+            .collect();
+        out.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        out
+    }
+}
+
+/// What recommendations are adjusted with.
+pub struct RecommendationInputs<'a> {
+    pub precomputed: Option<&'a Precomputed>,
+    pub consent: bool,
+    pub purchased: &'a BTreeSet<String>,
+    pub in_cart: &'a BTreeSet<String>,
+    /// Categories viewed in the current session, most recent first.
+    pub session_categories: &'a [String],
+    /// Categories to fill from after the session's (last purchase category ...).
+    pub fallback_categories: &'a [String],
+    pub now: i64,
+}
+
+/// The popularity table key of a category, or of every product.
+pub fn popularity_key(category: Option<&str>) -> String {
+    format!("pop:{}", category.unwrap_or("*"))
+}
+
+/// The hybrid list: precomputed items adjusted by context, filled from popularity.
+/// `popular(category)` gives the popularity table of a category (`None` = overall).
+pub fn recommend(
+    config: &RecommendationConfig,
+    inputs: &RecommendationInputs<'_>,
+    popular: impl Fn(Option<&str>) -> Option<Popularity>,
+) -> Value {
+    let mut list = Picks { items: Vec::new(), seen: BTreeSet::new(), size: config.size };
+    let excluded = |p: &str| inputs.purchased.contains(p) || inputs.in_cart.contains(p);
+    let fill = |list: &mut Picks, category: Option<&str>| {
+        let Some(table) = popular(category) else { return };
+        let reason = category.map_or_else(|| "popular overall".to_owned(), |c| format!("popular in {c}"));
+        for (product, score, cat) in table.ranked(inputs.now, config) {
+            if !excluded(&product) {
+                list.push(product, cat, score, "popular", &reason);
+            }
+        }
+    };
+    if !inputs.consent {
+        fill(&mut list, None);
+        return json!({"personalised": false, "reason": "no_personalisation_consent", "items": list.items});
+    }
+    let mut base: Vec<(RecItem, f64, bool)> = inputs
+        .precomputed
+        .map(|p| p.items.iter().filter(|i| !excluded(&i.product_id)).cloned().collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|item| {
+            let boosted = item.category.as_ref().is_some_and(|c| inputs.session_categories.contains(c));
+            let score = if boosted { item.score * config.session_boost } else { item.score };
+            (item, score, boosted)
+        })
+        .collect();
+    base.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.product_id.cmp(&b.0.product_id)));
+    for (item, score, boosted) in base {
+        let reason = if boosted { "precomputed, boosted: category viewed this session" } else { "precomputed" };
+        list.push(item.product_id, item.category, score, "precomputed", reason);
+    }
+    for c in inputs.session_categories.iter().chain(inputs.fallback_categories) {
+        fill(&mut list, Some(c));
+    }
+    fill(&mut list, None);
+    json!({
+        "personalised": inputs.precomputed.is_some() || !inputs.session_categories.is_empty(),
+        "model": inputs.precomputed.and_then(|p| p.model.clone()),
+        "generated_at": inputs.precomputed.and_then(|p| p.generated_at.clone()),
+        "items": list.items,
+    })
+}
+
+/// A recommendation list being filled: each product once, at most `size`.
+struct Picks {
+    items: Vec<Value>,
+    seen: BTreeSet<String>,
+    size: usize,
+}
+
+impl Picks {
+    fn push(&mut self, product: String, category: Option<String>, score: f64, source: &str, reason: &str) {
+        if self.items.len() < self.size && self.seen.insert(product.clone()) {
+            self.items.push(json!({"product_id": product, "category": category, "score": round3(score),
+                "source": source, "reason": reason}));
+        }
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}

@@ -1,0 +1,765 @@
+//! Profile: the Customer 360 aggregate, keyed by canonical id. Each resolved event
+//! updates the profile as `profile.events` in topology.yaml declares: counters (count
+//! and last time) in the behavioural, transactional or interaction section, totals,
+//! latest values (payment method), purchases and refunds (lifetime value is net of
+//! returns), campaign interactions; traits become attributes (last write by event time
+//! wins, per attribute, with its source); every event joins the bounded recent
+//! activity. Consent changes and precomputed recommendations land here too. When a
+//! customer merges away, its profile travels to the survivor and folds in; every event
+//! was counted once on exactly one side, so the fold is a sum and nothing is counted
+//! twice. The stage also keeps per-category product popularity for recommendations.
+
+pub mod config;
+
+use crate::orchestrator::PurposeState;
+use crate::personalisation::{popularity_key, Personaliser, Popularity, Precomputed, CONSENT_PURPOSE};
+use crate::processor::{Ctx, ProcessError, Processor, Record};
+use crate::resolved::{absorbed, decode, incoming, on_merge, Kind, Resolved, RESOLVED_TOPIC};
+use crate::segments::Segments;
+use crate::task::ProcessorSpec;
+use crate::topology::Topology;
+use chorus_schemas::ConsentChange;
+use chorus_schemas::Event;
+use config::{ProfileConfig, Section};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+pub const NAME: &str = "profile";
+pub const STORE: &str = "profiles";
+pub const TOPIC: &str = "profiles";
+
+pub const SEGMENTS_TOPIC: &str = "segments";
+
+pub const RECOMMENDATIONS_TOPIC: &str = "recommendations";
+
+pub fn spec(topology: &Topology) -> ProcessorSpec {
+    // Validated with the topology; a rule that does not compile matches nobody.
+    let segments = Arc::new(Segments::compile(&topology.segments).unwrap_or_else(|_| Segments::none()));
+    let personaliser = Arc::new(Personaliser::compile(&topology.personalisation));
+    let config = Arc::new(topology.profile.clone());
+    let default_consent = topology.default_consent(CONSENT_PURPOSE);
+    ProcessorSpec {
+        name: NAME,
+        inputs: vec![RESOLVED_TOPIC.into(), RECOMMENDATIONS_TOPIC.into()],
+        stores: vec![STORE],
+        outputs: vec![TOPIC.into(), SEGMENTS_TOPIC.into(), RESOLVED_TOPIC.into()],
+        factory: Box::new(move || {
+            Box::new(ProfileStage {
+                segments: segments.clone(),
+                personaliser: personaliser.clone(),
+                config: config.clone(),
+                default_consent,
+            })
+        }),
+    }
+}
+
+pub struct ProfileStage {
+    segments: Arc<Segments>,
+    personaliser: Arc<Personaliser>,
+    config: Arc<ProfileConfig>,
+    /// `consent.defaults.personalisation`.
+    default_consent: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Attribute {
+    pub value: Value,
+    pub at: i64,
+    pub source: String,
+}
+
+impl Attribute {
+    /// Replace with `(value, at)` when it is at least as recent.
+    fn update(slot: &mut BTreeMap<String, Attribute>, name: &str, value: Value, at: i64, source: &str) {
+        if slot.get(name).is_none_or(|a| at >= a.at) {
+            slot.insert(name.to_owned(), Attribute { value, at, source: source.to_owned() });
+        }
+    }
+
+    fn fold(slot: &mut BTreeMap<String, Attribute>, other: &BTreeMap<String, Attribute>) {
+        for (name, attr) in other {
+            if slot.get(name).is_none_or(|a| attr.at > a.at) {
+                slot.insert(name.clone(), attr.clone());
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProfileIdentity {
+    pub emails: Vec<String>,
+    pub phones: Vec<String>,
+    pub linked_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    pub lifetime_value: f64,
+    pub purchase_count: i64,
+    pub average_order_value: f64,
+    pub event_count: i64,
+    #[serde(default)]
+    pub gross_revenue: f64,
+    #[serde(default)]
+    pub returns_value: f64,
+    /// Category of the latest purchase, by event time.
+    #[serde(default)]
+    pub last_purchase_category: Option<String>,
+    #[serde(default)]
+    pub last_purchase_at: i64,
+}
+
+/// How often and when something happened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tally {
+    pub count: i64,
+    pub last_at: i64,
+}
+
+/// One section of the profile (behavioural, transactional, interaction).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SectionData {
+    pub counts: BTreeMap<String, Tally>,
+    pub totals: BTreeMap<String, f64>,
+    pub latest: BTreeMap<String, Attribute>,
+}
+
+impl SectionData {
+    fn fold(&mut self, other: &SectionData) {
+        for (name, t) in &other.counts {
+            let mine = self.counts.entry(name.clone()).or_default();
+            mine.count += t.count;
+            mine.last_at = mine.last_at.max(t.last_at);
+        }
+        for (name, v) in &other.totals {
+            *self.totals.entry(name.clone()).or_default() += v;
+        }
+        Attribute::fold(&mut self.latest, &other.latest);
+    }
+
+    fn view(&self) -> Value {
+        let mut out = Map::new();
+        for (name, t) in &self.counts {
+            out.insert(name.clone(), serde_json::json!({"count": t.count, "last_at": t.last_at}));
+        }
+        for (name, v) in &self.totals {
+            out.insert(name.clone(), serde_json::json!(round2(*v)));
+        }
+        for (name, a) in &self.latest {
+            out.insert(name.clone(), a.value.clone());
+        }
+        Value::Object(out)
+    }
+}
+
+/// Channel and communication preferences, time zone, locale, consent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Preferences {
+    /// `timezone` and `locale`, from traits or the event context, latest wins.
+    pub settings: BTreeMap<String, Attribute>,
+    /// Events per channel, for the most used channel.
+    pub channel_counts: BTreeMap<String, i64>,
+    /// Consent purpose → latest change.
+    pub consent: BTreeMap<String, PurposeState>,
+}
+
+/// One entry of the bounded recent activity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Activity {
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub event_id: String,
+    pub at: i64,
+    pub channel: Option<String>,
+    pub details: Value,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    pub canonical_id: String,
+    pub customer_id: Option<String>,
+    pub identity: ProfileIdentity,
+    pub attributes: BTreeMap<String, Attribute>,
+    pub metrics: Metrics,
+    pub event_counts: BTreeMap<String, i64>,
+    pub first_seen: i64,
+    pub last_seen: i64,
+    pub last_channel: Option<String>,
+    #[serde(default)]
+    pub last_channel_at: i64,
+    #[serde(default)]
+    pub behavioural: SectionData,
+    #[serde(default)]
+    pub transactional: SectionData,
+    #[serde(default)]
+    pub interaction: SectionData,
+    #[serde(default)]
+    pub preferences: Preferences,
+    #[serde(default)]
+    pub recent_activity: Vec<Activity>,
+    /// Campaign → last interaction.
+    #[serde(default)]
+    pub campaigns: BTreeMap<String, i64>,
+    /// Purchased product → last purchase time (bounded).
+    #[serde(default)]
+    pub purchased: BTreeMap<String, i64>,
+    #[serde(default)]
+    pub recommendations: Option<Precomputed>,
+    #[serde(default)]
+    pub segments: Vec<String>,
+    #[serde(default)]
+    pub merged_from: Vec<String>,
+    pub updated_at: i64,
+}
+
+fn payload_value<'a>(payload: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(payload, |v, part| v.get(part)).filter(|v| !v.is_null())
+}
+
+fn as_f64(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+    .filter(|x| x.is_finite())
+}
+
+impl Profile {
+    pub fn new(canonical_id: &str) -> Profile {
+        Profile { canonical_id: canonical_id.to_owned(), first_seen: i64::MAX, ..Profile::default() }
+    }
+
+    fn section_mut(&mut self, section: Section) -> &mut SectionData {
+        match section {
+            Section::Behavioural => &mut self.behavioural,
+            Section::Transactional => &mut self.transactional,
+            Section::Interaction => &mut self.interaction,
+        }
+    }
+
+    /// Apply one event, as `config.events` declares for its type.
+    pub fn apply(&mut self, event: &Event, customer_id: Option<&str>, config: &ProfileConfig) {
+        let at = event.timestamp_ms;
+        if self.customer_id.is_none() {
+            self.customer_id = customer_id.map(str::to_owned);
+        }
+        *self.event_counts.entry(event.event_type.clone()).or_default() += 1;
+        self.metrics.event_count += 1;
+        self.first_seen = self.first_seen.min(at);
+        self.last_seen = self.last_seen.max(at);
+        if let Some(channel) = &event.channel {
+            *self.preferences.channel_counts.entry(channel.clone()).or_default() += 1;
+            if at >= self.last_channel_at {
+                self.last_channel = Some(channel.clone());
+                self.last_channel_at = at;
+            }
+        }
+        if let Some(effect) = config.events.get(&event.event_type) {
+            let payload = &event.payload;
+            let source = event.event_type.clone();
+            let section = self.section_mut(effect.section);
+            let counter = effect.count.clone().unwrap_or_else(|| event.event_type.clone());
+            let tally = section.counts.entry(counter).or_default();
+            tally.count += 1;
+            tally.last_at = tally.last_at.max(at);
+            for (name, path) in &effect.sum {
+                if let Some(x) = payload_value(payload, path).and_then(as_f64) {
+                    *section.totals.entry(name.clone()).or_default() += x;
+                }
+            }
+            for (name, path) in &effect.latest {
+                if let Some(v) = payload_value(payload, path) {
+                    Attribute::update(&mut section.latest, name, v.clone(), at, &source);
+                }
+            }
+            if let Some(fields) = &effect.purchase {
+                self.apply_purchase(payload, fields, at, config.purchased_items);
+            }
+            if let Some(path) = &effect.refund {
+                self.metrics.returns_value += payload_value(payload, path).and_then(as_f64).unwrap_or(0.0);
+            }
+            if let Some(campaign) =
+                effect.campaign.as_deref().and_then(|p| payload_value(payload, p)).and_then(Value::as_str)
+            {
+                let last = self.campaigns.entry(campaign.to_owned()).or_default();
+                *last = (*last).max(at);
+            }
+        }
+        for (kind, value) in &event.identifiers {
+            self.identity.add(kind, value);
+        }
+        for kind in ["email", "phone"] {
+            if let Some(v) = event.traits.get(kind).and_then(Value::as_str) {
+                self.identity.add(kind, v);
+            }
+        }
+        if let Some(c) = &event.customer_id {
+            self.identity.add("customer_id", c);
+        }
+        if let Some(a) = &event.anonymous_id {
+            self.identity.add("anonymous_id", a);
+        }
+        let source = event.channel.clone().unwrap_or_else(|| event.event_type.clone());
+        for (name, value) in flatten_traits(&event.traits) {
+            Attribute::update(&mut self.attributes, &name, value, at, &source);
+        }
+        for (name, from_context) in [("timezone", &event.context.timezone), ("locale", &event.context.locale)] {
+            let from_traits = event.traits.get(name).filter(|v| v.is_string()).cloned();
+            if let Some(value) = from_traits.or_else(|| from_context.clone().map(Value::String)) {
+                Attribute::update(&mut self.preferences.settings, name, value, at, &source);
+            }
+        }
+        self.recent_activity.push(Activity {
+            event_type: event.event_type.clone(),
+            event_id: event.event_id.clone(),
+            at,
+            channel: event.channel.clone(),
+            details: event.payload.clone(),
+        });
+        self.trim(config);
+        self.derive();
+    }
+
+    fn apply_purchase(&mut self, payload: &Value, fields: &config::PurchaseFields, at: i64, keep: usize) {
+        self.metrics.purchase_count += 1;
+        self.metrics.gross_revenue += payload_value(payload, &fields.value).and_then(as_f64).unwrap_or(0.0);
+        let items: &[Value] =
+            payload_value(payload, &fields.items).and_then(Value::as_array).map_or(&[], Vec::as_slice);
+        let category = payload_value(payload, &fields.category)
+            .and_then(Value::as_str)
+            .or_else(|| items.iter().find_map(|i| i.get("category").and_then(Value::as_str)));
+        if let Some(category) = category {
+            if at >= self.metrics.last_purchase_at {
+                self.metrics.last_purchase_category = Some(category.to_owned());
+                self.metrics.last_purchase_at = at;
+            }
+        }
+        let products = items.iter().filter_map(|i| i.get("product_id").and_then(Value::as_str));
+        for product in products.chain(payload.get("product_id").and_then(Value::as_str)) {
+            let last = self.purchased.entry(product.to_owned()).or_default();
+            *last = (*last).max(at);
+        }
+        while self.purchased.len() > keep {
+            let Some(oldest) = self.purchased.iter().min_by_key(|(p, at)| (**at, (*p).clone())).map(|(p, _)| p.clone())
+            else {
+                break;
+            };
+            self.purchased.remove(&oldest);
+        }
+    }
+
+    /// Keep the latest `recent_activity` events, oldest first.
+    fn trim(&mut self, config: &ProfileConfig) {
+        self.recent_activity.sort_by(|a, b| (a.at, &a.event_id).cmp(&(b.at, &b.event_id)));
+        self.recent_activity.dedup_by(|a, b| a.event_id == b.event_id);
+        let max = config.recent_activity;
+        if self.recent_activity.len() > max {
+            let excess = self.recent_activity.len() - max;
+            self.recent_activity.drain(..excess);
+        }
+    }
+
+    /// A consent change; the latest per purpose wins.
+    pub fn apply_consent(&mut self, purpose: &str, granted: bool, at: i64, source: Option<String>) {
+        if self.preferences.consent.get(purpose).is_none_or(|p| at >= p.at) {
+            self.preferences.consent.insert(purpose.to_owned(), PurposeState { granted, at, source });
+        }
+    }
+
+    /// Whether the customer's data may be used to personalise: their latest consent
+    /// change, else the topology's default for the purpose.
+    pub fn personalisation_allowed(&self, default: bool) -> bool {
+        self.preferences.consent.get(CONSENT_PURPOSE).map_or(default, |p| p.granted)
+    }
+
+    /// Fold another profile of the same customer into this one.
+    pub fn absorb(&mut self, other: &Profile, config: &ProfileConfig) {
+        if self.customer_id.is_none() {
+            self.customer_id = other.customer_id.clone();
+        }
+        for (t, n) in &other.event_counts {
+            *self.event_counts.entry(t.clone()).or_default() += n;
+        }
+        self.metrics.event_count += other.metrics.event_count;
+        self.metrics.purchase_count += other.metrics.purchase_count;
+        self.metrics.gross_revenue += other.metrics.gross_revenue;
+        self.metrics.returns_value += other.metrics.returns_value;
+        if other.metrics.last_purchase_category.is_some()
+            && other.metrics.last_purchase_at > self.metrics.last_purchase_at
+        {
+            self.metrics.last_purchase_category = other.metrics.last_purchase_category.clone();
+            self.metrics.last_purchase_at = other.metrics.last_purchase_at;
+        }
+        self.first_seen = self.first_seen.min(other.first_seen);
+        self.last_seen = self.last_seen.max(other.last_seen);
+        if other.last_channel.is_some() && other.last_channel_at > self.last_channel_at {
+            self.last_channel = other.last_channel.clone();
+            self.last_channel_at = other.last_channel_at;
+        }
+        Attribute::fold(&mut self.attributes, &other.attributes);
+        self.behavioural.fold(&other.behavioural);
+        self.transactional.fold(&other.transactional);
+        self.interaction.fold(&other.interaction);
+        Attribute::fold(&mut self.preferences.settings, &other.preferences.settings);
+        for (channel, n) in &other.preferences.channel_counts {
+            *self.preferences.channel_counts.entry(channel.clone()).or_default() += n;
+        }
+        for (purpose, state) in &other.preferences.consent {
+            self.apply_consent(purpose, state.granted, state.at, state.source.clone());
+        }
+        self.recent_activity.extend(other.recent_activity.iter().cloned());
+        for (campaign, at) in &other.campaigns {
+            let last = self.campaigns.entry(campaign.clone()).or_default();
+            *last = (*last).max(*at);
+        }
+        for (product, at) in &other.purchased {
+            let last = self.purchased.entry(product.clone()).or_default();
+            *last = (*last).max(*at);
+        }
+        if self.recommendations.is_none() {
+            self.recommendations = other.recommendations.clone();
+        }
+        for e in &other.identity.emails {
+            self.identity.add("email", e);
+        }
+        for p in &other.identity.phones {
+            self.identity.add("phone", p);
+        }
+        for l in &other.identity.linked_ids {
+            if !self.identity.linked_ids.contains(l) {
+                self.identity.linked_ids.push(l.clone());
+            }
+        }
+        self.merged_from.push(other.canonical_id.clone());
+        self.merged_from.extend(other.merged_from.iter().cloned());
+        self.trim(config);
+        self.derive();
+    }
+
+    fn derive(&mut self) {
+        let m = &mut self.metrics;
+        m.lifetime_value = round2(m.gross_revenue - m.returns_value);
+        m.average_order_value =
+            if m.purchase_count > 0 { round2(m.gross_revenue / m.purchase_count as f64) } else { 0.0 };
+    }
+
+    /// Churn risk at `now` from recency and frequency (see [`config::ChurnModel`]).
+    pub fn churn_risk(&self, now: i64, config: &ProfileConfig) -> f64 {
+        const DAY: f64 = 86_400_000.0;
+        if self.first_seen == i64::MAX {
+            return 0.0;
+        }
+        let days_inactive = ((now - self.last_seen).max(0) as f64) / DAY;
+        let tenure_months = (((self.last_seen - self.first_seen).max(0) as f64) / (30.0 * DAY)).max(1.0);
+        config.churn.score(days_inactive, self.metrics.purchase_count as f64 / tenure_months)
+    }
+
+    /// Campaigns interacted with within the window, most recent first.
+    pub fn active_campaigns(&self, now: i64, config: &ProfileConfig) -> Vec<Value> {
+        let window = config.campaign_window.ms();
+        let mut active: Vec<(&String, &i64)> =
+            self.campaigns.iter().filter(|(_, at)| at.saturating_add(window) > now).collect();
+        active.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+        active.into_iter().map(|(id, at)| serde_json::json!({"campaign_id": id, "last_interaction": at})).collect()
+    }
+
+    /// The most used channel.
+    pub fn preferred_channel(&self) -> Option<&String> {
+        self.preferences.channel_counts.iter().max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0))).map(|(c, _)| c)
+    }
+
+    /// What rules see as `customer`: the metrics at the top level
+    /// (`customer.lifetime_value`, `customer.churn_risk`), the attributes as nested
+    /// objects (`customer.location.state`), the sections
+    /// (`customer.behavioural.product_views.count`), identity, counts and times.
+    pub fn customer_view(&self, now: i64, config: &ProfileConfig) -> Value {
+        let mut view = Map::new();
+        for (name, attr) in &self.attributes {
+            let parts: Vec<&str> = name.split('.').collect();
+            insert_path(&mut view, &parts, attr.value.clone());
+        }
+        let m = &self.metrics;
+        let churn = self.churn_risk(now, config);
+        for (k, v) in [
+            ("canonical_id", serde_json::json!(self.canonical_id)),
+            ("customer_id", serde_json::json!(self.customer_id)),
+            ("lifetime_value", serde_json::json!(m.lifetime_value)),
+            ("purchase_count", serde_json::json!(m.purchase_count)),
+            ("average_order_value", serde_json::json!(m.average_order_value)),
+            ("event_count", serde_json::json!(m.event_count)),
+            ("last_purchase_category", serde_json::json!(m.last_purchase_category)),
+            ("churn_risk", serde_json::json!(churn)),
+            ("churn_level", serde_json::json!(config.churn.level(churn))),
+            ("behavioural", self.behavioural.view()),
+            ("transactional", self.transactional.view()),
+            ("interaction", self.interaction.view()),
+            ("preferred_channel", serde_json::json!(self.preferred_channel())),
+            ("active_campaigns", serde_json::json!(self.campaigns.keys().collect::<Vec<_>>())),
+            ("event_counts", serde_json::json!(self.event_counts)),
+            ("emails", serde_json::json!(self.identity.emails)),
+            ("phones", serde_json::json!(self.identity.phones)),
+            ("first_seen", serde_json::json!(self.first_seen)),
+            ("last_seen", serde_json::json!(self.last_seen)),
+            ("last_channel", serde_json::json!(self.last_channel)),
+            ("segments", serde_json::json!(self.segments)),
+        ] {
+            view.insert(k.to_owned(), v);
+        }
+        Value::Object(view)
+    }
+
+    /// The Customer 360 record published on `profiles` and served by the API, at `now`
+    /// (churn risk and active campaigns depend on it).
+    pub fn snapshot(&self, now: i64, config: &ProfileConfig) -> Value {
+        let attributes: Map<String, Value> = {
+            let mut nested = Map::new();
+            for (name, attr) in &self.attributes {
+                let parts: Vec<&str> = name.split('.').collect();
+                insert_path(&mut nested, &parts, attr.value.clone());
+            }
+            nested
+        };
+        let churn = self.churn_risk(now, config);
+        let settings: Map<String, Value> =
+            self.preferences.settings.iter().map(|(k, a)| (k.clone(), a.value.clone())).collect();
+        let recent: Vec<&Activity> = self.recent_activity.iter().rev().collect();
+        serde_json::json!({
+            "canonical_id": self.canonical_id,
+            "customer_id": self.customer_id,
+            "identity": {
+                "email": self.identity.emails.first(),
+                "phone": self.identity.phones.first(),
+                "emails": self.identity.emails,
+                "phones": self.identity.phones,
+                "linked_ids": self.identity.linked_ids,
+            },
+            "attributes": attributes,
+            "attribute_sources": self.attributes,
+            "metrics": {
+                "lifetime_value": self.metrics.lifetime_value,
+                "purchase_count": self.metrics.purchase_count,
+                "average_order_value": self.metrics.average_order_value,
+                "gross_revenue": round2(self.metrics.gross_revenue),
+                "returns_value": round2(self.metrics.returns_value),
+                "event_count": self.metrics.event_count,
+                "last_purchase_category": self.metrics.last_purchase_category,
+                "churn_risk_score": churn,
+                "churn_risk": config.churn.level(churn),
+            },
+            "behavioural": self.behavioural.view(),
+            "transactional": self.transactional.view(),
+            "interaction": self.interaction.view(),
+            "preferences": {
+                "communication": attributes.get("preferences"),
+                "timezone": settings.get("timezone"),
+                "locale": settings.get("locale"),
+                "preferred_channel": self.preferred_channel(),
+                "channel_counts": self.preferences.channel_counts,
+                "consent": self.preferences.consent,
+            },
+            "event_counts": self.event_counts,
+            "first_seen": if self.first_seen == i64::MAX { 0 } else { self.first_seen },
+            "last_seen": self.last_seen,
+            "last_channel": self.last_channel,
+            "recent_activity": recent,
+            "segments": self.segments,
+            "active_campaigns": self.active_campaigns(now, config),
+            "recommendations": self.recommendations,
+            "merged_from": self.merged_from,
+            "updated_at": self.updated_at,
+        })
+    }
+}
+
+impl ProfileIdentity {
+    fn add(&mut self, kind: &str, raw: &str) {
+        let Some(value) = crate::identity::normalise(kind, raw) else { return };
+        let list = match kind {
+            "email" => Some(&mut self.emails),
+            "phone" => Some(&mut self.phones),
+            _ => None,
+        };
+        if let Some(list) = list {
+            if !list.contains(&value) {
+                list.push(value.clone());
+            }
+        }
+        let label = format!("{kind}:{value}");
+        if !self.linked_ids.contains(&label) {
+            self.linked_ids.push(label);
+        }
+    }
+}
+
+/// Set `a.b.c` in a JSON object, creating (or replacing non-object) parents.
+fn insert_path(map: &mut Map<String, Value>, path: &[&str], value: Value) {
+    match path {
+        [] => {}
+        [last] => {
+            map.insert((*last).to_owned(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = map.entry((*first).to_owned()).or_insert_with(|| Value::Object(Map::new()));
+            if !entry.is_object() {
+                *entry = Value::Object(Map::new());
+            }
+            if let Value::Object(inner) = entry {
+                insert_path(inner, rest, value);
+            }
+        }
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// Traits as attributes: nested objects one level deep become `address.city` style
+/// names so each attribute has its own last-write time.
+fn flatten_traits(traits: &Map<String, Value>) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for (k, v) in traits {
+        match v {
+            Value::Object(inner) if !inner.is_empty() => {
+                for (ik, iv) in inner {
+                    out.push((format!("{k}.{ik}"), iv.clone()));
+                }
+            }
+            _ => out.push((k.clone(), v.clone())),
+        }
+    }
+    out
+}
+
+impl Processor for ProfileStage {
+    fn process(&mut self, ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
+        if record.topic == RECOMMENDATIONS_TOPIC {
+            return self.recommendations(ctx, record);
+        }
+        let Some(resolved) = incoming(ctx, record, NAME, STORE)? else { return Ok(()) };
+        let id = resolved.canonical_id.clone();
+        match resolved.kind {
+            Kind::Event => {
+                let mut event: Event = decode(resolved.body)?;
+                event.timestamp_ms = resolved.at;
+                let mut profile = self.load(ctx, &id)?;
+                profile.apply(&event, resolved.customer_id.as_deref(), &self.config);
+                self.count_popularity(ctx, &event)?;
+                ctx.mark_visible(resolved.at);
+                self.save(ctx, profile, true)
+            }
+            Kind::Consent => {
+                let change: ConsentChange = decode(resolved.body)?;
+                let mut profile = self.load(ctx, &id)?;
+                profile.apply_consent(&change.purpose, change.granted, resolved.at, change.source);
+                self.save(ctx, profile, false)
+            }
+            Kind::Recommendations => {
+                let mut profile = self.load(ctx, &id)?;
+                profile.recommendations = decode::<Option<Precomputed>>(resolved.body)?;
+                self.save(ctx, profile, false)
+            }
+            Kind::Merge => on_merge(ctx, NAME, STORE, resolved.body, Some(TOPIC)),
+            Kind::Absorb => {
+                let Some(other) = absorbed::<Profile>(resolved.body, NAME)? else { return Ok(()) };
+                let mut profile = self.load(ctx, &id)?;
+                profile.absorb(&other, &self.config);
+                self.save(ctx, profile, false)
+            }
+            Kind::Request | Kind::Tick => Ok(()),
+        }
+    }
+}
+
+impl ProfileStage {
+    fn load(&self, ctx: &mut Ctx<'_>, id: &str) -> Result<Profile, ProcessError> {
+        Ok(ctx.get_json::<Profile>(STORE, id)?.unwrap_or_else(|| Profile::new(id)))
+    }
+
+    /// A record of the compacted `recommendations` topic: the customer's precomputed
+    /// list (a tombstone clears it). Sent through `events.resolved` so that a list
+    /// addressed to a merged-away id reaches the survivor.
+    fn recommendations(&self, ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
+        let Some(key) = record.key.as_deref().map(String::from_utf8_lossy).filter(|k| !k.is_empty()) else {
+            return Err(ProcessError::reject("missing_key", "a recommendations record needs the canonical id as key"));
+        };
+        let list = match record.value.as_deref() {
+            None => None,
+            Some(bytes) => {
+                Some(Precomputed::parse(bytes).map_err(|e| ProcessError::reject("invalid_recommendations", e))?)
+            }
+        };
+        let resolved = Resolved {
+            kind: Kind::Recommendations,
+            canonical_id: key.into_owned(),
+            customer_id: None,
+            at: ctx.now,
+            body: serde_json::to_value(list).unwrap_or(Value::Null),
+            stage: Some(NAME.to_owned()),
+        };
+        ctx.emit_json(RESOLVED_TOPIC, &resolved.canonical_id.clone(), &resolved)
+    }
+
+    /// Interest in the event's product, overall and in its category.
+    fn count_popularity(&self, ctx: &mut Ctx<'_>, event: &Event) -> Result<(), ProcessError> {
+        let config = &self.personaliser.config.recommendations;
+        let Some(weight) = config.weights.get(&event.event_type).copied().filter(|w| *w > 0.0) else { return Ok(()) };
+        let mut products: Vec<(String, Option<String>)> = Vec::new();
+        if let Some(p) = event.payload_str("product_id") {
+            products.push((p.to_owned(), event.payload_str("category").map(str::to_owned)));
+        }
+        for item in event.payload.get("items").and_then(Value::as_array).into_iter().flatten() {
+            if let Some(p) = item.get("product_id").and_then(Value::as_str) {
+                let category = item.get("category").and_then(Value::as_str).or(event.payload_str("category"));
+                products.push((p.to_owned(), category.map(str::to_owned)));
+            }
+        }
+        for (product, category) in products {
+            for key in [popularity_key(None), popularity_key(category.as_deref())].into_iter().collect::<BTreeSet<_>>()
+            {
+                let mut table = ctx.get_json::<Popularity>(STORE, &key)?.unwrap_or_default();
+                table.add(&product, category.as_deref(), weight, event.timestamp_ms, config);
+                ctx.put_json(STORE, &key, &table)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn save(&self, ctx: &mut Ctx<'_>, mut profile: Profile, interaction: bool) -> Result<(), ProcessError> {
+        profile.updated_at = ctx.now;
+        let view = profile.customer_view(ctx.now, &self.config);
+        let now_in = self.segments.evaluate(&view);
+        for (name, change) in profile
+            .segments
+            .iter()
+            .filter(|s| !now_in.contains(s))
+            .map(|s| (s, "exited"))
+            .chain(now_in.iter().filter(|s| !profile.segments.contains(s)).map(|s| (s, "entered")))
+        {
+            ctx.count("segment_changes", change);
+            let record = serde_json::json!({"canonical_id": profile.canonical_id, "customer_id": profile.customer_id,
+                "segment": name, "change": change, "at": ctx.now});
+            ctx.emit_json(SEGMENTS_TOPIC, &profile.canonical_id, &record)?;
+        }
+        profile.segments = now_in;
+        let consent = profile.personalisation_allowed(self.default_consent);
+        let mut snapshot = profile.snapshot(ctx.now, &self.config);
+        let personalised = self.personaliser.resolve(&view, &Value::Null, &profile.segments, consent);
+        if interaction {
+            // Coverage: did this interaction's customer get personalised content?
+            let outcome = if personalised.personalised || (consent && profile.recommendations.is_some()) {
+                "personalised"
+            } else {
+                "generic"
+            };
+            ctx.count("personalisation", outcome);
+        }
+        snapshot["personalisation"] = serde_json::to_value(&personalised).unwrap_or(Value::Null);
+        ctx.put_json(STORE, &profile.canonical_id, &profile)?;
+        ctx.emit_json(TOPIC, &profile.canonical_id, &snapshot)
+    }
+}

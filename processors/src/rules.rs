@@ -1,0 +1,52 @@
+//! Rule expressions of topology.yaml (segments, personalisation rules, next best
+//! action): Jinja expressions (minijinja) over named variables such as `customer` and
+//! `context`. Attribute access, comparisons, `and` / `or` / `not`, `in`, arithmetic and
+//! filters such as `| length` and `| lower` work; a missing attribute is undefined and
+//! compares false.
+
+use minijinja::Environment;
+use serde_json::Value;
+
+/// Rules compiled once, each kept as a template `{% if <rule> %}1{% endif %}`.
+pub struct RuleSet {
+    env: Environment<'static>,
+    len: usize,
+}
+
+impl RuleSet {
+    /// Compile every expression; the error names the first bad one's index and what
+    /// is wrong with it.
+    pub fn compile<'a>(expressions: impl IntoIterator<Item = &'a str>) -> Result<RuleSet, (usize, String)> {
+        let mut env = Environment::new();
+        let mut len = 0;
+        for (i, rule) in expressions.into_iter().enumerate() {
+            env.compile_expression(rule).map_err(|e| (i, e.to_string()))?;
+            env.add_template_owned(format!("rule:{i}"), format!("{{% if {rule} %}}1{{% endif %}}"))
+                .map_err(|e| (i, e.to_string()))?;
+            len = i + 1;
+        }
+        Ok(RuleSet { env, len })
+    }
+
+    pub fn empty() -> RuleSet {
+        RuleSet { env: Environment::new(), len: 0 }
+    }
+
+    /// Indexes of the rules that hold over `vars` (name → value), in rule order. A rule
+    /// that fails to evaluate (a type error on this customer's data) does not hold.
+    pub fn matching(&self, vars: &[(&str, &Value)]) -> Vec<usize> {
+        let ctx: std::collections::BTreeMap<&str, minijinja::Value> =
+            vars.iter().map(|(name, v)| (*name, minijinja::Value::from_serialize(v))).collect();
+        let ctx = minijinja::Value::from_serialize(&ctx);
+        (0..self.len)
+            .filter(|i| {
+                self.env.get_template(&format!("rule:{i}")).and_then(|t| t.render(&ctx)).is_ok_and(|out| out == "1")
+            })
+            .collect()
+    }
+}
+
+/// Check one expression, for config validation.
+pub fn check(expression: &str) -> Result<(), String> {
+    RuleSet::compile([expression]).map(|_| ()).map_err(|(_, e)| e)
+}
