@@ -35,6 +35,7 @@ pub struct BenchArgs {
     pub partitions: u32,
     pub rate: u32,
     pub seconds: u64,
+    pub commit_interval: Option<String>,
     pub topology: PathBuf,
 }
 
@@ -100,6 +101,14 @@ async fn produce_all(
         r?;
     }
     Ok(())
+}
+
+/// Mean time one record takes in a processor, in microseconds (where the time goes).
+fn mean_processing_us(name: &str, partitions: u32) -> f64 {
+    let (sum, count) = (0..partitions)
+        .map(|p| metrics().processing_seconds.with_label_values(&[name, &p.to_string()]))
+        .fold((0.0, 0u64), |(s, c), h| (s + h.get_sample_sum(), c + h.get_sample_count()));
+    sum / count.max(1) as f64 * 1e6
 }
 
 fn processed(name: &str, partitions: u32) -> u64 {
@@ -269,6 +278,7 @@ fn bench_runtime(
         shutdown: Arc::new(AtomicBool::new(false)),
         drain: Arc::new(DrainState::default()),
         fresh_broker: fresh,
+        embedded_broker: fresh,
     };
     let producer: FutureProducer = client_config(brokers)
         .set("partitioner", "murmur2_random")
@@ -301,6 +311,13 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     let mut topology: Topology = load_topology(&args.topology)?.with_partitions(args.partitions);
     // Latency is event timestamp → visible, so events carry the wall-clock time.
     topology.clock = Clock::Wall;
+    if let Some(interval) = &args.commit_interval {
+        topology.commit_interval = chorus_processors::topology::Duration::parse(interval)
+            .map_err(|e| anyhow!("--commit-interval: {e}"))?;
+        if topology.commit_interval.ms() <= 0 {
+            bail!("--commit-interval must be positive");
+        }
+    }
     let topology = Arc::new(topology);
     let (embedded, brokers) = start_broker(args.brokers.as_deref(), &topology).await?;
     create_bench_topics(embedded.as_ref(), &brokers, args.partitions, &topology).await?;
@@ -325,7 +342,12 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     let n = args.events;
     let limit = Duration::from_secs(1800);
     let where_ = if embedded.is_some() { "embedded broker".to_owned() } else { format!("Kafka at {brokers}") };
-    println!("chorus bench: {n} events, {} customers, {} partitions, {where_}", args.customers, args.partitions);
+    println!(
+        "chorus bench: {n} events, {} customers, {} partitions, commit interval {} ms, {where_}",
+        args.customers,
+        args.partitions,
+        topology.commit_interval.ms()
+    );
 
     let pass_rate =
         passthrough_rate(&producer, &config, args.partitions, (0..n).map(|i| event(i, args.customers))).await?;
@@ -340,6 +362,11 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     let slice_rate = n as f64 / slice_time.as_secs_f64();
     println!("full slice (identity → profile, context, orch.):   {slice_rate:>10.0} events/s");
     println!("ratio full slice / passthrough:                    {:>10.2}", slice_rate / pass_rate);
+    let per_record: Vec<String> = processor_specs(&topology)
+        .iter()
+        .map(|s| format!("{} {:.0} µs", s.name, mean_processing_us(s.name, args.partitions)))
+        .collect();
+    println!("mean processing time per record:                   {}", per_record.join(", "));
 
     let before = (latency_buckets("profile"), latency_buckets("context"));
     let offered = args.rate as usize * args.seconds as usize;
@@ -386,8 +413,11 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         ms(quantile(&before.1, &after.1, 0.99))
     );
     running.stop()?;
-    println!("peak RSS of this process (processors + client):    {:>10.0} MB", rss_mb());
-    println!("RocksDB state on disk for {} customers:           {:>10.1} MB", args.customers, dir_size_mb(&data));
+    let (rss, disk) = (rss_mb(), dir_size_mb(&data));
+    let per_million = 1_000_000.0 / args.customers as f64;
+    println!("peak RSS of this process (processors + client):    {rss:>10.0} MB");
+    println!("RocksDB state on disk for {} customers:           {disk:>10.1} MB", args.customers);
+    println!("RocksDB on disk per million customers:             {:>10.0} MB", disk * per_million);
     let _ = std::fs::remove_dir_all(&data);
     // Clients first, so none of them reports the embedded broker going away.
     drop(producer);

@@ -2,13 +2,15 @@
 //! processor, serve HTTP, wait for Ctrl-C/SIGTERM, then stop cleanly (commit, flush).
 
 use crate::broker::{forward_port, EmbeddedBroker};
+use crate::directory::Directory;
 use crate::engine::{run_processor, DrainState, EngineConfig};
 use crate::http::{event_key, serve, ApiState};
 use crate::kafka::{client_config, create_topics, now_ms};
-use crate::query::LocalStores;
+use crate::query::{LocalStores, Query};
 use anyhow::{anyhow, bail, Context as _, Result};
 use chorus_processors::identity;
-use chorus_processors::topology::{Clock, CONSENT, EVENTS_RAW, MESSAGES_REQUESTS};
+use chorus_processors::personalisation::Precomputed;
+use chorus_processors::topology::{Clock, CONSENT, EVENTS_RAW, MESSAGES_REQUESTS, RECOMMENDATIONS};
 use chorus_processors::{processor_specs, Topology};
 use chorus_schemas::{decode_avro, ConsentChange, Event, MessageRequest};
 use chorus_state::SharedResources;
@@ -125,6 +127,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         instance_id: "up".into(),
         processors: "all".into(),
         http: args.http,
+        advertise: None,
         fresh_broker: true,
     };
     let result = pipeline.run().await;
@@ -152,6 +155,7 @@ pub struct RunArgs {
     pub instance_id: Option<String>,
     pub data_dir: PathBuf,
     pub http: String,
+    pub advertise: Option<String>,
     pub topology: PathBuf,
 }
 
@@ -171,6 +175,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         instance_id,
         processors: args.processors,
         http: args.http,
+        advertise: args.advertise,
         fresh_broker: false,
     };
     pipeline.run().await
@@ -197,7 +202,20 @@ struct Pipeline {
     instance_id: String,
     processors: String,
     http: String,
+    advertise: Option<String>,
     fresh_broker: bool,
+}
+
+/// The URL other instances reach this one at.
+fn advertised_url(bound: &str) -> String {
+    match bound.rsplit_once(':') {
+        Some((host, port)) if host == "0.0.0.0" || host == "[::]" => {
+            let name = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+            let name = if name.is_empty() { "localhost".to_owned() } else { name };
+            format!("http://{name}:{port}")
+        }
+        _ => format!("http://{bound}"),
+    }
 }
 
 impl Pipeline {
@@ -231,12 +249,17 @@ impl Pipeline {
             shutdown: shutdown.clone(),
             drain: drain.clone(),
             fresh_broker: self.fresh_broker,
+            embedded_broker: self.fresh_broker || crate::kafka::is_embedded_broker(&self.brokers),
         };
-        let api = ApiState::new(&self.brokers, self.topology.clone(), local.clone())?;
+        let directory = Directory::new(&self.instance_id, local.clone());
+        let api = ApiState::new(&self.brokers, Query::new(self.topology.clone(), local.clone(), directory.clone()))?;
         let http_stop = Arc::new(tokio::sync::Notify::new());
         let (http_task, bound) = serve(&self.http, api, http_stop.clone()).await?;
         println!("http: http://{bound}");
         std::io::stdout().flush().ok();
+        let url = self.advertise.clone().unwrap_or_else(|| advertised_url(&bound));
+        let directory_stop = Arc::new(AtomicBool::new(false));
+        let directory_threads = directory.start(&self.brokers, url, directory_stop.clone())?;
 
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(&'static str, Result<()>)>();
         let mut threads = Vec::new();
@@ -274,6 +297,10 @@ impl Pipeline {
             }
         }
         for t in threads {
+            let _ = t.join();
+        }
+        directory_stop.store(true, Ordering::SeqCst);
+        for t in directory_threads {
             let _ = t.join();
         }
         match errors.into_iter().next() {
@@ -463,6 +490,11 @@ fn record_key(topic: &str, value: &Value, topology: &Topology) -> Result<(String
             let c = ConsentChange::from_json(value)?;
             let key = identity::named_partition_key(&topology.identity, c.customer_id.as_deref(), &c.identifiers);
             (key.unwrap_or_default(), false)
+        }
+        RECOMMENDATIONS => {
+            let list = Precomputed::parse(value.to_string().as_bytes()).map_err(|e| anyhow!(e))?;
+            let key = list.canonical_id.filter(|c| !c.is_empty());
+            (key.ok_or_else(|| anyhow!("a recommendations record needs `canonical_id` (its key)"))?, false)
         }
         _ => (value.get("key").and_then(Value::as_str).unwrap_or_default().to_owned(), false),
     })

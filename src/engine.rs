@@ -48,6 +48,9 @@ pub struct EngineConfig {
     /// The broker was just created empty (embedded mode): the changelogs hold nothing,
     /// local stores are the state, and checkpoints restart at 0.
     pub fresh_broker: bool,
+    /// The brokers are the embedded broker, which does not store offsets committed in
+    /// transactions: commit them directly as well (see docs/runtime.md).
+    pub embedded_broker: bool,
 }
 
 /// Run one processor until shutdown; returns when stopped cleanly.
@@ -482,6 +485,11 @@ impl EngineState {
                     .map_err(|e| anyhow!("send offsets: {e}"))?;
             }
             self.producer.commit_transaction(Duration::from_secs(60)).map_err(|e| anyhow!("commit: {e}"))?;
+            if self.config.embedded_broker && tpl.count() > 0 {
+                consumer
+                    .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
+                    .map_err(|e| anyhow!("commit offsets on the embedded broker: {e}"))?;
+            }
         } else if tpl.count() > 0 {
             consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync).map_err(|e| anyhow!("commit offsets: {e}"))?;
         }

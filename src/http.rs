@@ -4,10 +4,10 @@
 
 use crate::kafka::{client_config, now_ms};
 use crate::metrics::{metrics, render};
-use crate::query::{LocalStores, Lookup};
+use crate::query::{Lookup, Query};
 use anyhow::{Context as _, Result};
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query as Params, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,12 +24,13 @@ use std::time::Duration;
 #[derive(Clone)]
 pub struct ApiState {
     pub topology: Arc<Topology>,
-    pub local: LocalStores,
+    pub query: Query,
     pub producer: FutureProducer,
 }
 
 impl ApiState {
-    pub fn new(brokers: &str, topology: Arc<Topology>, local: LocalStores) -> Result<ApiState> {
+    pub fn new(brokers: &str, query: Query) -> Result<ApiState> {
+        let topology = query.topology.clone();
         let producer: FutureProducer = client_config(brokers)
             .set("partitioner", "murmur2_random")
             .set("enable.idempotence", "true")
@@ -37,7 +38,7 @@ impl ApiState {
             .set("message.timeout.ms", "10000")
             .create()
             .context("cannot create the HTTP intake producer")?;
-        Ok(ApiState { topology, local, producer })
+        Ok(ApiState { topology, query, producer })
     }
 }
 
@@ -46,6 +47,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/events", post(post_events))
         .route("/v1/profiles/{identifier}", get(get_profile))
         .route("/v1/context/{identifier}", get(get_context))
+        .route("/v1/recommendations/{identifier}", get(get_recommendations))
+        .route("/v1/instances", get(get_instances))
+        .route("/internal/v1/stores/{processor}/{partition}/{store}", get(get_store_value))
         .route("/v1/identity/unlink", post(post_unlink))
         .route("/v1/identity/{kind}/{value}", get(get_identity))
         .route("/metrics", get(get_metrics))
@@ -169,30 +173,67 @@ fn lookup_response(route: &str, kind: &str, identifier: &str, lookup: Lookup<Val
             ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no {kind} for identifier {identifier:?}"))
                 .into_response()
         }
-        Lookup::NotLocal => {
-            let mut r = ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not_available",
-                format!("the {kind} of {identifier:?} is not served by this instance right now; retry"),
-            )
-            .into_response();
-            r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-            r
+        Lookup::Unavailable(why) => {
+            unavailable(format!("the {kind} of {identifier:?} cannot be read right now: {why}"))
         }
     };
     count(route, response.status());
     response
 }
 
+/// 503 with a retry hint: the answer exists but nobody can give it this moment.
+fn unavailable(message: String) -> Response {
+    let mut r = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_available", message).into_response();
+    r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    r
+}
+
+/// Reads apply expiry with the wall clock; under `clock: event` only the tasks know
+/// event time, so reads show what they last wrote.
+fn read_clock(state: &ApiState) -> Option<i64> {
+    (state.topology.clock == Clock::Wall).then(now_ms)
+}
+
 async fn get_profile(State(state): State<ApiState>, Path(identifier): Path<String>) -> Response {
-    let lookup = state.local.profile(&state.topology, &identifier);
+    let lookup = state.query.profile(&identifier, read_clock(&state)).await;
     lookup_response("/v1/profiles", "profile", &identifier, lookup)
 }
 
 async fn get_context(State(state): State<ApiState>, Path(identifier): Path<String>) -> Response {
-    let now = (state.topology.clock == Clock::Wall).then(now_ms);
-    let lookup = state.local.context(&state.topology, &identifier, now);
+    let lookup = state.query.context(&identifier, read_clock(&state)).await;
     lookup_response("/v1/context", "context", &identifier, lookup)
+}
+
+async fn get_recommendations(State(state): State<ApiState>, Path(identifier): Path<String>) -> Response {
+    let lookup = state.query.recommendations(&identifier, read_clock(&state)).await;
+    lookup_response("/v1/recommendations", "recommendations", &identifier, lookup)
+}
+
+/// Every live instance, its address and the tasks it serves.
+async fn get_instances(State(state): State<ApiState>) -> Response {
+    count("/v1/instances", StatusCode::OK);
+    Json(json!({"instances": state.query.directory.members()})).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct KeyParam {
+    key: String,
+}
+
+/// Instance-to-instance read of one committed store value: 200 with the value, 204
+/// when the key is absent, 503 when the task is not open here (the caller retries).
+async fn get_store_value(
+    State(state): State<ApiState>,
+    Path((processor, partition, store)): Path<(String, u32, String)>,
+    Params(param): Params<KeyParam>,
+) -> Response {
+    let response = match state.query.local.read(&processor, partition, &store, &param.key) {
+        Ok(Some(value)) => ([(header::CONTENT_TYPE, "application/json")], value).into_response(),
+        Ok(None) => StatusCode::NO_CONTENT.into_response(),
+        Err(()) => unavailable(format!("{processor}[{partition}] is not served by this instance")),
+    };
+    count("/internal/v1/stores", response.status());
+    response
 }
 
 /// A path or body identifier, normalised as the graph stores it.
@@ -210,7 +251,7 @@ async fn get_identity(State(state): State<ApiState>, Path((kind, value)): Path<(
             return response;
         }
     };
-    let lookup = state.local.identity(&id.label());
+    let lookup = state.query.identity(&id.label()).await;
     lookup_response("/v1/identity", "customer", &id.label(), lookup)
 }
 
@@ -242,7 +283,7 @@ async fn unlink(state: &ApiState, body: &[u8]) -> Result<Value, ApiError> {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("expected {{\"type\", \"value\"}}: {e}"))
     })?;
     let id = parse_identifier(&state.topology, &request.kind, &request.value)?;
-    let current = match state.local.identity(&id.label()) {
+    let current = match state.query.identity(&id.label()).await {
         Lookup::Found(v) => v,
         Lookup::Unknown => {
             return Err(ApiError::new(
@@ -251,13 +292,7 @@ async fn unlink(state: &ApiState, body: &[u8]) -> Result<Value, ApiError> {
                 format!("{} is not linked to any customer", id.label()),
             ))
         }
-        Lookup::NotLocal => {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not_available",
-                "identity state is not served here",
-            ))
-        }
+        Lookup::Unavailable(why) => return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_available", why)),
     };
     let (key, payload) = identity::unlink_message(&id, now_ms());
     let record = FutureRecord::to(IDENTITY_REPARTITION).key(&key).payload(&payload).timestamp(now_ms());
@@ -275,18 +310,22 @@ async fn unlink(state: &ApiState, body: &[u8]) -> Result<Value, ApiError> {
 async fn get_metrics(State(state): State<ApiState>) -> Response {
     let specs = chorus_processors::processor_specs(&state.topology);
     let sizes = state
+        .query
         .local
         .store_sizes(|name| specs.iter().find(|s| s.name == name).map(|s| s.stores.clone()).unwrap_or_default());
     // Only partitions open right now: a partition handed to another member disappears.
     metrics().store_entries.reset();
-    for (processor, store, partition, n) in sizes {
-        metrics().store_entries.with_label_values(&[&processor, &store, &partition.to_string()]).set(n as i64);
+    metrics().store_bytes.reset();
+    for (processor, store, partition, n, bytes) in sizes {
+        let labels = [processor.as_str(), store.as_str(), &partition.to_string()];
+        metrics().store_entries.with_label_values(&labels).set(n as i64);
+        metrics().store_bytes.with_label_values(&labels).set(bytes as i64);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render()).into_response()
 }
 
 async fn readyz(State(state): State<ApiState>) -> Response {
-    if state.local.open_tasks() > 0 {
+    if state.query.local.open_tasks() > 0 {
         (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
     } else {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "no partitions assigned yet").into_response()

@@ -40,6 +40,7 @@ pub fn all_topics(topology: &Topology) -> Vec<TopicToCreate> {
     for spec in processor_specs(topology) {
         topics.extend(changelog_topics(&spec, topology));
     }
+    topics.push(TopicToCreate { name: crate::directory::INSTANCES_TOPIC.into(), partitions: 1, compacted: true });
     topics
 }
 
@@ -123,6 +124,14 @@ pub fn verify_partitions(brokers: &str, topics: &[TopicToCreate]) -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// Whether the brokers are chorus's embedded broker (librdkafka's mock cluster, whose
+/// cluster id starts with `mockCluster`). Its TxnOffsetCommit acknowledges offsets
+/// without storing them, so the engine also commits them directly there.
+pub fn is_embedded_broker(brokers: &str) -> bool {
+    let Ok(consumer) = client_config(brokers).create::<BaseConsumer>() else { return false };
+    consumer.client().fetch_cluster_id(Duration::from_secs(10)).is_some_and(|id| id.starts_with("mockCluster"))
 }
 
 pub fn now_ms() -> i64 {

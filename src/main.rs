@@ -4,6 +4,7 @@
 mod bench;
 mod broker;
 mod commands;
+mod directory;
 mod engine;
 mod http;
 mod kafka;
@@ -61,6 +62,11 @@ enum Command {
         data_dir: PathBuf,
         #[arg(long, default_value = "127.0.0.1:8080")]
         http: String,
+        /// URL other instances reach this one's HTTP API at (interactive queries are
+        /// routed there); defaults to http://<bound address>, with the host name when
+        /// listening on all interfaces.
+        #[arg(long)]
+        advertise: Option<String>,
         #[arg(long, default_value = "topology.yaml")]
         topology: PathBuf,
     },
@@ -114,6 +120,10 @@ enum Command {
         /// Length of the latency measurement.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Override the topology's commit interval (`25ms`, ...): latency is bounded
+        /// below by two of them.
+        #[arg(long)]
+        commit_interval: Option<String>,
         #[arg(long, default_value = "topology.yaml")]
         topology: PathBuf,
     },
@@ -211,8 +221,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             commands::up(commands::UpArgs { topology, data_dir, http, partitions, clock }).await
         }
         Command::Broker { port, topology, partitions } => commands::broker(port, &topology, partitions).await,
-        Command::Run { brokers, processors, instance_id, data_dir, http, topology } => {
-            commands::run(commands::RunArgs { brokers, processors, instance_id, data_dir, http, topology }).await
+        Command::Run { brokers, processors, instance_id, data_dir, http, advertise, topology } => {
+            commands::run(commands::RunArgs { brokers, processors, instance_id, data_dir, http, advertise, topology })
+                .await
         }
         Command::Topics { command: TopicsCommand::Create { brokers, topology } } => {
             commands::topics_create(&brokers, &topology).await
@@ -230,8 +241,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Bench { command: Some(BenchCommand::Identity { file, brokers, partitions, topology }), .. } => {
             bench::bench_identity(bench::IdentityBenchArgs { file, brokers, partitions, topology }).await
         }
-        Command::Bench { command: None, brokers, events, customers, partitions, rate, seconds, topology } => {
-            bench::bench(bench::BenchArgs { brokers, events, customers, partitions, rate, seconds, topology }).await
+        Command::Bench { command: None, brokers, events, customers, partitions, rate, seconds, commit_interval, topology } => {
+            let args = bench::BenchArgs { brokers, events, customers, partitions, rate, seconds, commit_interval, topology };
+            bench::bench(args).await
         }
     }
 }

@@ -16,10 +16,17 @@ pub struct Metrics {
     pub commit_seconds: HistogramVec,
     pub lag: IntGaugeVec,
     pub store_entries: IntGaugeVec,
+    pub store_bytes: IntGaugeVec,
     pub restored_records: IntCounterVec,
     pub business: IntCounterVec,
     pub http_requests: IntCounterVec,
     pub identity: IdentityMetrics,
+    /// Interactions (events) whose customer got personalised content, or generic.
+    pub personalisation: IntCounterVec,
+    /// Share of interactions that got personalised content since start.
+    pub personalisation_coverage: prometheus::Gauge,
+    /// API answers by endpoint and outcome (personalised or generic).
+    pub personalisation_served: IntCounterVec,
 }
 
 /// The identity stage's own series (the seed's identity resolution rate among them).
@@ -46,6 +53,7 @@ impl Metrics {
             "guard_refusals" => id.guard_refusals.with_label_values(&[label]).inc(),
             "identifier_refusals" => id.identifier_refusals.with_label_values(&[label]).inc(),
             "component_size" => id.component_size.observe(label.parse().unwrap_or(0.0)),
+            "personalisation" => self.personalisation.with_label_values(&[label]).inc(),
             _ => {}
         }
     }
@@ -70,8 +78,10 @@ fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGau
     register(registry, IntGaugeVec::new(Opts::new(name, help), labels))
 }
 
-const LATENCY_BUCKETS: [f64; 14] =
-    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const LATENCY_BUCKETS: [f64; 20] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0,
+];
 
 pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -94,6 +104,7 @@ pub fn metrics() -> &'static Metrics {
             commit_seconds: histogram(&registry, "commit_seconds", "Time to commit one transaction", &["processor"], LATENCY_BUCKETS.to_vec()),
             lag: gauge(&registry, "consumer_lag", "Records behind the end of each input partition", &["processor", "topic", "partition"]),
             store_entries: gauge(&registry, "store_entries", "Approximate entries per store and partition", &["processor", "store", "partition"]),
+            store_bytes: gauge(&registry, "store_bytes", "Approximate bytes per store and partition (live SST data and memtables)", &["processor", "store", "partition"]),
             restored_records: counter(&registry, "restored_records_total", "Changelog records replayed into stores", &["processor", "store"]),
             business: counter(
                 &registry,
@@ -119,6 +130,12 @@ pub fn metrics() -> &'static Metrics {
                     prometheus::Gauge::new("identity_resolution_rate", "Share of inputs resolved to a known customer since this process started"),
                 ),
             },
+            personalisation: counter(&registry, "personalisation_interactions_total", "Interactions whose customer got personalised content (rules, segment variants or precomputed recommendations, with consent), or generic", &["outcome"]),
+            personalisation_coverage: register(
+                &registry,
+                prometheus::Gauge::new("personalisation_coverage", "Share of interactions that got personalised content since this process started"),
+            ),
+            personalisation_served: counter(&registry, "personalisation_served_total", "Profile and recommendation answers by endpoint and outcome", &["endpoint", "outcome"]),
             registry,
         }
     })
@@ -130,6 +147,10 @@ pub fn render() -> String {
     let known = id.resolved.with_label_values(&["known"]).get() as f64;
     let anonymous = id.resolved.with_label_values(&["anonymous"]).get() as f64;
     id.resolution_rate.set(known / (known + anonymous).max(1.0));
+    let m = metrics();
+    let personalised = m.personalisation.with_label_values(&["personalised"]).get() as f64;
+    let generic = m.personalisation.with_label_values(&["generic"]).get() as f64;
+    m.personalisation_coverage.set(personalised / (personalised + generic).max(1.0));
     let families = metrics().registry.gather();
     TextEncoder::new().encode_to_string(&families).unwrap_or_default()
 }

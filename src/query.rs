@@ -1,21 +1,29 @@
-//! Interactive queries: the HTTP API reads the committed state of this instance's
-//! tasks directly from their RocksDB (never the uncommitted overlay). An identifier is
-//! resolved through the identity stores, then the owning partition of the canonical id
-//! is read. Answers for partitions this instance does not own are "not here" (routing
-//! to the owner comes with multi-instance interactive queries).
+//! Interactive queries: the HTTP API reads the committed state of the tasks directly
+//! from their RocksDB (never the uncommitted overlay), on this instance or, through the
+//! [`Directory`], on the instance serving the partition. An identifier is resolved
+//! through the identity stores (each key read from the partition that owns it), then
+//! the partition of the canonical id is read. While nobody serves a partition (a
+//! rebalance or restore is moving it) the answer is "unavailable", never a stale one.
 
-use chorus_processors::context::CustomerContext;
+use crate::directory::{Directory, Owner};
+use crate::metrics::metrics;
+use chorus_processors::context::{self, CustomerContext};
 use chorus_processors::identity;
 use chorus_processors::partition::partition_for;
-use chorus_processors::profile::Profile;
+use chorus_processors::personalisation::{
+    popularity_key, recommend, Personaliser, Popularity, RecommendationInputs, CONSENT_PURPOSE,
+};
+use chorus_processors::profile::{self, Profile};
 use chorus_processors::resolved::RESOLVED_TOPIC;
 use chorus_processors::store::decode_value;
+use chorus_processors::topology::IDENTITY_REPARTITION;
 use chorus_processors::Topology;
 use chorus_state::TaskDb;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 type TaskDbs = BTreeMap<(String, u32), Arc<TaskDb>>;
 
@@ -30,19 +38,9 @@ pub enum Lookup<T> {
     Found(T),
     /// No customer is known by this identifier.
     Unknown,
-    /// The owning partition is not open on this instance (another owns it, or a
-    /// rebalance is moving it).
-    NotLocal,
-}
-
-impl<T> Lookup<T> {
-    fn and_then<U>(self, f: impl FnOnce(T) -> Lookup<U>) -> Lookup<U> {
-        match self {
-            Lookup::Found(v) => f(v),
-            Lookup::Unknown => Lookup::Unknown,
-            Lookup::NotLocal => Lookup::NotLocal,
-        }
-    }
+    /// Nobody serves the partition right now (a rebalance is moving it), or its
+    /// instance did not answer.
+    Unavailable(String),
 }
 
 impl LocalStores {
@@ -54,16 +52,6 @@ impl LocalStores {
         self.tasks.write().unwrap_or_else(|p| p.into_inner()).remove(&(processor.to_owned(), partition));
     }
 
-    fn dbs(&self, processor: &str) -> Vec<Arc<TaskDb>> {
-        self.tasks
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|((name, _), _)| name == processor)
-            .map(|(_, db)| db.clone())
-            .collect()
-    }
-
     fn db(&self, processor: &str, partition: u32) -> Option<Arc<TaskDb>> {
         self.tasks.read().unwrap_or_else(|p| p.into_inner()).get(&(processor.to_owned(), partition)).cloned()
     }
@@ -72,133 +60,343 @@ impl LocalStores {
         self.tasks.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// Store sizes per processor, store and partition.
-    pub fn store_sizes(&self, stores_of: impl Fn(&str) -> Vec<&'static str>) -> Vec<(String, String, u32, u64)> {
+    /// Store sizes per processor, store and partition: (entries, bytes).
+    pub fn store_sizes(&self, stores_of: impl Fn(&str) -> Vec<&'static str>) -> Vec<(String, String, u32, u64, u64)> {
         let tasks = self.tasks.read().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::new();
         for ((processor, partition), db) in tasks.iter() {
             for store in stores_of(processor) {
-                out.push((processor.clone(), store.to_owned(), *partition, db.approximate_len(store)));
+                out.push((
+                    processor.clone(),
+                    store.to_owned(),
+                    *partition,
+                    db.approximate_len(store),
+                    db.approximate_bytes(store),
+                ));
             }
         }
         out
     }
 
-    /// The canonical id of a path identifier (a canonical id resolves to itself).
-    pub fn resolve(&self, topology: &Topology, identifier: &str) -> Lookup<String> {
-        let dbs = self.dbs(identity::NAME);
-        if dbs.is_empty() {
-            return Lookup::NotLocal;
+    pub fn has(&self, processor: &str, partition: u32) -> bool {
+        self.db(processor, partition).is_some()
+    }
+
+    /// Processor → partitions open here.
+    pub fn tasks(&self) -> BTreeMap<String, Vec<u32>> {
+        let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        for (processor, partition) in self.tasks.read().unwrap_or_else(|p| p.into_inner()).keys() {
+            out.entry(processor.clone()).or_default().push(*partition);
         }
-        // A canonical id (live, or merged away) is known by its component or pointer.
-        let is_canonical = |id: &str| {
-            dbs.iter().any(|db| {
-                db.get(identity::STORE, format!("comp:{id}").as_bytes()).ok().flatten().is_some()
-                    || db.get(identity::STORE, format!("fwd:{id}").as_bytes()).ok().flatten().is_some()
-            })
-        };
-        let mut canonical = is_canonical(identifier).then(|| identifier.to_owned());
-        if canonical.is_none() {
-            'labels: for label in identity::lookup_labels(&topology.identity, identifier) {
-                for db in &dbs {
-                    let key = identity::identifier_key(&label);
-                    if let Some(c) = read_json::<identity::IdState>(db, identity::STORE, &key).and_then(|s| s.canonical)
-                    {
-                        canonical = Some(c);
-                        break 'labels;
-                    }
+        out
+    }
+
+    /// A committed value of a store of an open task; `Err` when the task is not open here.
+    pub fn read(&self, processor: &str, partition: u32, store: &str, key: &str) -> Result<Option<Vec<u8>>, ()> {
+        let db = self.db(processor, partition).ok_or(())?;
+        let Some(stored) = db.get(store, key.as_bytes()).ok().flatten() else { return Ok(None) };
+        // Stores read here hold no expiring entries; context expiry is applied by the
+        // caller with the topology's clock.
+        Ok(decode_value(key.as_bytes(), &stored).ok().map(|(_, value)| value))
+    }
+}
+
+/// Interactive queries over every instance's tasks: reads go to this instance's
+/// RocksDB when it serves the partition, to the serving instance over HTTP otherwise.
+#[derive(Clone)]
+pub struct Query {
+    pub topology: Arc<Topology>,
+    pub local: LocalStores,
+    pub directory: Directory,
+    personaliser: Arc<Personaliser>,
+    client: reqwest::Client,
+}
+
+/// Why an answer cannot be given right now.
+type Unavailable = String;
+
+impl Query {
+    pub fn new(topology: Arc<Topology>, local: LocalStores, directory: Directory) -> Query {
+        let personaliser = Arc::new(Personaliser::compile(&topology.personalisation));
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap_or_default();
+        Query { topology, local, directory, personaliser, client }
+    }
+
+    /// One committed store value, from wherever its task is served.
+    async fn read(
+        &self,
+        processor: &str,
+        partition: u32,
+        store: &str,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>, Unavailable> {
+        match self.directory.owner(processor, partition) {
+            Owner::Local => {
+                self.local.read(processor, partition, store, key).map_err(|()| moving(processor, partition))
+            }
+            Owner::Nobody => Err(moving(processor, partition)),
+            Owner::Remote(url) => {
+                let response = self
+                    .client
+                    .get(format!("{url}/internal/v1/stores/{processor}/{partition}/{store}"))
+                    .query(&[("key", key)])
+                    .send()
+                    .await
+                    .map_err(|e| format!("{processor}[{partition}] is served by {url}, which did not answer: {e}"))?;
+                match response.status() {
+                    reqwest::StatusCode::OK => response
+                        .bytes()
+                        .await
+                        .map(|b| Some(b.to_vec()))
+                        .map_err(|e| format!("{processor}[{partition}] read from {url} failed: {e}")),
+                    reqwest::StatusCode::NO_CONTENT => Ok(None),
+                    _ => Err(moving(processor, partition)),
                 }
             }
         }
+    }
+
+    async fn read_json<T: DeserializeOwned>(
+        &self,
+        processor: &str,
+        partition: u32,
+        store: &str,
+        key: &str,
+    ) -> Result<Option<T>, Unavailable> {
+        Ok(self.read(processor, partition, store, key).await?.and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// An identity store value of the actor `owner_key` (identifier label or canonical id).
+    async fn identity_json<T: DeserializeOwned>(
+        &self,
+        owner_key: &str,
+        store_key: &str,
+    ) -> Result<Option<T>, Unavailable> {
+        let partition = partition_for(owner_key.as_bytes(), self.topology.partitions_of(IDENTITY_REPARTITION));
+        self.read_json(identity::NAME, partition, identity::STORE, store_key).await
+    }
+
+    /// A store value of a downstream stage, keyed by canonical id.
+    async fn customer_json<T: DeserializeOwned>(
+        &self,
+        processor: &str,
+        store: &str,
+        canonical: &str,
+        key: &str,
+    ) -> Result<Option<T>, Unavailable> {
+        let partition = partition_for(canonical.as_bytes(), self.topology.partitions_of(RESOLVED_TOPIC));
+        self.read_json(processor, partition, store, key).await
+    }
+
+    /// The canonical id of a path identifier (a canonical id resolves to itself, or to
+    /// the customer it merged into).
+    pub async fn resolve(&self, identifier: &str) -> Lookup<String> {
+        let known = async {
+            let comp = self.identity_json::<Value>(identifier, &format!("comp:{identifier}")).await?;
+            let fwd = self.identity_json::<String>(identifier, &format!("fwd:{identifier}")).await?;
+            Ok::<_, Unavailable>(comp.is_some() || fwd.is_some())
+        };
+        let canonical = match known.await {
+            Ok(true) => Some(identifier.to_owned()),
+            Ok(false) => {
+                let mut found = None;
+                for label in identity::lookup_labels(&self.topology.identity, identifier) {
+                    match self.identity_json::<identity::IdState>(&label, &identity::identifier_key(&label)).await {
+                        Ok(state) => {
+                            if let Some(c) = state.and_then(|s| s.canonical) {
+                                found = Some(c);
+                                break;
+                            }
+                        }
+                        Err(e) => return Lookup::Unavailable(e),
+                    }
+                }
+                found
+            }
+            Err(e) => return Lookup::Unavailable(e),
+        };
         let Some(id) = canonical else { return Lookup::Unknown };
-        Lookup::Found(self.survivor(&dbs, id))
+        match self.survivor(id).await {
+            Ok(id) => Lookup::Found(id),
+            Err(e) => Lookup::Unavailable(e),
+        }
     }
 
     /// Follow merges to the surviving id.
-    fn survivor(&self, dbs: &[Arc<TaskDb>], mut id: String) -> String {
+    async fn survivor(&self, mut id: String) -> Result<String, Unavailable> {
         for _ in 0..64 {
-            let next = dbs.iter().find_map(|db| read_json::<String>(db, identity::STORE, &format!("fwd:{id}")));
-            match next {
-                Some(n) => id = n,
+            match self.identity_json::<String>(&id, &format!("fwd:{id}")).await? {
+                Some(next) => id = next,
                 None => break,
             }
         }
-        id
+        Ok(id)
     }
 
     /// `GET /v1/identity/{type}/{value}`: the customer holding an identifier, every
     /// identifier linked to it with how, and its merge history.
-    pub fn identity(&self, label: &str) -> Lookup<Value> {
-        let dbs = self.dbs(identity::NAME);
-        if dbs.is_empty() {
-            return Lookup::NotLocal;
-        }
-        let key = identity::identifier_key(label);
-        let Some(state) = dbs.iter().find_map(|db| read_json::<identity::IdState>(db, identity::STORE, &key)) else {
-            return Lookup::Unknown;
+    pub async fn identity(&self, label: &str) -> Lookup<Value> {
+        let state = match self.identity_json::<identity::IdState>(label, &identity::identifier_key(label)).await {
+            Ok(Some(s)) => s,
+            Ok(None) => return Lookup::Unknown,
+            Err(e) => return Lookup::Unavailable(e),
         };
         let Some(canonical) = state.canonical else { return Lookup::Unknown };
-        let canonical = self.survivor(&dbs, canonical);
-        let comp_key = format!("comp:{canonical}");
-        let Some(comp) = dbs.iter().find_map(|db| read_json::<identity::Component>(db, identity::STORE, &comp_key))
-        else {
-            return Lookup::Unknown;
+        let component = match self.survivor(canonical).await {
+            Ok(c) => self.identity_json::<identity::Component>(&c, &format!("comp:{c}")).await,
+            Err(e) => Err(e),
         };
-        Lookup::Found(serde_json::json!({
-            "identifier": label,
-            "canonical_id": comp.canonical_id,
-            "customer_id": comp.customer_id,
-            "identifiers": comp.identifiers,
-            "merged_from": comp.merged_from,
-            "merges": comp.history,
-            "excluded": comp.excluded,
-            "refusals": comp.refusals,
-            "created_at": comp.created_at,
-        }))
-    }
-
-    fn read_owned<T: DeserializeOwned>(
-        &self,
-        topology: &Topology,
-        processor: &str,
-        store: &str,
-        canonical: &str,
-    ) -> Lookup<T> {
-        let partition = partition_for(canonical.as_bytes(), topology.partitions_of(RESOLVED_TOPIC));
-        match self.db(processor, partition) {
-            None => Lookup::NotLocal,
-            Some(db) => match read_json::<T>(&db, store, canonical) {
-                Some(v) => Lookup::Found(v),
-                None => Lookup::Unknown,
-            },
+        match component {
+            Ok(Some(comp)) => Lookup::Found(serde_json::json!({
+                "identifier": label,
+                "canonical_id": comp.canonical_id,
+                "customer_id": comp.customer_id,
+                "identifiers": comp.identifiers,
+                "merged_from": comp.merged_from,
+                "merges": comp.history,
+                "excluded": comp.excluded,
+                "refusals": comp.refusals,
+                "created_at": comp.created_at,
+            })),
+            Ok(None) => Lookup::Unknown,
+            Err(e) => Lookup::Unavailable(e),
         }
     }
 
-    pub fn profile(&self, topology: &Topology, identifier: &str) -> Lookup<Value> {
-        self.resolve(topology, identifier).and_then(|id| {
-            self.read_owned::<Profile>(topology, "profile", "profiles", &id).and_then(|p| Lookup::Found(p.snapshot()))
-        })
+    async fn load_profile(&self, id: &str) -> Result<Option<Profile>, Unavailable> {
+        self.customer_json(profile::NAME, profile::STORE, id, id).await
     }
 
-    /// `now` is the wall clock, or `None` under `clock: event` (then expiry is left to
-    /// the task, which alone knows event time).
-    pub fn context(&self, topology: &Topology, identifier: &str, now: Option<i64>) -> Lookup<Value> {
-        self.resolve(topology, identifier).and_then(|id| {
-            self.read_owned::<CustomerContext>(topology, "context", "context", &id).and_then(|mut c| {
-                // Expired parts vanish from reads at once, before the sweep runs.
-                if let Some(now) = now {
-                    c.expire(now, &topology.context);
-                }
-                Lookup::Found(c.snapshot())
-            })
+    /// The context of a customer; expired parts are dropped at `now` (`None` under
+    /// `clock: event`: then expiry is left to the task, which alone knows event time).
+    async fn load_context(&self, id: &str, now: Option<i64>) -> Result<Option<CustomerContext>, Unavailable> {
+        let mut context: Option<CustomerContext> = self.customer_json(context::NAME, context::STORE, id, id).await?;
+        if let (Some(c), Some(now)) = (context.as_mut(), now) {
+            // Expired parts vanish from reads at once, before the sweep runs.
+            c.expire(now, &self.topology.context);
+        }
+        Ok(context)
+    }
+
+    /// `GET /v1/profiles/{identifier}`: the Customer 360 snapshot, personalised with
+    /// the customer's current context, with the hybrid recommendations.
+    pub async fn profile(&self, identifier: &str, now: Option<i64>) -> Lookup<Value> {
+        self.for_customer(identifier, |id| async move {
+            let Some(profile) = self.load_profile(&id).await? else { return Ok(None) };
+            let context = self.load_context(&id, now).await?;
+            let at = now.unwrap_or(profile.updated_at);
+            let mut snapshot = profile.snapshot(at, &self.topology.profile);
+            let context_view = context.as_ref().map_or(Value::Null, CustomerContext::snapshot);
+            let consent = profile.personalisation_allowed(self.topology.default_consent(CONSENT_PURPOSE));
+            let view = profile.customer_view(at, &self.topology.profile);
+            let personalised = self.personaliser.resolve(&view, &context_view, &profile.segments, consent);
+            count_served("profile", personalised.personalised);
+            snapshot["personalisation"] = serde_json::to_value(&personalised).unwrap_or(Value::Null);
+            snapshot["recommendations"] = self.recommend(&profile, context.as_ref(), at).await?;
+            Ok(Some(snapshot))
         })
+        .await
+    }
+
+    /// `GET /v1/context/{identifier}`.
+    pub async fn context(&self, identifier: &str, now: Option<i64>) -> Lookup<Value> {
+        self.for_customer(identifier, |id| async move { Ok(self.load_context(&id, now).await?.map(|c| c.snapshot())) })
+            .await
+    }
+
+    /// `GET /v1/recommendations/{identifier}`.
+    pub async fn recommendations(&self, identifier: &str, now: Option<i64>) -> Lookup<Value> {
+        self.for_customer(identifier, |id| async move {
+            let Some(profile) = self.load_profile(&id).await? else { return Ok(None) };
+            let context = self.load_context(&id, now).await?;
+            let mut answer = self.recommend(&profile, context.as_ref(), now.unwrap_or(profile.updated_at)).await?;
+            count_served("recommendations", answer["personalised"] == Value::Bool(true));
+            answer["canonical_id"] = Value::String(id);
+            Ok(Some(answer))
+        })
+        .await
+    }
+
+    /// Resolve an identifier, then read what `read` reads for the canonical id.
+    async fn for_customer<F, Fut>(&self, identifier: &str, read: F) -> Lookup<Value>
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: std::future::Future<Output = Result<Option<Value>, Unavailable>>,
+    {
+        match self.resolve(identifier).await {
+            Lookup::Found(id) => match read(id).await {
+                Ok(Some(v)) => Lookup::Found(v),
+                Ok(None) => Lookup::Unknown,
+                Err(e) => Lookup::Unavailable(e),
+            },
+            Lookup::Unknown => Lookup::Unknown,
+            Lookup::Unavailable(e) => Lookup::Unavailable(e),
+        }
+    }
+
+    /// The hybrid list for a customer: their precomputed items adjusted by context,
+    /// filled from the popularity tables of the partition that serves them.
+    async fn recommend(
+        &self,
+        profile: &Profile,
+        context: Option<&CustomerContext>,
+        now: i64,
+    ) -> Result<Value, Unavailable> {
+        let config = &self.topology.personalisation.recommendations;
+        let consent = profile.personalisation_allowed(self.topology.default_consent(CONSENT_PURPOSE));
+        let session_categories: Vec<String> =
+            context.and_then(|c| c.session.as_ref()).map(|s| s.categories.clone()).unwrap_or_default();
+        let fallback: Vec<String> = profile.metrics.last_purchase_category.iter().cloned().collect();
+        let mut categories: Vec<Option<&str>> = vec![None];
+        if consent {
+            categories.extend(session_categories.iter().chain(&fallback).map(|c| Some(c.as_str())));
+        }
+        let mut tables: BTreeMap<Option<String>, Popularity> = BTreeMap::new();
+        for category in categories {
+            tables.insert(category.map(str::to_owned), self.popularity(category).await);
+        }
+        let purchased: BTreeSet<String> = profile.purchased.keys().cloned().collect();
+        let in_cart: BTreeSet<String> =
+            context.and_then(|c| c.cart.as_ref()).map(|c| c.items.keys().cloned().collect()).unwrap_or_default();
+        let inputs = RecommendationInputs {
+            precomputed: profile.recommendations.as_ref(),
+            consent,
+            purchased: &purchased,
+            in_cart: &in_cart,
+            session_categories: &session_categories,
+            fallback_categories: &fallback,
+            now,
+        };
+        Ok(recommend(config, &inputs, |category| tables.get(&category.map(str::to_owned)).cloned()))
     }
 }
 
-fn read_json<T: DeserializeOwned>(db: &TaskDb, store: &str, key: &str) -> Option<T> {
-    let stored = db.get(store, key.as_bytes()).ok()??;
-    // Stores read here (identity, profiles, context) hold no expiring entries; context
-    // expiry is applied by the caller with the topology's clock.
-    let (_, value) = decode_value(key.as_bytes(), &stored).ok()?;
-    serde_json::from_slice(&value).ok()
+impl Query {
+    /// Popularity of a category (or overall) across every partition of the profile
+    /// stage: each partition counts the events it processes, reads add them up. A
+    /// partition that cannot be read right now is left out (popularity only fills).
+    async fn popularity(&self, category: Option<&str>) -> Popularity {
+        let config = &self.topology.personalisation.recommendations;
+        let key = popularity_key(category);
+        let partitions = self.topology.partitions_of(RESOLVED_TOPIC);
+        let reads = (0..partitions).map(|p| self.read_json::<Popularity>(profile::NAME, p, profile::STORE, &key));
+        let mut total = Popularity::default();
+        for table in futures::future::join_all(reads).await.into_iter().flatten().flatten() {
+            total.merge(&table, config);
+        }
+        total
+    }
+}
+
+fn moving(processor: &str, partition: u32) -> Unavailable {
+    format!("{processor}[{partition}] is not served by any instance right now (a rebalance or restore is moving it)")
+}
+
+fn count_served(endpoint: &str, personalised: bool) {
+    let outcome = if personalised { "personalised" } else { "generic" };
+    metrics().personalisation_served.with_label_values(&[endpoint, outcome]).inc();
 }

@@ -220,6 +220,18 @@ fn two_members_split_partitions_and_hand_over_state() {
         }
         Some(())
     });
+    // Interactive queries: either member answers for every customer, wherever the
+    // customer's partitions are, with the same profile.
+    eventually(90, "the same profiles through either member", || {
+        expected
+            .keys()
+            .all(|c| {
+                let (s1, a) = get_json(&format!("{}/v1/profiles/{c}", one.http()));
+                let (s2, b) = get_json(&format!("{}/v1/profiles/{c}", two.http()));
+                s1 == 200 && s2 == 200 && totals(&a) == totals(&b)
+            })
+            .then_some(())
+    });
     two.stop();
     produce(&kafka.bootstrap, "events.raw", &events[1_500..]);
     eventually(180, "member one serves every profile, equal to an uninterrupted run", || {

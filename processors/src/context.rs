@@ -181,7 +181,11 @@ impl CustomerContext {
     pub fn apply(&mut self, event: &Event, now: i64, config: &ContextConfig) {
         let at = event.timestamp_ms;
         self.expire(now, config);
-        self.touch_session(event, config);
+        // A late event from a session that has already timed out must not replace the
+        // live session with an expired one.
+        if at.saturating_add(config.session_timeout.ms()) > now {
+            self.touch_session(event, config);
+        }
         match event.event_type.as_str() {
             "cart.item_added" | "cart.item_removed" => self.update_cart(event, config),
             "order.completed" => self.cart = None,
@@ -259,6 +263,9 @@ impl CustomerContext {
             let excess = self.recent_interactions.len() - max;
             self.recent_interactions.drain(..excess);
         }
+        // What a late event added may be expired already (a cart or interaction older
+        // than its TTL); it is not published.
+        self.expire(now, config);
     }
 
     fn touch_session(&mut self, event: &Event, config: &ContextConfig) {

@@ -251,6 +251,9 @@ pub struct RecItem {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Precomputed {
+    /// The customer it is for (the record key is authoritative).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canonical_id: Option<String>,
     pub items: Vec<RecItem>,
     #[serde(default)]
     pub model: Option<String>,
@@ -291,9 +294,24 @@ impl Popularity {
         let added = if at >= entry.1 { weight } else { decayed(weight, at, entry.1, config.half_life) };
         *entry = (base + added, at.max(entry.1), category.map(str::to_owned).or(entry.2.take()));
         if self.items.len() > config.per_category {
-            let now = at;
+            // Compare at the newest time in the table: ranking at a late event's older
+            // time would leave newer scores undecayed against older ones.
+            let now = self.items.values().map(|(_, t, _)| *t).max().unwrap_or(at);
             if let Some(weakest) = self.ranked(now, config).last().map(|(p, _, _)| p.clone()) {
                 self.items.remove(&weakest);
+            }
+        }
+    }
+
+    /// Add another partition's table (scores decayed to a common time).
+    pub fn merge(&mut self, other: &Popularity, config: &RecommendationConfig) {
+        for (product, (score, at, category)) in &other.items {
+            let entry = self.items.entry(product.clone()).or_insert((0.0, *at, None));
+            let t = entry.1.max(*at);
+            entry.0 = decayed(entry.0, entry.1, t, config.half_life) + decayed(*score, *at, t, config.half_life);
+            entry.1 = t;
+            if entry.2.is_none() {
+                entry.2 = category.clone();
             }
         }
     }
@@ -336,7 +354,9 @@ pub fn recommend(
     popular: impl Fn(Option<&str>) -> Option<Popularity>,
 ) -> Value {
     let mut list = Picks { items: Vec::new(), seen: BTreeSet::new(), size: config.size };
-    let excluded = |p: &str| inputs.purchased.contains(p) || inputs.in_cart.contains(p);
+    // Without consent the customer's purchases and cart are not used either: the list
+    // is the same for everyone.
+    let excluded = |p: &str| inputs.consent && (inputs.purchased.contains(p) || inputs.in_cart.contains(p));
     let fill = |list: &mut Picks, category: Option<&str>| {
         let Some(table) = popular(category) else { return };
         let reason = category.map_or_else(|| "popular overall".to_owned(), |c| format!("popular in {c}"));
@@ -396,4 +416,272 @@ impl Picks {
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slots(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn personaliser() -> Personaliser {
+        Personaliser::compile(&PersonalisationConfig {
+            rules: vec![
+                rule("customer.lifetime_value > 1000", "show_premium"),
+                rule("customer.location.state == \"QLD\"", "show_local"),
+                rule("customer.lifetime_value > 500", "show_premium"),
+            ],
+            next_best_action: vec![
+                rule("context.cart and context.cart.value > 0", "complete_purchase"),
+                rule("customer.lifetime_value > 1000", "upsell"),
+                rule("customer.purchase_count == 0", "first_purchase_offer"),
+                rule("true", "browse"),
+            ],
+            variants: vec![
+                Variant { segment: "vip".into(), content: slots(&[("content", "vip_picks")]) },
+                Variant {
+                    segment: "outdoor".into(),
+                    content: slots(&[("content", "outdoor_picks"), ("offers", "gear_discount")]),
+                },
+            ],
+            default_content: slots(&[("content", "popular"), ("offers", "standard"), ("messaging", "standard_tone")]),
+            recommendations: RecommendationConfig::default(),
+        })
+    }
+
+    fn segments(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn content(p: &Personalised) -> Vec<(String, String, String)> {
+        p.content
+            .iter()
+            .map(|(slot, v)| {
+                (slot.clone(), v["id"].as_str().unwrap().to_owned(), v["source"].as_str().unwrap().to_owned())
+            })
+            .collect()
+    }
+
+    fn row(slot: &str, id: &str, source: &str) -> (String, String, String) {
+        (slot.to_owned(), id.to_owned(), source.to_owned())
+    }
+
+    #[test]
+    fn every_rule_that_holds_adds_its_action_once() {
+        let customer = json!({"lifetime_value": 2000.0, "purchase_count": 3, "location": {"state": "QLD"}});
+        let p = personaliser().resolve(&customer, &Value::Null, &[], true);
+        assert!(p.personalised);
+        assert_eq!(p.reason, None);
+        assert_eq!(p.actions, ["show_premium", "show_local"]);
+        assert_eq!(p.next_best_action.as_deref(), Some("upsell"));
+    }
+
+    #[test]
+    fn without_consent_the_answer_is_generic_and_says_so() {
+        let customer = json!({"lifetime_value": 2000.0, "purchase_count": 3, "location": {"state": "QLD"}});
+        let p = personaliser().resolve(&customer, &json!({"cart": {"value": 10.0}}), &segments(&["vip"]), false);
+        assert!(!p.personalised);
+        assert_eq!(p.reason, Some("no_personalisation_consent"));
+        assert!(p.actions.is_empty());
+        assert_eq!(p.next_best_action, None);
+        assert_eq!(
+            content(&p),
+            [
+                row("content", "popular", "default"),
+                row("messaging", "standard_tone", "default"),
+                row("offers", "standard", "default")
+            ]
+        );
+    }
+
+    #[test]
+    fn variants_follow_the_configured_segment_order_per_slot_with_default_fallback() {
+        let customer = json!({"lifetime_value": 10.0, "purchase_count": 1});
+        let personaliser = personaliser();
+        // The customer's own segment order does not matter: `vip` is listed first.
+        let p = personaliser.resolve(&customer, &Value::Null, &segments(&["outdoor", "vip"]), true);
+        assert_eq!(
+            content(&p),
+            [
+                row("content", "vip_picks", "vip"),
+                row("messaging", "standard_tone", "default"),
+                row("offers", "gear_discount", "outdoor")
+            ]
+        );
+        assert!(p.personalised, "a variant applies");
+        let p = personaliser.resolve(&customer, &Value::Null, &segments(&["outdoor"]), true);
+        assert_eq!(p.content["content"], json!({"id": "outdoor_picks", "source": "outdoor"}));
+        let p = personaliser.resolve(&customer, &Value::Null, &segments(&["unlisted"]), true);
+        assert!(content(&p).iter().all(|(_, _, source)| source == "default"));
+        assert!(!p.personalised);
+        assert_eq!(p.reason, Some("no_rule_or_variant_applies"));
+    }
+
+    #[test]
+    fn next_best_action_is_the_first_rule_that_holds() {
+        let personaliser = personaliser();
+        let nba =
+            |customer: Value, context: Value| personaliser.resolve(&customer, &context, &[], true).next_best_action;
+        let rich = json!({"lifetime_value": 5000.0, "purchase_count": 4});
+        assert_eq!(nba(rich.clone(), json!({"cart": {"value": 25.0}})).as_deref(), Some("complete_purchase"));
+        assert_eq!(nba(rich.clone(), json!({"cart": {"value": 0}})).as_deref(), Some("upsell"));
+        assert_eq!(nba(rich, Value::Null).as_deref(), Some("upsell"));
+        assert_eq!(
+            nba(json!({"lifetime_value": 0, "purchase_count": 0}), Value::Null).as_deref(),
+            Some("first_purchase_offer")
+        );
+        assert_eq!(nba(json!({"lifetime_value": 50, "purchase_count": 2}), Value::Null).as_deref(), Some("browse"));
+    }
+
+    fn rec_config(size: usize) -> RecommendationConfig {
+        RecommendationConfig { size, per_category: 10, ..RecommendationConfig::default() }
+    }
+
+    fn item(product: &str, score: f64, category: &str) -> RecItem {
+        RecItem { product_id: product.into(), score, category: Some(category.into()) }
+    }
+
+    fn precomputed() -> Precomputed {
+        Precomputed {
+            canonical_id: None,
+            items: vec![
+                item("novel", 0.9, "books"),
+                item("tent", 0.8, "outdoor"),
+                item("atlas", 0.7, "books"),
+                item("pan", 0.6, "kitchen"),
+            ],
+            model: Some("als".into()),
+            generated_at: None,
+        }
+    }
+
+    const T: i64 = 1_707_906_600_000;
+
+    /// Overall popularity: novel (already recommended), stove, atlas (purchased),
+    /// lamp, rope — best first.
+    fn popular(category: Option<&str>) -> Option<Popularity> {
+        let config = rec_config(10);
+        let mut table = Popularity::default();
+        if category.is_none() {
+            for (product, weight) in [("novel", 9.0), ("stove", 8.0), ("atlas", 7.0), ("lamp", 6.0), ("rope", 5.0)] {
+                table.add(product, Some("misc"), weight, T, &config);
+            }
+        }
+        Some(table)
+    }
+
+    fn ids(answer: &Value) -> Vec<&str> {
+        answer["items"].as_array().unwrap().iter().map(|i| i["product_id"].as_str().unwrap()).collect()
+    }
+
+    fn inputs<'a>(
+        precomputed: &'a Precomputed,
+        purchased: &'a BTreeSet<String>,
+        in_cart: &'a BTreeSet<String>,
+        session: &'a [String],
+    ) -> RecommendationInputs<'a> {
+        RecommendationInputs {
+            precomputed: Some(precomputed),
+            consent: true,
+            purchased,
+            in_cart,
+            session_categories: session,
+            fallback_categories: &[],
+            now: T,
+        }
+    }
+
+    fn set(items: &[&str]) -> BTreeSet<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn recommend_drops_purchased_and_in_cart_items() {
+        let (p, purchased, cart) = (precomputed(), set(&["atlas"]), set(&["pan"]));
+        let answer = recommend(&rec_config(2), &inputs(&p, &purchased, &cart, &[]), popular);
+        assert_eq!(ids(&answer), ["novel", "tent"]);
+        assert_eq!(answer["personalised"], true);
+        assert_eq!(answer["model"], "als");
+        let answer = recommend(&rec_config(4), &inputs(&p, &set(&[]), &set(&[]), &[]), |_| None);
+        assert_eq!(ids(&answer), ["novel", "tent", "atlas", "pan"], "nothing dropped without purchases or cart");
+    }
+
+    #[test]
+    fn recommend_boosts_categories_viewed_this_session() {
+        let (p, none) = (precomputed(), set(&[]));
+        let plain = recommend(&rec_config(2), &inputs(&p, &none, &none, &[]), |_| None);
+        assert_eq!(ids(&plain), ["novel", "tent"]);
+        let session = ["outdoor".to_owned()];
+        let boosted = recommend(&rec_config(2), &inputs(&p, &none, &none, &session), |_| None);
+        assert_eq!(ids(&boosted), ["tent", "novel"], "0.8 × 1.5 beats 0.9");
+        assert_eq!(boosted["items"][0]["score"], 1.2);
+        assert_eq!(boosted["items"][0]["reason"], "precomputed, boosted: category viewed this session");
+        assert_eq!(boosted["items"][1]["reason"], "precomputed");
+    }
+
+    #[test]
+    fn recommend_fills_from_popularity_without_duplicates_up_to_size() {
+        let (p, purchased, cart) = (precomputed(), set(&["atlas"]), set(&["pan"]));
+        let answer = recommend(&rec_config(4), &inputs(&p, &purchased, &cart, &[]), popular);
+        assert_eq!(ids(&answer), ["novel", "tent", "stove", "lamp"]);
+        let sources: Vec<&str> =
+            answer["items"].as_array().unwrap().iter().map(|i| i["source"].as_str().unwrap()).collect();
+        assert_eq!(sources, ["precomputed", "precomputed", "popular", "popular"]);
+        assert_eq!(answer["items"][2]["reason"], "popular overall");
+        let all = recommend(&rec_config(50), &inputs(&p, &purchased, &cart, &[]), popular);
+        assert_eq!(ids(&all), ["novel", "tent", "stove", "lamp", "rope"], "each product once");
+    }
+
+    #[test]
+    fn recommend_without_consent_is_the_generic_popular_list_and_says_so() {
+        let p = precomputed();
+        let (purchased, cart) = (set(&["stove"]), set(&["novel"]));
+        let session = ["outdoor".to_owned()];
+        let mut refused = inputs(&p, &purchased, &cart, &session);
+        refused.consent = false;
+        let answer = recommend(&rec_config(3), &refused, popular);
+        assert_eq!(answer["personalised"], false);
+        assert_eq!(answer["reason"], "no_personalisation_consent");
+        // The same list for everyone: the customer's purchases and cart are not used.
+        assert_eq!(ids(&answer), ["novel", "stove", "atlas"]);
+        assert!(answer["items"].as_array().unwrap().iter().all(|i| i["source"] == "popular"));
+    }
+
+    #[test]
+    fn popularity_halves_every_half_life() {
+        let config = rec_config(10);
+        let half_life = config.half_life.ms();
+        let mut table = Popularity::default();
+        table.add("tent", Some("outdoor"), 4.0, T, &config);
+        let score = |table: &Popularity, now: i64| table.ranked(now, &config)[0].1;
+        assert_eq!(score(&table, T), 4.0);
+        assert_eq!(score(&table, T + half_life), 2.0);
+        assert_eq!(score(&table, T + 2 * half_life), 1.0);
+        // Later interest adds at full weight; interest arriving late adds decayed.
+        table.add("tent", None, 1.0, T + half_life, &config);
+        assert_eq!(score(&table, T + half_life), 3.0);
+        table.add("tent", None, 2.0, T, &config);
+        assert_eq!(score(&table, T + half_life), 4.0);
+        assert_eq!(table.ranked(T, &config)[0].2.as_deref(), Some("outdoor"), "the category is kept");
+    }
+
+    #[test]
+    fn popularity_keeps_the_top_per_category() {
+        let config = RecommendationConfig { per_category: 2, ..rec_config(10) };
+        let mut table = Popularity::default();
+        for (product, weight) in [("a", 1.0), ("b", 3.0), ("c", 2.0), ("d", 0.5)] {
+            table.add(product, None, weight, T, &config);
+        }
+        assert_eq!(table.items.keys().collect::<Vec<_>>(), ["b", "c"]);
+        // Out of order: `a` at T, `b` a half life later; late interest in `c` at T is
+        // worth 3.5 by the time `a` is worth 5 and `b` 6, so `c` is the one to go.
+        let half_life = config.half_life.ms();
+        let mut table = Popularity::default();
+        table.add("a", None, 10.0, T, &config);
+        table.add("b", None, 6.0, T + half_life, &config);
+        table.add("c", None, 7.0, T, &config);
+        assert_eq!(table.items.keys().collect::<Vec<_>>(), ["a", "b"]);
+    }
 }

@@ -4,7 +4,7 @@
 //! filters such as `| length` and `| lower` work; a missing attribute is undefined and
 //! compares false.
 
-use minijinja::Environment;
+use minijinja::{Environment, UndefinedBehavior};
 use serde_json::Value;
 
 /// Rules compiled once, each kept as a template `{% if <rule> %}1{% endif %}`.
@@ -18,6 +18,9 @@ impl RuleSet {
     /// is wrong with it.
     pub fn compile<'a>(expressions: impl IntoIterator<Item = &'a str>) -> Result<RuleSet, (usize, String)> {
         let mut env = Environment::new();
+        // `customer.location.state` on a customer without a location is undefined (so
+        // `!= "QLD"` holds), not an error that makes every rule over it false.
+        env.set_undefined_behavior(UndefinedBehavior::Chainable);
         let mut len = 0;
         for (i, rule) in expressions.into_iter().enumerate() {
             env.compile_expression(rule).map_err(|e| (i, e.to_string()))?;
@@ -49,4 +52,30 @@ impl RuleSet {
 /// Check one expression, for config validation.
 pub fn check(expression: &str) -> Result<(), String> {
     RuleSet::compile([expression]).map(|_| ()).map_err(|(_, e)| e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// `customer.location.state != "QLD"` holds for a customer without a location, as
+    /// the module documents: a missing attribute is undefined, also one level down.
+    #[test]
+    fn a_missing_nested_attribute_is_undefined_not_an_error() {
+        let rules = RuleSet::compile([
+            "customer.location.state == \"QLD\"",
+            "customer.location.state != \"QLD\"",
+            "not customer.location.state",
+            "customer.behavioural.product_views.count >= 3",
+            "not (customer.behavioural.product_views.count >= 3)",
+            "context.cart and context.cart.value > 0",
+        ])
+        .unwrap();
+        let nobody = json!({"lifetime_value": 5});
+        assert_eq!(rules.matching(&[("customer", &nobody), ("context", &Value::Null)]), vec![1, 2, 4]);
+        let browser = json!({"location": {"state": "QLD"}, "behavioural": {"product_views": {"count": 3}}});
+        let cart = json!({"cart": {"value": 12.5}});
+        assert_eq!(rules.matching(&[("customer", &browser), ("context", &cart)]), vec![0, 3, 5]);
+    }
 }

@@ -1,51 +1,12 @@
 //! The whole pipeline in the TestDriver: identity → profile / context / orchestrator.
 
-use chorus_processors::topology::{Clock, Topology};
 use chorus_processors::TestDriver;
 mod common;
 
-use common::find;
+use common::{event, find, profile_of, send, tick, topology, ts, T0};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-
-const T0: i64 = 1_707_906_600_000; // 2024-02-14T10:30:00Z
-
-fn ts(ms: i64) -> String {
-    jiff::Timestamp::from_millisecond(ms).unwrap().to_string()
-}
-
-fn topology(raw_partitions: u32, partitions: u32) -> Topology {
-    let mut t = Topology::default().with_partitions(partitions);
-    t.clock = Clock::Event;
-    for topic in ["events.raw", "messages.requests", "consent"] {
-        t.topics.partitions.insert(topic.into(), raw_partitions);
-    }
-    t
-}
-
-fn event(id: &str, kind: &str, at: i64, ids: Value, payload: Value) -> Value {
-    let mut e = json!({"event_id": id, "event_type": kind, "timestamp": ts(at), "channel": "web", "payload": payload});
-    for (k, v) in ids.as_object().unwrap() {
-        e[k] = v.clone();
-    }
-    e
-}
-
-fn key_of(e: &Value) -> String {
-    e.get("customer_id").or(e.get("anonymous_id")).and_then(Value::as_str).unwrap_or("k").to_owned()
-}
-
-fn send(d: &mut TestDriver, e: &Value) {
-    d.pipe_json("events.raw", &key_of(e), e, 0);
-}
-
-fn profile_of(d: &TestDriver, customer_id: &str) -> Value {
-    d.table("profiles")
-        .into_values()
-        .find(|p| p["customer_id"] == customer_id)
-        .unwrap_or_else(|| panic!("no profile for {customer_id}"))
-}
 
 #[test]
 fn same_seed_same_outputs() {
@@ -202,17 +163,16 @@ fn cart_follows_customer_after_login() {
 fn session_expires_at_exactly_its_timeout() {
     let mut d = TestDriver::new(topology(1, 1), 1);
     send(&mut d, &event("e1", "page.viewed", T0, json!({"customer_id": "c1"}), json!({})));
-    let tick = |at: i64| json!({"event_id": format!("tick-{at}"), "event_type": "system.tick", "timestamp": ts(at), "customer_id": "system"});
-    d.broadcast_json("events.raw", "tick", &tick(T0 + 30 * 60_000 - 1), 0);
+    tick(&mut d, T0 + 30 * 60_000 - 1);
     d.run().unwrap();
     let ctx = d.table("context").into_values().next().unwrap();
     assert!(ctx["session"].is_object(), "still live one ms before the timeout");
-    d.broadcast_json("events.raw", "tick", &tick(T0 + 30 * 60_000), 0);
+    tick(&mut d, T0 + 30 * 60_000);
     d.run().unwrap();
     let ctx = d.table("context").into_values().next().unwrap();
     assert!(ctx["session"].is_null(), "gone at the timeout: {ctx}");
     // Recent interactions expire after 30 days; then the whole record is tombstoned.
-    d.broadcast_json("events.raw", "tick", &tick(T0 + 30 * 86_400_000), 0);
+    tick(&mut d, T0 + 30 * 86_400_000);
     d.run().unwrap();
     assert!(d.table("context").is_empty());
 }

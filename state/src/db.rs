@@ -113,6 +113,15 @@ impl TaskDb {
             .unwrap_or(0)
     }
 
+    /// Approximate bytes a store holds (live data in SST files plus memtables).
+    pub fn approximate_bytes(&self, store: &str) -> u64 {
+        let Ok(cf) = self.cf(store) else { return 0 };
+        ["rocksdb.estimate-live-data-size", "rocksdb.cur-size-all-mem-tables"]
+            .iter()
+            .filter_map(|p| self.db.property_int_value_cf(cf, *p).ok().flatten())
+            .sum()
+    }
+
     /// Apply committed writes and the changelog offsets they reached, atomically.
     pub fn apply(&self, writes: &[crate::StoreWrite], checkpoints: &BTreeMap<String, i64>) -> Result<(), StateError> {
         let mut batch = WriteBatch::default();

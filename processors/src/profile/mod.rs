@@ -14,7 +14,7 @@ pub mod config;
 use crate::orchestrator::PurposeState;
 use crate::personalisation::{popularity_key, Personaliser, Popularity, Precomputed, CONSENT_PURPOSE};
 use crate::processor::{Ctx, ProcessError, Processor, Record};
-use crate::resolved::{absorbed, decode, incoming, on_merge, Kind, Resolved, RESOLVED_TOPIC};
+use crate::resolved::{absorbed, decode, forward_state_on_merge, incoming, Kind, MergeBody, Resolved, RESOLVED_TOPIC};
 use crate::segments::Segments;
 use crate::task::ProcessorSpec;
 use crate::topology::Topology;
@@ -343,6 +343,11 @@ impl Profile {
             let last = self.purchased.entry(product.to_owned()).or_default();
             *last = (*last).max(at);
         }
+        self.trim_purchased(keep);
+    }
+
+    /// Keep the `keep` most recently purchased products.
+    fn trim_purchased(&mut self, keep: usize) {
         while self.purchased.len() > keep {
             let Some(oldest) = self.purchased.iter().min_by_key(|(p, at)| (**at, (*p).clone())).map(|(p, _)| p.clone())
             else {
@@ -420,6 +425,7 @@ impl Profile {
             let last = self.purchased.entry(product.clone()).or_default();
             *last = (*last).max(*at);
         }
+        self.trim_purchased(config.purchased_items);
         if self.recommendations.is_none() {
             self.recommendations = other.recommendations.clone();
         }
@@ -460,11 +466,19 @@ impl Profile {
 
     /// Campaigns interacted with within the window, most recent first.
     pub fn active_campaigns(&self, now: i64, config: &ProfileConfig) -> Vec<Value> {
+        self.campaigns_in_window(now, config)
+            .into_iter()
+            .map(|(id, at)| serde_json::json!({"campaign_id": id, "last_interaction": at}))
+            .collect()
+    }
+
+    /// (campaign, last interaction) within the window, most recent first.
+    fn campaigns_in_window(&self, now: i64, config: &ProfileConfig) -> Vec<(&String, &i64)> {
         let window = config.campaign_window.ms();
         let mut active: Vec<(&String, &i64)> =
             self.campaigns.iter().filter(|(_, at)| at.saturating_add(window) > now).collect();
         active.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
-        active.into_iter().map(|(id, at)| serde_json::json!({"campaign_id": id, "last_interaction": at})).collect()
+        active
     }
 
     /// The most used channel.
@@ -484,6 +498,7 @@ impl Profile {
         }
         let m = &self.metrics;
         let churn = self.churn_risk(now, config);
+        let campaigns: Vec<&String> = self.campaigns_in_window(now, config).into_iter().map(|(id, _)| id).collect();
         for (k, v) in [
             ("canonical_id", serde_json::json!(self.canonical_id)),
             ("customer_id", serde_json::json!(self.customer_id)),
@@ -498,7 +513,7 @@ impl Profile {
             ("transactional", self.transactional.view()),
             ("interaction", self.interaction.view()),
             ("preferred_channel", serde_json::json!(self.preferred_channel())),
-            ("active_campaigns", serde_json::json!(self.campaigns.keys().collect::<Vec<_>>())),
+            ("active_campaigns", serde_json::json!(campaigns)),
             ("event_counts", serde_json::json!(self.event_counts)),
             ("emails", serde_json::json!(self.identity.emails)),
             ("phones", serde_json::json!(self.identity.phones)),
@@ -635,6 +650,19 @@ fn flatten_traits(traits: &Map<String, Value>) -> Vec<(String, Value)> {
     out
 }
 
+/// A `segments` record: the customer entered or exited a segment.
+fn emit_segment_change(
+    ctx: &mut Ctx<'_>,
+    profile: &Profile,
+    segment: &str,
+    change: &'static str,
+) -> Result<(), ProcessError> {
+    ctx.count("segment_changes", change);
+    let record = serde_json::json!({"canonical_id": profile.canonical_id, "customer_id": profile.customer_id,
+        "segment": segment, "change": change, "at": ctx.now});
+    ctx.emit_json(SEGMENTS_TOPIC, &profile.canonical_id, &record)
+}
+
 impl Processor for ProfileStage {
     fn process(&mut self, ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
         if record.topic == RECOMMENDATIONS_TOPIC {
@@ -659,11 +687,28 @@ impl Processor for ProfileStage {
                 self.save(ctx, profile, false)
             }
             Kind::Recommendations => {
-                let mut profile = self.load(ctx, &id)?;
-                profile.recommendations = decode::<Option<Precomputed>>(resolved.body)?;
+                let list = decode::<Option<Precomputed>>(resolved.body)?;
+                let stored = ctx.get_json::<Profile>(STORE, &id)?;
+                if list.is_none() && stored.is_none() {
+                    // Clearing the list of an id never seen here: no empty profile for it.
+                    return Ok(());
+                }
+                let mut profile = stored.unwrap_or_else(|| Profile::new(&id));
+                profile.recommendations = list;
                 self.save(ctx, profile, false)
             }
-            Kind::Merge => on_merge(ctx, NAME, STORE, resolved.body, Some(TOPIC)),
+            Kind::Merge => {
+                let merge: MergeBody = decode(resolved.body)?;
+                // The merged-away id leaves its segments (the survivor enters them, if
+                // it qualifies, when the profile folds in); else consumers of `segments`
+                // would count it a member forever.
+                if let Some(gone) = ctx.get_json::<Profile>(STORE, &merge.from)? {
+                    for segment in &gone.segments {
+                        emit_segment_change(ctx, &gone, segment, "exited")?;
+                    }
+                }
+                forward_state_on_merge(ctx, NAME, STORE, &merge, Some(TOPIC))
+            }
             Kind::Absorb => {
                 let Some(other) = absorbed::<Profile>(resolved.body, NAME)? else { return Ok(()) };
                 let mut profile = self.load(ctx, &id)?;
@@ -740,10 +785,7 @@ impl ProfileStage {
             .map(|s| (s, "exited"))
             .chain(now_in.iter().filter(|s| !profile.segments.contains(s)).map(|s| (s, "entered")))
         {
-            ctx.count("segment_changes", change);
-            let record = serde_json::json!({"canonical_id": profile.canonical_id, "customer_id": profile.customer_id,
-                "segment": name, "change": change, "at": ctx.now});
-            ctx.emit_json(SEGMENTS_TOPIC, &profile.canonical_id, &record)?;
+            emit_segment_change(ctx, &profile, name, change)?;
         }
         profile.segments = now_in;
         let consent = profile.personalisation_allowed(self.default_consent);
