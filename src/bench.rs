@@ -312,8 +312,8 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     // Latency is event timestamp → visible, so events carry the wall-clock time.
     topology.clock = Clock::Wall;
     if let Some(interval) = &args.commit_interval {
-        topology.commit_interval = chorus_processors::topology::Duration::parse(interval)
-            .map_err(|e| anyhow!("--commit-interval: {e}"))?;
+        topology.commit_interval =
+            chorus_processors::topology::Duration::parse(interval).map_err(|e| anyhow!("--commit-interval: {e}"))?;
         if topology.commit_interval.ms() <= 0 {
             bail!("--commit-interval must be positive");
         }

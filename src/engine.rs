@@ -429,6 +429,13 @@ impl EngineState {
         }
         let started = Instant::now();
         let name = self.spec.name;
+        let mut flushed = Vec::new();
+        for (p, slot) in self.tasks.iter_mut() {
+            flushed.push(slot.task.flush(&mut slot.state, now_ms()).map_err(|e| task_failure(name, *p, e))?);
+        }
+        for out in flushed {
+            self.send_outputs(out)?;
+        }
         for (p, slot) in self.tasks.iter_mut() {
             let writes = slot.state.take_pending();
             for w in &writes {

@@ -241,8 +241,19 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Bench { command: Some(BenchCommand::Identity { file, brokers, partitions, topology }), .. } => {
             bench::bench_identity(bench::IdentityBenchArgs { file, brokers, partitions, topology }).await
         }
-        Command::Bench { command: None, brokers, events, customers, partitions, rate, seconds, commit_interval, topology } => {
-            let args = bench::BenchArgs { brokers, events, customers, partitions, rate, seconds, commit_interval, topology };
+        Command::Bench {
+            command: None,
+            brokers,
+            events,
+            customers,
+            partitions,
+            rate,
+            seconds,
+            commit_interval,
+            topology,
+        } => {
+            let args =
+                bench::BenchArgs { brokers, events, customers, partitions, rate, seconds, commit_interval, topology };
             bench::bench(args).await
         }
     }

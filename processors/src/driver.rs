@@ -157,7 +157,10 @@ impl TestDriver {
             let wall_now = self.wall_now;
             let entry = self.tasks.get_mut(&task_id).expect("every queue belongs to a task");
             let out = entry.task.process(&mut entry.stores, &record, wall_now)?;
+            // The driver commits after every record.
+            let flushed = entry.task.flush(&mut entry.stores, wall_now)?;
             self.absorb(out);
+            self.absorb(flushed);
             processed += 1;
         }
     }

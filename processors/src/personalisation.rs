@@ -7,7 +7,7 @@
 //! per-category popularity counted in-stream. Without `personalisation` consent every
 //! answer is the generic one, and says so.
 
-use crate::rules::RuleSet;
+use crate::rules::{RuleSet, Vars};
 use crate::topology::{ConfigError, Duration};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -186,6 +186,11 @@ impl Personaliser {
     /// Resolve rules and variants for a customer (`customer` is the profile's rule
     /// view, `context` the context snapshot or null when not at hand).
     pub fn resolve(&self, customer: &Value, context: &Value, segments: &[String], consent: bool) -> Personalised {
+        self.resolve_vars(&Vars::new(&[("customer", customer), ("context", context)]), segments, consent)
+    }
+
+    /// [`Personaliser::resolve`] over variables converted once.
+    pub fn resolve_vars(&self, vars: &Vars, segments: &[String], consent: bool) -> Personalised {
         let default_content = || {
             self.config.default_content.iter().map(|(slot, id)| (slot.clone(), json!({"id": id, "source": "default"})))
         };
@@ -198,10 +203,9 @@ impl Personaliser {
                 content: default_content().collect(),
             };
         }
-        let vars = [("customer", customer), ("context", context)];
         let actions: Vec<String> = self
             .rules
-            .matching(&vars)
+            .matching_vars(vars)
             .into_iter()
             .filter_map(|i| self.config.rules.get(i).map(|r| r.then.clone()))
             .fold(Vec::new(), |mut acc, a| {
@@ -212,7 +216,7 @@ impl Personaliser {
             });
         let next_best_action = self
             .next_best_action
-            .matching(&vars)
+            .matching_vars(vars)
             .first()
             .and_then(|i| self.config.next_best_action.get(*i))
             .map(|r| r.then.clone());
@@ -274,55 +278,83 @@ impl Precomputed {
     }
 }
 
-/// Interest in products, decayed over time, for one category (or all).
+/// Interest in products, decayed over time, for one category (or all). Scores are
+/// kept as of one reference time, `base`: an item's score at time `t` is
+/// `score × 2^-((t - base) / half_life)`. Every score decays at the same rate, so the
+/// order never changes with time: adding is O(1) and the weakest item is found without
+/// decaying anything.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Popularity {
-    /// product → (score at `at`, `at`, category).
-    pub items: BTreeMap<String, (f64, i64, Option<String>)>,
+    pub base: i64,
+    /// product → (score at `base`, category).
+    pub items: BTreeMap<String, (f64, Option<String>)>,
 }
 
-fn decayed(score: f64, from: i64, to: i64, half_life: Duration) -> f64 {
-    let elapsed = (to - from).max(0) as f64;
-    score * 0.5f64.powf(elapsed / half_life.ms().max(1) as f64)
+/// How much a score grows from `from` to `to` when expressed at the later time base
+/// (2^((to - from) / half_life)).
+fn growth(from: i64, to: i64, half_life: Duration) -> f64 {
+    2f64.powf((to - from) as f64 / half_life.ms().max(1) as f64)
 }
+
+/// Rebase once scores have grown by 2^64, far from f64's limits.
+const MAX_GROWTH_HALF_LIVES: f64 = 64.0;
 
 impl Popularity {
-    /// Add interest in a product at `at`, keeping the `cap` most popular.
+    /// Add interest in a product at `at`, keeping the `per_category` most popular.
     pub fn add(&mut self, product: &str, category: Option<&str>, weight: f64, at: i64, config: &RecommendationConfig) {
-        let entry = self.items.entry(product.to_owned()).or_insert((0.0, at, None));
-        let base = if at >= entry.1 { decayed(entry.0, entry.1, at, config.half_life) } else { entry.0 };
-        let added = if at >= entry.1 { weight } else { decayed(weight, at, entry.1, config.half_life) };
-        *entry = (base + added, at.max(entry.1), category.map(str::to_owned).or(entry.2.take()));
+        if self.items.is_empty() {
+            self.base = at;
+        }
+        let half_lives = (at - self.base) as f64 / config.half_life.ms().max(1) as f64;
+        if half_lives > MAX_GROWTH_HALF_LIVES {
+            self.rebase(at, config);
+        }
+        let entry = self.items.entry(product.to_owned()).or_insert((0.0, None));
+        entry.0 += weight * growth(self.base, at, config.half_life);
+        if let Some(c) = category {
+            entry.1 = Some(c.to_owned());
+        }
         if self.items.len() > config.per_category {
-            // Compare at the newest time in the table: ranking at a late event's older
-            // time would leave newer scores undecayed against older ones.
-            let now = self.items.values().map(|(_, t, _)| *t).max().unwrap_or(at);
-            if let Some(weakest) = self.ranked(now, config).last().map(|(p, _, _)| p.clone()) {
+            let weakest = self
+                .items
+                .iter()
+                .min_by(|a, b| a.1 .0.total_cmp(&b.1 .0).then_with(|| b.0.cmp(a.0)))
+                .map(|(p, _)| p.clone());
+            if let Some(weakest) = weakest {
                 self.items.remove(&weakest);
             }
         }
     }
 
-    /// Add another partition's table (scores decayed to a common time).
+    /// Express every score at `base` instead.
+    fn rebase(&mut self, base: i64, config: &RecommendationConfig) {
+        let factor = growth(base, self.base, config.half_life);
+        for (score, _) in self.items.values_mut() {
+            *score *= factor;
+        }
+        self.base = base;
+    }
+
+    /// Add another partition's table.
     pub fn merge(&mut self, other: &Popularity, config: &RecommendationConfig) {
-        for (product, (score, at, category)) in &other.items {
-            let entry = self.items.entry(product.clone()).or_insert((0.0, *at, None));
-            let t = entry.1.max(*at);
-            entry.0 = decayed(entry.0, entry.1, t, config.half_life) + decayed(*score, *at, t, config.half_life);
-            entry.1 = t;
-            if entry.2.is_none() {
-                entry.2 = category.clone();
+        if self.items.is_empty() {
+            self.base = other.base;
+        }
+        let factor = growth(self.base, other.base, config.half_life);
+        for (product, (score, category)) in &other.items {
+            let entry = self.items.entry(product.clone()).or_insert((0.0, None));
+            entry.0 += score * factor;
+            if entry.1.is_none() {
+                entry.1 = category.clone();
             }
         }
     }
 
     /// Products by score at `now`, best first (ties by product id).
     pub fn ranked(&self, now: i64, config: &RecommendationConfig) -> Vec<(String, f64, Option<String>)> {
-        let mut out: Vec<(String, f64, Option<String>)> = self
-            .items
-            .iter()
-            .map(|(p, (s, at, c))| (p.clone(), decayed(*s, *at, now, config.half_life), c.clone()))
-            .collect();
+        let factor = growth(now, self.base, config.half_life);
+        let mut out: Vec<(String, f64, Option<String>)> =
+            self.items.iter().map(|(p, (s, c))| (p.clone(), s * factor, c.clone())).collect();
         out.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         out
     }

@@ -250,4 +250,12 @@ pub trait Processor: Send {
     fn on_expired(&mut self, _ctx: &mut Ctx<'_>, _store: &str, _key: &[u8]) -> Result<(), ProcessError> {
         Ok(())
     }
+
+    /// Write to the stores what the processor keeps in memory between records (a
+    /// write-behind cache, as Kafka Streams' record cache); called before every commit.
+    /// A task whose transaction aborts is rebuilt, so a cache never outlives the
+    /// writes it stands for.
+    fn flush(&mut self, _ctx: &mut Ctx<'_>) -> Result<(), ProcessError> {
+        Ok(())
+    }
 }

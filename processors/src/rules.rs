@@ -7,10 +7,23 @@
 use minijinja::{Environment, UndefinedBehavior};
 use serde_json::Value;
 
-/// Rules compiled once, each kept as a template `{% if <rule> %}1{% endif %}`.
+/// Rules compiled once, each kept as a template `{% if <rule> %}1{% endif %}`, and
+/// all of them as one template printing a 1 or 0 per rule (one render per set; the
+/// per-rule templates are the fallback when a rule fails on some customer's data).
 pub struct RuleSet {
     env: Environment<'static>,
     len: usize,
+}
+
+/// The variables rules see (`customer`, `context`), converted once for many rule sets.
+pub struct Vars(minijinja::Value);
+
+impl Vars {
+    pub fn new(vars: &[(&str, &Value)]) -> Vars {
+        let ctx: std::collections::BTreeMap<&str, minijinja::Value> =
+            vars.iter().map(|(name, v)| (*name, minijinja::Value::from_serialize(v))).collect();
+        Vars(minijinja::Value::from_serialize(&ctx))
+    }
 }
 
 impl RuleSet {
@@ -22,12 +35,15 @@ impl RuleSet {
         // `!= "QLD"` holds), not an error that makes every rule over it false.
         env.set_undefined_behavior(UndefinedBehavior::Chainable);
         let mut len = 0;
+        let mut all = String::new();
         for (i, rule) in expressions.into_iter().enumerate() {
             env.compile_expression(rule).map_err(|e| (i, e.to_string()))?;
             env.add_template_owned(format!("rule:{i}"), format!("{{% if {rule} %}}1{{% endif %}}"))
                 .map_err(|e| (i, e.to_string()))?;
+            all.push_str(&format!("{{% if {rule} %}}1{{% else %}}0{{% endif %}}"));
             len = i + 1;
         }
+        env.add_template_owned("all", all).map_err(|e| (0, e.to_string()))?;
         Ok(RuleSet { env, len })
     }
 
@@ -38,14 +54,29 @@ impl RuleSet {
     /// Indexes of the rules that hold over `vars` (name → value), in rule order. A rule
     /// that fails to evaluate (a type error on this customer's data) does not hold.
     pub fn matching(&self, vars: &[(&str, &Value)]) -> Vec<usize> {
-        let ctx: std::collections::BTreeMap<&str, minijinja::Value> =
-            vars.iter().map(|(name, v)| (*name, minijinja::Value::from_serialize(v))).collect();
-        let ctx = minijinja::Value::from_serialize(&ctx);
-        (0..self.len)
-            .filter(|i| {
-                self.env.get_template(&format!("rule:{i}")).and_then(|t| t.render(&ctx)).is_ok_and(|out| out == "1")
-            })
-            .collect()
+        self.matching_vars(&Vars::new(vars))
+    }
+
+    /// [`RuleSet::matching`] over variables converted once.
+    pub fn matching_vars(&self, vars: &Vars) -> Vec<usize> {
+        if self.len == 0 {
+            return Vec::new();
+        }
+        let all = self.env.get_template("all").and_then(|t| t.render(&vars.0));
+        match all {
+            Ok(bits) if bits.len() == self.len => {
+                bits.bytes().enumerate().filter(|(_, b)| *b == b'1').map(|(i, _)| i).collect()
+            }
+            // A rule failed on this data: evaluate each alone, the failing one is false.
+            _ => (0..self.len)
+                .filter(|i| {
+                    self.env
+                        .get_template(&format!("rule:{i}"))
+                        .and_then(|t| t.render(&vars.0))
+                        .is_ok_and(|out| out == "1")
+                })
+                .collect(),
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! `customer.last_purchase_category == "outdoor"`, `customer.location.state == "QLD"`),
 //! evaluated on every profile change (see [`crate::rules`] for the expression language).
 
-use crate::rules::RuleSet;
+use crate::rules::{RuleSet, Vars};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -35,7 +35,12 @@ impl Segments {
 
     /// The segments `customer` belongs to, in rule order.
     pub fn evaluate(&self, customer: &Value) -> Vec<String> {
-        self.rules.matching(&[("customer", customer)]).into_iter().filter_map(|i| self.names.get(i).cloned()).collect()
+        self.evaluate_vars(&Vars::new(&[("customer", customer)]))
+    }
+
+    /// [`Segments::evaluate`] over variables converted once.
+    pub fn evaluate_vars(&self, vars: &Vars) -> Vec<String> {
+        self.rules.matching_vars(vars).into_iter().filter_map(|i| self.names.get(i).cloned()).collect()
     }
 }
 

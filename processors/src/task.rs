@@ -124,6 +124,15 @@ impl Task {
         Ok(out)
     }
 
+    /// Let the processor write what it caches; before every commit.
+    pub fn flush(&mut self, stores: &mut dyn StoreSet, wall_now: i64) -> Result<TaskOutput, ProcessError> {
+        let mut out = TaskOutput::default();
+        let mut ctx = Ctx::new(self.now(wall_now), self.clock, self.partition, stores, &self.partitions);
+        self.processor.flush(&mut ctx)?;
+        out.absorb(ctx);
+        Ok(out)
+    }
+
     /// Advance time without a record (wall-clock punctuation).
     pub fn punctuate(&mut self, stores: &mut dyn StoreSet, wall_now: i64) -> Result<TaskOutput, ProcessError> {
         let now = self.now(wall_now);

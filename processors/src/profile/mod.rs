@@ -15,6 +15,7 @@ use crate::orchestrator::PurposeState;
 use crate::personalisation::{popularity_key, Personaliser, Popularity, Precomputed, CONSENT_PURPOSE};
 use crate::processor::{Ctx, ProcessError, Processor, Record};
 use crate::resolved::{absorbed, decode, forward_state_on_merge, incoming, Kind, MergeBody, Resolved, RESOLVED_TOPIC};
+use crate::rules::Vars;
 use crate::segments::Segments;
 use crate::task::ProcessorSpec;
 use crate::topology::Topology;
@@ -51,6 +52,7 @@ pub fn spec(topology: &Topology) -> ProcessorSpec {
                 personaliser: personaliser.clone(),
                 config: config.clone(),
                 default_consent,
+                popularity: BTreeMap::new(),
             })
         }),
     }
@@ -62,6 +64,8 @@ pub struct ProfileStage {
     config: Arc<ProfileConfig>,
     /// `consent.defaults.personalisation`.
     default_consent: bool,
+    /// Popularity tables of this task, written to the store on flush (dirty ones).
+    popularity: BTreeMap<String, (Popularity, bool)>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -664,6 +668,14 @@ fn emit_segment_change(
 }
 
 impl Processor for ProfileStage {
+    fn flush(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ProcessError> {
+        for (key, (table, dirty)) in self.popularity.iter_mut().filter(|(_, (_, dirty))| *dirty) {
+            ctx.put_json(STORE, key, table)?;
+            *dirty = false;
+        }
+        Ok(())
+    }
+
     fn process(&mut self, ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
         if record.topic == RECOMMENDATIONS_TOPIC {
             return self.recommendations(ctx, record);
@@ -750,7 +762,7 @@ impl ProfileStage {
     }
 
     /// Interest in the event's product, overall and in its category.
-    fn count_popularity(&self, ctx: &mut Ctx<'_>, event: &Event) -> Result<(), ProcessError> {
+    fn count_popularity(&mut self, ctx: &mut Ctx<'_>, event: &Event) -> Result<(), ProcessError> {
         let config = &self.personaliser.config.recommendations;
         let Some(weight) = config.weights.get(&event.event_type).copied().filter(|w| *w > 0.0) else { return Ok(()) };
         let mut products: Vec<(String, Option<String>)> = Vec::new();
@@ -766,9 +778,14 @@ impl ProfileStage {
         for (product, category) in products {
             for key in [popularity_key(None), popularity_key(category.as_deref())].into_iter().collect::<BTreeSet<_>>()
             {
-                let mut table = ctx.get_json::<Popularity>(STORE, &key)?.unwrap_or_default();
-                table.add(&product, category.as_deref(), weight, event.timestamp_ms, config);
-                ctx.put_json(STORE, &key, &table)?;
+                if !self.popularity.contains_key(&key) {
+                    let stored = ctx.get_json::<Popularity>(STORE, &key)?.unwrap_or_default();
+                    self.popularity.insert(key.clone(), (stored, false));
+                }
+                if let Some((table, dirty)) = self.popularity.get_mut(&key) {
+                    table.add(&product, category.as_deref(), weight, event.timestamp_ms, config);
+                    *dirty = true;
+                }
             }
         }
         Ok(())
@@ -777,7 +794,8 @@ impl ProfileStage {
     fn save(&self, ctx: &mut Ctx<'_>, mut profile: Profile, interaction: bool) -> Result<(), ProcessError> {
         profile.updated_at = ctx.now;
         let view = profile.customer_view(ctx.now, &self.config);
-        let now_in = self.segments.evaluate(&view);
+        let vars = Vars::new(&[("customer", &view), ("context", &Value::Null)]);
+        let now_in = self.segments.evaluate_vars(&vars);
         for (name, change) in profile
             .segments
             .iter()
@@ -790,7 +808,7 @@ impl ProfileStage {
         profile.segments = now_in;
         let consent = profile.personalisation_allowed(self.default_consent);
         let mut snapshot = profile.snapshot(ctx.now, &self.config);
-        let personalised = self.personaliser.resolve(&view, &Value::Null, &profile.segments, consent);
+        let personalised = self.personaliser.resolve_vars(&vars, &profile.segments, consent);
         if interaction {
             // Coverage: did this interaction's customer get personalised content?
             let outcome = if personalised.personalised || (consent && profile.recommendations.is_some()) {
