@@ -367,6 +367,19 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         .map(|s| format!("{} {:.0} µs", s.name, mean_processing_us(s.name, args.partitions)))
         .collect();
     println!("mean processing time per record:                   {}", per_record.join(", "));
+    let per_commit: Vec<String> = processor_specs(&topology)
+        .iter()
+        .map(|s| {
+            let h = metrics().commit_seconds.with_label_values(&[s.name]);
+            format!(
+                "{} {:.1} ms × {}",
+                s.name,
+                h.get_sample_sum() / h.get_sample_count().max(1) as f64 * 1e3,
+                h.get_sample_count()
+            )
+        })
+        .collect();
+    println!("mean transaction commit time:                      {}", per_commit.join(", "));
 
     let before = (latency_buckets("profile"), latency_buckets("context"));
     let offered = args.rate as usize * args.seconds as usize;

@@ -217,20 +217,27 @@ async fn get_instances(State(state): State<ApiState>) -> Response {
 
 #[derive(serde::Deserialize)]
 struct KeyParam {
-    key: String,
+    key: Option<String>,
 }
 
 /// Instance-to-instance read of one committed store value: 200 with the value, 204
 /// when the key is absent, 503 when the task is not open here (the caller retries).
 async fn get_store_value(
     State(state): State<ApiState>,
-    Path((processor, partition, store)): Path<(String, u32, String)>,
+    Path((processor, partition, store)): Path<(String, String, String)>,
     Params(param): Params<KeyParam>,
 ) -> Response {
-    let response = match state.query.local.read(&processor, partition, &store, &param.key) {
-        Ok(Some(value)) => ([(header::CONTENT_TYPE, "application/json")], value).into_response(),
-        Ok(None) => StatusCode::NO_CONTENT.into_response(),
-        Err(()) => unavailable(format!("{processor}[{partition}] is not served by this instance")),
+    let response = match (partition.parse::<u32>(), param.key) {
+        (Err(_), _) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_partition", "partition must be a number").into_response()
+        }
+        (_, None) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "the `key` query parameter is required")
+            .into_response(),
+        (Ok(partition), Some(key)) => match state.query.local.read(&processor, partition, &store, &key) {
+            Ok(Some(value)) => ([(header::CONTENT_TYPE, "application/json")], value).into_response(),
+            Ok(None) => StatusCode::NO_CONTENT.into_response(),
+            Err(()) => unavailable(format!("{processor}[{partition}] is not served by this instance")),
+        },
     };
     count("/internal/v1/stores", response.status());
     response

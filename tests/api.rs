@@ -5,7 +5,6 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use std::path::Path;
 
 fn event(id: &str, kind: &str, at: i64, fields: Value) -> Value {
     let mut e = json!({"event_id": id, "event_type": kind, "timestamp": ts(T0 + at)});
@@ -203,35 +202,6 @@ fn every_customer_endpoint_answers_on_the_embedded_broker() {
     chorus.stop();
 }
 
-/// Every topic at four partitions, identity included.
-fn four_partitions(dir: &Path) -> std::path::PathBuf {
-    let text = std::fs::read_to_string(test_topology(dir)).unwrap();
-    let path = dir.join("topology-4.yaml");
-    std::fs::write(&path, text.replace("{events.raw: 1, messages.requests: 1, consent: 1}", "{}")).unwrap();
-    path
-}
-
-fn run(bootstrap: &str, topology: &Path, data: &Path, instance: &str) -> Chorus {
-    let c = Chorus::start(
-        &[
-            "run",
-            "--brokers",
-            bootstrap,
-            "--topology",
-            topology.to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--instance-id",
-            instance,
-            "--http",
-            "127.0.0.1:0",
-        ],
-        true,
-    );
-    c.wait_ready();
-    c
-}
-
 /// Tasks of a processor open on an instance, from its `/v1/instances` entry.
 fn tasks_of(http: &str, instance: &str, processor: &str) -> usize {
     let (_, v) = get_json(&format!("{http}/v1/instances"));
@@ -248,8 +218,8 @@ fn two_instances_answer_for_every_customer() {
     let topology = four_partitions(dir.path());
     let broker = Chorus::start(&["broker", "--port", "0", "--topology", topology.to_str().unwrap()], false);
     let bootstrap = broker.bootstrap().to_owned();
-    let one = run(&bootstrap, &topology, &dir.path().join("one"), "one");
-    let two = run(&bootstrap, &topology, &dir.path().join("two"), "two");
+    let one = run_member(&bootstrap, &topology, &dir.path().join("one"), "one");
+    let two = run_member(&bootstrap, &topology, &dir.path().join("two"), "two");
     eventually(90, "both instances to serve part of every stage", || {
         ["identity", "profile", "context"]
             .iter()

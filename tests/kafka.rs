@@ -56,27 +56,6 @@ fn setup_with(dir: &Path, topology: PathBuf) -> (Kafka, PathBuf) {
     (kafka, topology)
 }
 
-fn run(kafka: &Kafka, topology: &Path, data: &Path, instance: &str) -> Chorus {
-    let c = Chorus::start(
-        &[
-            "run",
-            "--brokers",
-            &kafka.bootstrap,
-            "--topology",
-            topology.to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--instance-id",
-            instance,
-            "--http",
-            "127.0.0.1:0",
-        ],
-        true,
-    );
-    c.wait_ready();
-    c
-}
-
 /// Every event reaches events.resolved exactly once (read_committed).
 fn assert_resolved_exactly_once(bootstrap: &str, events: &[Value]) {
     let resolved = tail(bootstrap, "events.resolved", 5_000);
@@ -109,14 +88,14 @@ fn run_restarts_cleanly_on_real_kafka() {
     let data = dir.path().join("data");
     let (events, expected) = workload(3_000, 30);
     produce(&kafka.bootstrap, "events.raw", &events[..1_500]);
-    let first = run(&kafka, &topology, &data, "a");
+    let first = run_member(&kafka.bootstrap, &topology, &data, "a");
     eventually(90, "first half processed", || {
         let (s, p) = get_json(&format!("{}/v1/profiles/c0", first.http()));
         (s == 200 && p["metrics"]["event_count"].as_i64() == Some(50)).then_some(())
     });
     first.stop();
     produce(&kafka.bootstrap, "events.raw", &events[1_500..]);
-    let second = run(&kafka, &topology, &data, "a");
+    let second = run_member(&kafka.bootstrap, &topology, &data, "a");
     eventually(120, "profiles equal to an uninterrupted run", || profiles_match(second.http(), &expected));
     assert_resolved_exactly_once(&kafka.bootstrap, &events);
     second.stop();
@@ -155,29 +134,20 @@ fn workload_with_merges(n: usize, customers: usize) -> (Vec<Value>, Expected) {
     (events, expected)
 }
 
-/// Identity spread over four partitions of events.raw: the cross-partition graph runs
-/// through Kafka transactions.
-fn four_raw_partitions(dir: &Path) -> PathBuf {
-    let text = std::fs::read_to_string(test_topology(dir)).unwrap();
-    let path = dir.join("topology-4.yaml");
-    std::fs::write(&path, text.replace("{events.raw: 1, messages.requests: 1, consent: 1}", "{}")).unwrap();
-    path
-}
-
 #[test]
 fn kill_9_mid_stream_loses_and_duplicates_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let (kafka, topology) = setup_with(dir.path(), four_raw_partitions(dir.path()));
+    let (kafka, topology) = setup_with(dir.path(), four_partitions(dir.path()));
     let data = dir.path().join("data");
     let (events, expected) = workload_with_merges(6_000, 40);
     produce(&kafka.bootstrap, "events.raw", &events);
-    let first = run(&kafka, &topology, &data, "a");
+    let first = run_member(&kafka.bootstrap, &topology, &data, "a");
     eventually(90, "some progress", || {
         let (s, _) = get_json(&format!("{}/v1/profiles/c0", first.http()));
         (s == 200).then_some(())
     });
     first.kill9();
-    let second = run(&kafka, &topology, &data, "a");
+    let second = run_member(&kafka.bootstrap, &topology, &data, "a");
     eventually(180, "profiles equal to an uninterrupted run", || profiles_match(second.http(), &expected));
     assert_resolved_exactly_once(&kafka.bootstrap, &events);
     // The profile table on the topic agrees too (latest committed value per key).
@@ -195,10 +165,10 @@ fn kill_9_mid_stream_loses_and_duplicates_nothing() {
 #[test]
 fn two_members_split_partitions_and_hand_over_state() {
     let dir = tempfile::tempdir().unwrap();
-    let (kafka, topology) = setup_with(dir.path(), four_raw_partitions(dir.path()));
+    let (kafka, topology) = setup_with(dir.path(), four_partitions(dir.path()));
     let (events, expected) = workload_with_merges(3_000, 30);
-    let one = run(&kafka, &topology, &dir.path().join("one"), "one");
-    let two = run(&kafka, &topology, &dir.path().join("two"), "two");
+    let one = run_member(&kafka.bootstrap, &topology, &dir.path().join("one"), "one");
+    let two = run_member(&kafka.bootstrap, &topology, &dir.path().join("two"), "two");
     produce(&kafka.bootstrap, "events.raw", &events[..1_500]);
     // Both members own part of the identity and of the profile partitions: the identity
     // graph's messages cross between the two processes.

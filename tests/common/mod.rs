@@ -286,3 +286,34 @@ pub fn latest_by_key(records: Vec<Value>) -> std::collections::BTreeMap<String, 
     }
     latest
 }
+
+/// The test topology with every topic at four partitions, identity included (the
+/// identity graph's messages cross partitions, and processes).
+pub fn four_partitions(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(test_topology(dir)).unwrap();
+    let path = dir.join("topology-4.yaml");
+    std::fs::write(&path, text.replace("{events.raw: 1, messages.requests: 1, consent: 1}", "{}")).unwrap();
+    path
+}
+
+/// `chorus run` as one member against these brokers, ready to serve.
+pub fn run_member(bootstrap: &str, topology: &Path, data: &Path, instance: &str) -> Chorus {
+    let c = Chorus::start(
+        &[
+            "run",
+            "--brokers",
+            bootstrap,
+            "--topology",
+            topology.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--instance-id",
+            instance,
+            "--http",
+            "127.0.0.1:0",
+        ],
+        true,
+    );
+    c.wait_ready();
+    c
+}
