@@ -422,12 +422,17 @@ pub fn recommend(
         fill(&mut list, Some(c));
     }
     fill(&mut list, None);
-    json!({
-        "personalised": inputs.precomputed.is_some() || !inputs.session_categories.is_empty(),
+    let personalised = inputs.precomputed.is_some() || !inputs.session_categories.is_empty();
+    let mut answer = json!({
+        "personalised": personalised,
         "model": inputs.precomputed.and_then(|p| p.model.clone()),
         "generated_at": inputs.precomputed.and_then(|p| p.generated_at.clone()),
         "items": list.items,
-    })
+    });
+    if !personalised {
+        answer["reason"] = json!("no_precomputed_list_or_session");
+    }
+    answer
 }
 
 /// A recommendation list being filled: each product once, at most `size`.
@@ -679,6 +684,20 @@ mod tests {
         // The same list for everyone: the customer's purchases and cart are not used.
         assert_eq!(ids(&answer), ["novel", "stove", "atlas"]);
         assert!(answer["items"].as_array().unwrap().iter().all(|i| i["source"] == "popular"));
+    }
+
+    #[test]
+    fn without_a_list_or_a_session_the_answer_says_why_it_is_generic() {
+        let p = precomputed();
+        let (purchased, cart) = (set(&["stove"]), set(&[]));
+        let mut bare = inputs(&p, &purchased, &cart, &[]);
+        bare.precomputed = None;
+        let answer = recommend(&rec_config(3), &bare, popular);
+        assert_eq!(answer["personalised"], false);
+        assert_eq!(answer["reason"], "no_precomputed_list_or_session");
+        assert_eq!(ids(&answer), ["novel", "atlas", "lamp"], "the customer's purchases are still left out");
+        let listed = recommend(&rec_config(3), &inputs(&p, &purchased, &cart, &[]), popular);
+        assert_eq!((listed["personalised"].as_bool(), listed.get("reason")), (Some(true), None));
     }
 
     #[test]
