@@ -493,9 +493,13 @@ impl EngineState {
             }
             self.producer.commit_transaction(Duration::from_secs(60)).map_err(|e| anyhow!("commit: {e}"))?;
             if self.config.embedded_broker && tpl.count() > 0 {
-                consumer
-                    .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
-                    .map_err(|e| anyhow!("commit offsets on the embedded broker: {e}"))?;
+                // The transaction is committed: a failure here (a rebalance changed the
+                // generation) must not abort it. The next commit of the partition stores
+                // a later offset; until then its new owner could replay from the last
+                // stored one (docs/runtime.md).
+                if let Err(e) = consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync) {
+                    tracing::warn!(processor = self.spec.name, error = %e, "offsets not stored on the embedded broker");
+                }
             }
         } else if tpl.count() > 0 {
             consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync).map_err(|e| anyhow!("commit offsets: {e}"))?;

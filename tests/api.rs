@@ -136,8 +136,11 @@ fn every_customer_endpoint_answers_on_the_embedded_broker() {
     assert_eq!(p13n["content"]["messaging"], json!({"id": "vip_tone", "source": "high_value"}));
 
     // Context: the anonymous app cart followed the customer to the web.
-    let (status, context) = get_json(&format!("{http}/v1/context/u1"));
-    assert_eq!(status, 200);
+    // The context stage runs beside the profile stage: wait for it to reach the offer.
+    let context = eventually(60, "the context to reach the last event", || {
+        let (status, c) = get_json(&format!("{http}/v1/context/u1"));
+        (status == 200 && c["engagements"]["offers"].as_array().is_some_and(|o| !o.is_empty())).then_some(c)
+    });
     let cart: Vec<&str> =
         context["cart"]["items"].as_array().unwrap().iter().map(|i| i["product_id"].as_str().unwrap()).collect();
     assert_eq!(cart, ["paddle-4"], "the order cleared the app cart; paddle-4 came after");
