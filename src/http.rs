@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chorus_processors::identity::{self, Identifier};
-use chorus_processors::topology::{Clock, EVENTS_RAW, IDENTITY_REPARTITION};
+use chorus_processors::topology::{Clock, CONSENT, EVENTS_RAW, IDENTITY_REPARTITION};
 use chorus_processors::Topology;
 use chorus_schemas::Event;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -49,6 +49,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/context/{identifier}", get(get_context))
         .route("/v1/recommendations/{identifier}", get(get_recommendations))
         .route("/v1/instances", get(get_instances))
+        .route("/v1/consent/{identifier}", get(get_consent).put(put_consent))
         .route("/internal/v1/stores/{processor}/{partition}/{store}", get(get_store_value))
         .route("/v1/identity/unlink", post(post_unlink))
         .route("/v1/identity/{kind}/{value}", get(get_identity))
@@ -207,6 +208,112 @@ async fn get_context(State(state): State<ApiState>, Path(identifier): Path<Strin
 async fn get_recommendations(State(state): State<ApiState>, Path(identifier): Path<String>) -> Response {
     let lookup = state.query.recommendations(&identifier, read_clock(&state)).await;
     lookup_response("/v1/recommendations", "recommendations", &identifier, lookup)
+}
+
+async fn get_consent(State(state): State<ApiState>, Path(identifier): Path<String>) -> Response {
+    let lookup = state.query.consent(&identifier).await;
+    lookup_response("/v1/consent", "consent", &identifier, lookup)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsentUpdate {
+    /// Purpose → granted; or one `purpose` with `granted`.
+    #[serde(default)]
+    purposes: std::collections::BTreeMap<String, bool>,
+    #[serde(default)]
+    purpose: Option<String>,
+    #[serde(default)]
+    granted: Option<bool>,
+    #[serde(default)]
+    source: Option<String>,
+    /// RFC 3339; now when left out.
+    #[serde(default)]
+    timestamp: Option<String>,
+}
+
+/// `PUT /v1/consent/{identifier}`: consent changes, written to the `consent` topic
+/// (so they reach every stage in order with the customer's events); `202` with the
+/// changes accepted.
+async fn put_consent(State(state): State<ApiState>, Path(identifier): Path<String>, body: Bytes) -> Response {
+    let response = match change_consent(&state, &identifier, &body).await {
+        Ok(v) => (StatusCode::ACCEPTED, Json(v)).into_response(),
+        Err(e) => e.into_response(),
+    };
+    count("/v1/consent", response.status());
+    response
+}
+
+async fn change_consent(state: &ApiState, identifier: &str, body: &[u8]) -> Result<Value, ApiError> {
+    let bad = |code, message: String| ApiError::new(StatusCode::BAD_REQUEST, code, message);
+    let update: ConsentUpdate = serde_json::from_slice(body).map_err(|e| {
+        bad("invalid_request", format!("expected {{\"purposes\": {{purpose: true|false}}, \"source\"}}: {e}"))
+    })?;
+    let mut changes = update.purposes;
+    match (update.purpose, update.granted) {
+        (Some(p), Some(g)) => {
+            changes.insert(p, g);
+        }
+        (None, None) => {}
+        _ => return Err(bad("invalid_request", "`purpose` and `granted` go together".into())),
+    }
+    if changes.is_empty() {
+        return Err(bad("invalid_request", "no consent change in the request".into()));
+    }
+    let purposes = &state.topology.consent.purposes;
+    if let Some(unknown) = changes.keys().find(|p| !purposes.contains(p)) {
+        return Err(bad("unknown_purpose", format!("{unknown:?} is not a declared purpose ({})", purposes.join(", "))));
+    }
+    let timestamp = match update.timestamp {
+        Some(t) => t
+            .parse::<jiff::Timestamp>()
+            .map_err(|e| bad("invalid_request", format!("timestamp {t:?}: {e}")))?
+            .to_string(),
+        None => jiff::Timestamp::from_millisecond(now_ms()).map(|t| t.to_string()).unwrap_or_default(),
+    };
+    // Name the customer by an identifier the identity stage knows; a customer not seen
+    // yet by the identifier given, when it is a valid one.
+    let (kind, value) = match state.query.known_identifier(identifier).await {
+        Lookup::Found(id) => id,
+        Lookup::Unavailable(why) => {
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_available", why));
+        }
+        Lookup::Unknown => identity::lookup_labels(&state.topology.identity, identifier)
+            .first()
+            .and_then(|l| l.split_once(':').map(|(k, v)| (k.to_owned(), v.to_owned())))
+            .ok_or_else(|| {
+                bad("invalid_identifier", format!("{identifier:?} is not a known customer nor a valid identifier"))
+            })?,
+    };
+    let key = format!("{kind}:{value}");
+    let records: Vec<Vec<u8>> = changes
+        .iter()
+        .map(|(purpose, granted)| {
+            let mut change =
+                json!({"purpose": purpose, "granted": granted, "timestamp": timestamp, "source": update.source});
+            if kind == "customer_id" {
+                change["customer_id"] = json!(value);
+            } else {
+                change["identifiers"] = json!({kind.as_str(): value});
+            }
+            change.to_string().into_bytes()
+        })
+        .collect();
+    let mut deliveries = Vec::new();
+    for payload in &records {
+        let record = FutureRecord::to(CONSENT).key(&key).payload(payload).timestamp(now_ms());
+        deliveries.push(state.producer.send(record, Duration::from_secs(10)));
+    }
+    for delivery in futures::future::join_all(deliveries).await {
+        delivery.map_err(|(e, _)| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "broker_unavailable",
+                format!("could not write to {CONSENT}: {e}"),
+            )
+        })?;
+    }
+    Ok(json!({"identifier": key, "changes": changes, "timestamp": timestamp}))
 }
 
 /// Every live instance, its address and the tasks it serves.

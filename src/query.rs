@@ -9,6 +9,7 @@ use crate::directory::{Directory, Owner};
 use crate::metrics::metrics;
 use chorus_processors::context::{self, CustomerContext};
 use chorus_processors::identity;
+use chorus_processors::orchestrator::{self, ConsentState};
 use chorus_processors::partition::partition_for;
 use chorus_processors::personalisation::{
     popularity_key, recommend, Personaliser, Popularity, RecommendationInputs, CONSENT_PURPOSE,
@@ -265,6 +266,65 @@ impl Query {
             Ok(None) => Lookup::Unknown,
             Err(e) => Lookup::Unavailable(e),
         }
+    }
+
+    /// An identifier (`type`, `value`) the identity stage knows for this customer: the
+    /// path identifier itself when it is one, else the customer's most specific one.
+    pub async fn known_identifier(&self, identifier: &str) -> Lookup<(String, String)> {
+        let canonical = match self.resolve(identifier).await {
+            Lookup::Found(c) => c,
+            Lookup::Unknown => return Lookup::Unknown,
+            Lookup::Unavailable(e) => return Lookup::Unavailable(e),
+        };
+        for label in identity::lookup_labels(&self.topology.identity, identifier) {
+            if let Ok(Some(state)) =
+                self.identity_json::<identity::IdState>(&label, &identity::identifier_key(&label)).await
+            {
+                if state.canonical.is_some() {
+                    if let Some((kind, value)) = label.split_once(':') {
+                        return Lookup::Found((kind.to_owned(), value.to_owned()));
+                    }
+                }
+            }
+        }
+        match self.identity_json::<identity::Component>(&canonical, &format!("comp:{canonical}")).await {
+            Ok(Some(comp)) => comp
+                .identifiers
+                .iter()
+                .min_by_key(|i| self.topology.identity.rank(&i.kind))
+                .map_or(Lookup::Unknown, |i| Lookup::Found((i.kind.clone(), i.value.clone()))),
+            Ok(None) => Lookup::Unknown,
+            Err(e) => Lookup::Unavailable(e),
+        }
+    }
+
+    /// `GET /v1/consent/{identifier}`: every purpose's current state (the topology's
+    /// default when the customer never changed it), with the source and time of the
+    /// change, and the history of changes.
+    pub async fn consent(&self, identifier: &str) -> Lookup<Value> {
+        self.for_customer(identifier, |id| async move {
+            let state: ConsentState = self
+                .customer_json(orchestrator::NAME, orchestrator::CONSENT_STORE, &id, &id)
+                .await?
+                .unwrap_or_default();
+            let purposes: serde_json::Map<String, Value> = self
+                .topology
+                .consent
+                .purposes
+                .iter()
+                .map(|purpose| {
+                    let value = match state.purposes.get(purpose) {
+                        Some(p) => {
+                            serde_json::json!({"granted": p.granted, "at": p.at, "source": p.source, "default": false})
+                        }
+                        None => serde_json::json!({"granted": self.topology.default_consent(purpose), "default": true}),
+                    };
+                    (purpose.clone(), value)
+                })
+                .collect();
+            Ok(Some(serde_json::json!({"canonical_id": id, "purposes": purposes, "history": state.history})))
+        })
+        .await
     }
 
     async fn load_profile(&self, id: &str) -> Result<Option<Profile>, Unavailable> {

@@ -169,12 +169,30 @@ fn every_customer_endpoint_answers_on_the_embedded_broker() {
     assert!(ids.contains(&"kayak-3"), "filled from popularity: {ids:?}");
     assert_eq!(recs["personalised"], true);
 
+    // Consent: the defaults before any change, then a change through the API.
+    let (status, consent) = get_json(&format!("{http}/v1/consent/ann@example.com"));
+    assert_eq!(status, 200);
+    assert_eq!(consent["purposes"]["personalisation"], json!({"granted": true, "default": true}));
+    assert_eq!(consent["purposes"]["marketing_email"]["granted"], false, "marketing is opt-in");
+    let put = |body: Value| {
+        let r = reqwest::blocking::Client::new().put(format!("{http}/v1/consent/app-1")).json(&body).send().unwrap();
+        (r.status().as_u16(), r.json::<Value>().unwrap_or(Value::Null))
+    };
+    let (status, e) = put(json!({"purposes": {"marketing_fax": true}}));
+    assert_eq!((status, e["error"]["code"].as_str()), (400, Some("unknown_purpose")));
+    let (status, e) = put(json!({"purpose": "analytics"}));
+    assert_eq!((status, e["error"]["code"].as_str()), (400, Some("invalid_request")));
     // Without personalisation consent: popular items, and the answer says so.
-    produce(
-        chorus.bootstrap(),
-        "consent",
-        &[json!({"customer_id": "u1", "purpose": "personalisation", "granted": false, "timestamp": ts(T0 + 11 * MIN)})],
-    );
+    let (status, accepted) = put(json!({"purposes": {"personalisation": false, "marketing_email": true},
+        "source": "preference_centre", "timestamp": ts(T0 + 11 * MIN)}));
+    assert_eq!(status, 202, "{accepted}");
+    let consent = eventually(60, "the consent change to land", || {
+        let (_, c) = get_json(&format!("{http}/v1/consent/u1"));
+        (c["purposes"]["personalisation"]["granted"] == false).then_some(c)
+    });
+    assert_eq!(consent["purposes"]["marketing_email"]["source"], "preference_centre");
+    assert_eq!(consent["purposes"]["marketing_email"]["at"], T0 + 11 * MIN);
+    assert_eq!(consent["history"].as_array().unwrap().len(), 2);
     let generic = eventually(60, "consent withdrawal to apply", || {
         let (status, r) = get_json(&format!("{http}/v1/recommendations/u1"));
         (status == 200 && r["personalised"] == false).then_some(r)
@@ -185,7 +203,7 @@ fn every_customer_endpoint_answers_on_the_embedded_broker() {
     assert_eq!(profile["personalisation"]["reason"], "no_personalisation_consent");
 
     // Errors: unknown customers are 404 with a JSON error.
-    for route in ["profiles", "context", "recommendations"] {
+    for route in ["profiles", "context", "recommendations", "consent"] {
         let (status, e) = get_json(&format!("{http}/v1/{route}/nobody@example.com"));
         assert_eq!((status, e["error"]["code"].as_str()), (404, Some("not_found")), "{route}");
     }

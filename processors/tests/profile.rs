@@ -561,6 +561,34 @@ fn withdrawn_personalisation_consent_makes_the_profile_generic() {
     assert_eq!(profile_of(&d, "c1")["personalisation"]["personalised"], true);
 }
 
+#[test]
+fn without_analytics_consent_browsing_stays_out_of_the_profile() {
+    let mut d = TestDriver::new(topology(1, 2), 8);
+    let view = |id: &str, at: i64| {
+        event(
+            id,
+            "product.viewed",
+            at,
+            json!({"customer_id": "c1"}),
+            json!({"product_id": "p1", "category": "outdoor"}),
+        )
+    };
+    send(&mut d, &view("v1", T0));
+    d.run().unwrap();
+    let withdraw = json!({"customer_id": "c1", "purpose": "analytics", "granted": false, "timestamp": ts(T0 + 1)});
+    d.pipe_json("consent", "c1", &withdraw, 0);
+    d.run().unwrap();
+    send(&mut d, &view("v2", T0 + 2));
+    send(&mut d, &event("o1", "order.completed", T0 + 3, json!({"customer_id": "c1"}), json!({"total": 20.0})));
+    d.run().unwrap();
+    let p = profile_of(&d, "c1");
+    assert_eq!(p["behavioural"]["product_views"]["count"], 1, "only the view before the withdrawal");
+    assert_eq!(p["transactional"]["orders"]["count"], 1, "orders are still aggregated");
+    assert_eq!(p["metrics"]["event_count"], 2);
+    assert!(p["recent_activity"].as_array().unwrap().iter().all(|a| a["event_id"] != "v2"));
+    assert_eq!(d.counter("analytics_opt_out", "product.viewed"), 1);
+}
+
 fn popularity(d: &mut TestDriver, category: Option<&str>) -> Option<Popularity> {
     let key = chorus_processors::personalisation::popularity_key(category);
     d.store_get("profile", "profiles", 0, &key).map(|b| serde_json::from_slice(&b).unwrap())

@@ -32,6 +32,8 @@ pub const STORE: &str = "profiles";
 pub const TOPIC: &str = "profiles";
 
 pub const SEGMENTS_TOPIC: &str = "segments";
+/// Without this consent, behavioural events stay out of the profile's aggregates.
+pub const ANALYTICS_PURPOSE: &str = "analytics";
 
 pub const RECOMMENDATIONS_TOPIC: &str = "recommendations";
 
@@ -41,6 +43,7 @@ pub fn spec(topology: &Topology) -> ProcessorSpec {
     let personaliser = Arc::new(Personaliser::compile(&topology.personalisation));
     let config = Arc::new(topology.profile.clone());
     let default_consent = topology.default_consent(CONSENT_PURPOSE);
+    let default_analytics = topology.default_consent(ANALYTICS_PURPOSE);
     ProcessorSpec {
         name: NAME,
         inputs: vec![RESOLVED_TOPIC.into(), RECOMMENDATIONS_TOPIC.into()],
@@ -52,6 +55,7 @@ pub fn spec(topology: &Topology) -> ProcessorSpec {
                 personaliser: personaliser.clone(),
                 config: config.clone(),
                 default_consent,
+                default_analytics,
                 popularity: BTreeMap::new(),
             })
         }),
@@ -64,6 +68,8 @@ pub struct ProfileStage {
     config: Arc<ProfileConfig>,
     /// `consent.defaults.personalisation`.
     default_consent: bool,
+    /// `consent.defaults.analytics`.
+    default_analytics: bool,
     /// Popularity tables of this task, written to the store on flush (dirty ones).
     popularity: BTreeMap<String, (Popularity, bool)>,
 }
@@ -382,7 +388,12 @@ impl Profile {
     /// Whether the customer's data may be used to personalise: their latest consent
     /// change, else the topology's default for the purpose.
     pub fn personalisation_allowed(&self, default: bool) -> bool {
-        self.preferences.consent.get(CONSENT_PURPOSE).map_or(default, |p| p.granted)
+        self.consented(CONSENT_PURPOSE, default)
+    }
+
+    /// The customer's latest consent to `purpose`, else `default`.
+    pub fn consented(&self, purpose: &str, default: bool) -> bool {
+        self.preferences.consent.get(purpose).map_or(default, |p| p.granted)
     }
 
     /// Fold another profile of the same customer into this one.
@@ -687,6 +698,14 @@ impl Processor for ProfileStage {
                 let mut event: Event = decode(resolved.body)?;
                 event.timestamp_ms = resolved.at;
                 let mut profile = self.load(ctx, &id)?;
+                let behavioural =
+                    self.config.events.get(&event.event_type).is_some_and(|e| e.section == Section::Behavioural);
+                if behavioural && !profile.consented(ANALYTICS_PURPOSE, self.default_analytics) {
+                    // `analytics: false`: browsing is not aggregated (nor counted in
+                    // popularity); orders, returns and interactions still are.
+                    ctx.count("analytics_opt_out", event.event_type.clone());
+                    return Ok(());
+                }
                 profile.apply(&event, resolved.customer_id.as_deref(), &self.config);
                 self.count_popularity(ctx, &event)?;
                 ctx.mark_visible(resolved.at);
