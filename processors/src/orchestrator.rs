@@ -58,10 +58,54 @@ pub struct ConsentEntry {
     pub source: Option<String>,
 }
 
+/// The orchestrator's record of a customer: consent, and the activity suppressions
+/// look at.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ConsentState {
     pub purposes: BTreeMap<String, PurposeState>,
     pub history: Vec<ConsentEntry>,
+    #[serde(default)]
+    pub activity: Activity,
+}
+
+/// When the customer last did what suppressions watch.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Activity {
+    /// Event type → latest event time.
+    pub last: BTreeMap<String, i64>,
+}
+
+impl Activity {
+    pub fn record(&mut self, event_type: &str, at: i64) {
+        let last = self.last.entry(event_type.to_owned()).or_insert(at);
+        *last = (*last).max(at);
+    }
+
+    fn absorb(&mut self, other: &Activity) {
+        for (event_type, at) in &other.last {
+            self.record(event_type, *at);
+        }
+    }
+
+    /// The first suppression of `category` in force at `now`, with its detail.
+    pub fn suppressed(&self, category: &str, now: i64, topology: &Topology) -> Option<(String, String)> {
+        topology.orchestration.suppressions.iter().filter(|s| s.categories.iter().any(|c| c == category)).find_map(
+            |s| match (&s.after, s.duration, &s.from, &s.until) {
+                (Some(after), Some(d), _, _) => {
+                    let at = *self.last.get(after)?;
+                    (at <= now && now < at.saturating_add(d.ms())).then(|| {
+                        (s.reason.clone(), format!("{after} at {}, within {} h", rfc3339(at), d.ms() / 3_600_000))
+                    })
+                }
+                (_, _, Some(from), Some(until)) => {
+                    let opened = *self.last.get(from)?;
+                    let open = self.last.get(until).is_none_or(|closed| *closed < opened);
+                    open.then(|| (s.reason.clone(), format!("{from} at {} and no {until} since", rfc3339(opened))))
+                }
+                _ => None,
+            },
+        )
+    }
 }
 
 impl ConsentState {
@@ -89,6 +133,7 @@ impl ConsentState {
 
     /// Merge another customer's consent: per purpose, the latest change wins.
     pub fn absorb(&mut self, other: ConsentState) {
+        self.activity.absorb(&other.activity);
         for h in other.history {
             self.apply(&h.purpose, h.granted, h.at, h.source);
         }
@@ -102,15 +147,26 @@ impl ConsentState {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     Send { channel: String, reasons: Vec<String> },
-    Suppress { reason: &'static str, detail: String, channel: Option<String> },
+    Suppress { reason: String, detail: String, channel: Option<String> },
 }
 
 /// Consent rules for one request, pure.
-pub fn decide(request: &MessageRequest, consent: &ConsentState, topology: &Topology) -> Decision {
+pub fn decide(request: &MessageRequest, consent: &ConsentState, now: i64, topology: &Topology) -> Decision {
+    let decision = decide_consent(request, consent, topology);
+    if let Decision::Send { channel, .. } = &decision {
+        if let Some((reason, detail)) = consent.activity.suppressed(&request.category, now, topology) {
+            return Decision::Suppress { reason, detail, channel: Some(channel.clone()) };
+        }
+    }
+    decision
+}
+
+/// Consent alone: the first requested channel the request may use.
+fn decide_consent(request: &MessageRequest, consent: &ConsentState, topology: &Topology) -> Decision {
     let orchestration = &topology.orchestration;
     let Some(category) = orchestration.categories.get(&request.category) else {
         return Decision::Suppress {
-            reason: "unknown_category",
+            reason: "unknown_category".into(),
             detail: format!("category {:?} is not declared", request.category),
             channel: None,
         };
@@ -139,8 +195,14 @@ pub fn decide(request: &MessageRequest, consent: &ConsentState, topology: &Topol
         }
         refused.push(format!("{channel} ({purpose})"));
     }
+    // Every channel refused by the customer's own withdrawal: opted out; otherwise the
+    // customer never gave consent (marketing is opt-in).
+    let opted_out = request.channels.iter().all(|channel| {
+        let purpose = orchestration.channel_purposes.get(channel).map(String::as_str).unwrap_or("marketing_email");
+        consent.purposes.get(purpose).is_some_and(|p| !p.granted)
+    });
     Decision::Suppress {
-        reason: "no_consent",
+        reason: if opted_out { "opted_out".into() } else { "no_consent".into() },
         detail: format!("no consent for any requested channel: {}", refused.join(", ")),
         channel: request.channels.first().cloned(),
     }
@@ -172,7 +234,7 @@ impl Processor for Orchestrator {
                 let expires = ctx.now.saturating_add(self.topology.dedupe.window.ms());
                 ctx.put_bytes(REQUESTS_STORE, request.request_id.as_bytes(), &[], Some(expires))?;
                 let consent = ctx.get_json::<ConsentState>(CONSENT_STORE, &id)?.unwrap_or_default();
-                let decision = decide(&request, &consent, &self.topology);
+                let decision = decide(&request, &consent, ctx.now.max(resolved.at), &self.topology);
                 self.emit_decision(ctx, &resolved, &request, decision)
             }
             Kind::Merge => on_merge(ctx, NAME, CONSENT_STORE, resolved.body, None),
@@ -182,7 +244,17 @@ impl Processor for Orchestrator {
                 state.absorb(other);
                 ctx.put_json(CONSENT_STORE, &id, &state)
             }
-            Kind::Event | Kind::Tick | Kind::Recommendations => Ok(()),
+            Kind::Event => {
+                // Only the event types a suppression watches are recorded.
+                let Some(event_type) = resolved.body.get("event_type").and_then(Value::as_str) else { return Ok(()) };
+                if !self.topology.orchestration.suppressions.iter().any(|s| s.event_types().any(|t| t == event_type)) {
+                    return Ok(());
+                }
+                let mut state = ctx.get_json::<ConsentState>(CONSENT_STORE, &id)?.unwrap_or_default();
+                state.activity.record(event_type, resolved.at);
+                ctx.put_json(CONSENT_STORE, &id, &state)
+            }
+            Kind::Tick | Kind::Recommendations => Ok(()),
         }
     }
 }
@@ -229,7 +301,7 @@ impl Orchestrator {
                     "detail": detail,
                     "timestamp": rfc3339(ctx.now.max(resolved.at)),
                 });
-                ctx.count("suppressions", reason);
+                ctx.count("suppressions", reason.clone());
                 ctx.emit_json(SUPPRESSED_TOPIC, id, &record)
             }
         }

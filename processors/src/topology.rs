@@ -169,6 +169,49 @@ pub struct OrchestrationConfig {
     pub categories: BTreeMap<String, CategoryConfig>,
     /// Consent purpose needed to send marketing on each channel.
     pub channel_purposes: BTreeMap<String, String>,
+    /// Reasons not to message a customer for a while, from what they did.
+    pub suppressions: Vec<Suppression>,
+}
+
+/// A suppression: requests of `categories` are refused with `reason` for `for` after an
+/// `after` event, or from a `from` event until an `until` event (an open support case).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Suppression {
+    pub reason: String,
+    #[serde(default)]
+    pub after: Option<String>,
+    #[serde(default, rename = "for")]
+    pub duration: Option<Duration>,
+    #[serde(default)]
+    pub from: Option<String>,
+    #[serde(default)]
+    pub until: Option<String>,
+    /// Categories it applies to.
+    #[serde(default = "marketing_categories")]
+    pub categories: Vec<String>,
+}
+
+fn marketing_categories() -> Vec<String> {
+    vec!["retention".into(), "promotional".into()]
+}
+
+impl Suppression {
+    fn window(reason: &str, after: &str, duration: Duration) -> Suppression {
+        Suppression {
+            reason: reason.into(),
+            after: Some(after.into()),
+            duration: Some(duration),
+            from: None,
+            until: None,
+            categories: marketing_categories(),
+        }
+    }
+
+    /// The event types this suppression watches.
+    pub fn event_types(&self) -> impl Iterator<Item = &String> {
+        self.after.iter().chain(&self.from).chain(&self.until)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -308,10 +351,23 @@ impl Default for OrchestrationConfig {
         .into_iter()
         .map(|(c, p)| (c.to_owned(), p.to_owned()))
         .collect();
+        let suppressions = vec![
+            Suppression::window("recent_purchase", "order.completed", Duration::hours(24)),
+            Suppression::window("recent_complaint", "complaint.filed", Duration::hours(48)),
+            Suppression {
+                reason: "active_support_case".into(),
+                after: None,
+                duration: None,
+                from: Some("support.case_opened".into()),
+                until: Some("support.case_closed".into()),
+                categories: marketing_categories(),
+            },
+        ];
         OrchestrationConfig {
             channels: DEFAULT_CHANNELS.iter().map(|s| s.to_string()).collect(),
             categories,
             channel_purposes,
+            suppressions,
         }
     }
 }
@@ -450,6 +506,26 @@ impl Topology {
                 ));
             }
         }
+        for (i, s) in self.orchestration.suppressions.iter().enumerate() {
+            let path = format!("orchestration.suppressions[{i}]");
+            let shape = match (&s.after, s.duration, &s.from, &s.until) {
+                (Some(_), Some(d), None, None) => d.ms() > 0,
+                (None, None, Some(_), Some(_)) => true,
+                _ => false,
+            };
+            if !shape {
+                errors.push(err(&path, "needs `after` with a positive `for`, or `from` with `until`"));
+            }
+            if !is_identifier_type(&s.reason) {
+                errors.push(err(format!("{path}.reason"), format!("{:?} is not a valid reason code", s.reason)));
+            }
+            for t in s.event_types().filter(|t| !self.event_types.contains(t)) {
+                errors.push(err(&path, format!("event type {t:?} is not in event_types")));
+            }
+            for c in s.categories.iter().filter(|c| !self.orchestration.categories.contains_key(*c)) {
+                errors.push(err(format!("{path}.categories"), format!("{c:?} is not a declared category")));
+            }
+        }
         if self.orchestration.categories.is_empty() {
             errors.push(err("orchestration.categories", "must declare at least one category"));
         }
@@ -567,6 +643,7 @@ mod tests {
         assert_eq!(shipped.identity.probabilistic.blocking, defaults.identity.probabilistic.blocking);
         assert_eq!(shipped.segments, defaults.segments);
         assert_eq!(shipped.profile, defaults.profile);
+        assert_eq!(shipped.orchestration.suppressions, defaults.orchestration.suppressions);
         assert_eq!(shipped.personalisation, defaults.personalisation);
     }
 

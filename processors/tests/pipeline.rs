@@ -117,7 +117,72 @@ fn consent_withdrawn_suppresses_again() {
     d.pipe_json("messages.requests", "c1", &json!({"request_id": "r", "timestamp": ts(T0 + 20), "customer_id": "c1", "category": "promotional", "channels": ["email"]}), 0);
     d.run().unwrap();
     assert_eq!(d.read("decisions.email").len(), 0);
-    assert_eq!(d.read("decisions.suppressed").len(), 1);
+    let suppressed: Vec<Value> = d.read("decisions.suppressed").iter().map(|r| r.json().unwrap()).collect();
+    assert_eq!(suppressed.len(), 1);
+    assert_eq!(suppressed[0]["reason"], "opted_out", "withdrawn, not merely never given");
+}
+
+/// The seed's suppressions, at their exact boundaries: a purchase stops promotions for
+/// 24 h, a complaint for 48 h, an open support case until it closes; transactional
+/// messages are never suppressed.
+#[test]
+fn suppressions_follow_what_the_customer_just_did() {
+    const HOUR: i64 = 3_600_000;
+    let mut d = TestDriver::new(topology(1, 2), 5);
+    let grant = json!({"customer_id": "c1", "purpose": "marketing_email", "granted": true, "timestamp": ts(T0 - 1)});
+    d.pipe_json("consent", "c1", &grant, 0);
+    let request = |id: &str, category: &str, at: i64| {
+        json!({"request_id": id, "timestamp": ts(at), "customer_id": "c1", "campaign_id": id,
+               "category": category, "content_id": "promo_1", "channels": ["email"]})
+    };
+    let ask = |d: &mut TestDriver, id: &str, category: &str, at: i64| {
+        d.pipe_json("messages.requests", "c1", &request(id, category, at), 0);
+        d.run().unwrap();
+    };
+    send(&mut d, &event("o1", "order.completed", T0, json!({"customer_id": "c1"}), json!({"total": 10.0})));
+    d.run().unwrap();
+    ask(&mut d, "promo-in-window", "promotional", T0 + 24 * HOUR - 1);
+    ask(&mut d, "receipt", "transactional", T0 + 24 * HOUR - 1);
+    ask(&mut d, "promo-after-window", "promotional", T0 + 24 * HOUR);
+    send(
+        &mut d,
+        &event("k1", "complaint.filed", T0 + 30 * HOUR, json!({"customer_id": "c1"}), json!({"case_id": "x"})),
+    );
+    d.run().unwrap();
+    ask(&mut d, "retention-after-complaint", "retention", T0 + 30 * HOUR + 48 * HOUR - 1);
+    ask(&mut d, "retention-after-complaint-window", "retention", T0 + 30 * HOUR + 48 * HOUR);
+    let day4 = T0 + 100 * HOUR;
+    send(&mut d, &event("s1", "support.case_opened", day4, json!({"customer_id": "c1"}), json!({"case_id": "k9"})));
+    d.run().unwrap();
+    ask(&mut d, "promo-during-case", "promotional", day4 + 10 * HOUR);
+    send(
+        &mut d,
+        &event("s2", "support.case_closed", day4 + 20 * HOUR, json!({"customer_id": "c1"}), json!({"case_id": "k9"})),
+    );
+    d.run().unwrap();
+    ask(&mut d, "promo-after-case", "promotional", day4 + 21 * HOUR);
+
+    let suppressed: BTreeMap<String, String> = d
+        .read("decisions.suppressed")
+        .iter()
+        .map(|r| r.json().unwrap())
+        .map(|v| (v["request_id"].as_str().unwrap().to_owned(), v["reason"].as_str().unwrap().to_owned()))
+        .collect();
+    let expected: BTreeMap<String, String> = [
+        ("promo-in-window", "recent_purchase"),
+        ("retention-after-complaint", "recent_complaint"),
+        ("promo-during-case", "active_support_case"),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    .collect();
+    assert_eq!(suppressed, expected);
+    let sent: Vec<String> = d
+        .read("decisions.email")
+        .iter()
+        .map(|r| r.json().unwrap()["request_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(sent, ["receipt", "promo-after-window", "retention-after-complaint-window", "promo-after-case"]);
 }
 
 #[test]
