@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use chorus_processors::identity::{self, Identifier};
 use chorus_processors::topology::{Clock, CONSENT, EVENTS_RAW, IDENTITY_REPARTITION};
 use chorus_processors::Topology;
-use chorus_schemas::Event;
+use chorus_schemas::{ConsentChange, Event};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -143,28 +143,36 @@ async fn accept_events(state: &ApiState, body: &[u8]) -> Result<usize, ApiError>
     }
     let partitions = state.topology.partitions_of(EVENTS_RAW) as i32;
     let keys: Vec<String> = prepared.iter().map(|(event, _)| event_key(&state.topology, event)).collect();
-    let mut deliveries = Vec::new();
+    let mut records = Vec::new();
     for ((event, bytes), key) in prepared.iter().zip(&keys) {
         let targets: Vec<Option<i32>> =
             if event.event_type == "system.tick" { (0..partitions).map(Some).collect() } else { vec![None] };
-        for partition in targets {
-            let mut record = FutureRecord::to(EVENTS_RAW).key(key).payload(bytes).timestamp(now_ms());
-            if let Some(p) = partition {
-                record = record.partition(p);
-            }
-            deliveries.push(state.producer.send(record, Duration::from_secs(10)));
-        }
+        records.extend(targets.into_iter().map(|partition| (key.as_str(), bytes.as_slice(), partition)));
     }
+    produce(state, EVENTS_RAW, &records).await?;
+    Ok(prepared.len())
+}
+
+/// Write records (key, value, partition or the key's) to `topic` and wait until every
+/// one is acknowledged; `503 broker_unavailable` when one is not.
+async fn produce(state: &ApiState, topic: &str, records: &[(&str, &[u8], Option<i32>)]) -> Result<(), ApiError> {
+    let deliveries = records.iter().map(|(key, value, partition)| {
+        let mut record = FutureRecord::to(topic).key(*key).payload(*value).timestamp(now_ms());
+        if let Some(p) = partition {
+            record = record.partition(*p);
+        }
+        state.producer.send(record, Duration::from_secs(10))
+    });
     for delivery in futures::future::join_all(deliveries).await {
         delivery.map_err(|(e, _)| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "broker_unavailable",
-                format!("could not write to {EVENTS_RAW}: {e}"),
+                format!("could not write to {topic}: {e}"),
             )
         })?;
     }
-    Ok(prepared.len())
+    Ok(())
 }
 
 fn lookup_response(route: &str, kind: &str, identifier: &str, lookup: Lookup<Value>) -> Response {
@@ -286,33 +294,29 @@ async fn change_consent(state: &ApiState, identifier: &str, body: &[u8]) -> Resu
             })?,
     };
     let key = format!("{kind}:{value}");
-    let records: Vec<Vec<u8>> = changes
+    let payloads: Vec<Vec<u8>> = changes
         .iter()
         .map(|(purpose, granted)| {
-            let mut change =
-                json!({"purpose": purpose, "granted": granted, "timestamp": timestamp, "source": update.source});
-            if kind == "customer_id" {
-                change["customer_id"] = json!(value);
+            let (customer_id, identifiers) = if kind == "customer_id" {
+                (Some(value.clone()), Default::default())
             } else {
-                change["identifiers"] = json!({kind.as_str(): value});
-            }
-            change.to_string().into_bytes()
+                (None, [(kind.clone(), value.clone())].into_iter().collect())
+            };
+            let change = ConsentChange {
+                customer_id,
+                identifiers,
+                purpose: purpose.clone(),
+                granted: *granted,
+                timestamp: timestamp.clone(),
+                timestamp_ms: 0,
+                source: update.source.clone(),
+            };
+            serde_json::to_vec(&change).unwrap_or_default()
         })
         .collect();
-    let mut deliveries = Vec::new();
-    for payload in &records {
-        let record = FutureRecord::to(CONSENT).key(&key).payload(payload).timestamp(now_ms());
-        deliveries.push(state.producer.send(record, Duration::from_secs(10)));
-    }
-    for delivery in futures::future::join_all(deliveries).await {
-        delivery.map_err(|(e, _)| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "broker_unavailable",
-                format!("could not write to {CONSENT}: {e}"),
-            )
-        })?;
-    }
+    let records: Vec<(&str, &[u8], Option<i32>)> =
+        payloads.iter().map(|p| (key.as_str(), p.as_slice(), None)).collect();
+    produce(state, CONSENT, &records).await?;
     Ok(json!({"identifier": key, "changes": changes, "timestamp": timestamp}))
 }
 

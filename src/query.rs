@@ -411,14 +411,15 @@ impl Query {
         let session_categories: Vec<String> =
             context.and_then(|c| c.session.as_ref()).map(|s| s.categories.clone()).unwrap_or_default();
         let fallback: Vec<String> = profile.metrics.last_purchase_category.iter().cloned().collect();
-        let mut categories: Vec<Option<&str>> = vec![None];
+        // Each table once (a session category is often the last purchase's too), all
+        // read at the same time.
+        let mut categories: BTreeSet<Option<&str>> = BTreeSet::from([None]);
         if consent {
             categories.extend(session_categories.iter().chain(&fallback).map(|c| Some(c.as_str())));
         }
-        let mut tables: BTreeMap<Option<String>, Popularity> = BTreeMap::new();
-        for category in categories {
-            tables.insert(category.map(str::to_owned), self.popularity(category).await);
-        }
+        let reads = categories.iter().map(|category| self.popularity(*category));
+        let tables: BTreeMap<Option<String>, Popularity> =
+            categories.iter().map(|c| c.map(str::to_owned)).zip(futures::future::join_all(reads).await).collect();
         let purchased: BTreeSet<String> = profile.purchased.keys().cloned().collect();
         let in_cart: BTreeSet<String> =
             context.and_then(|c| c.cart.as_ref()).map(|c| c.items.keys().cloned().collect()).unwrap_or_default();
