@@ -27,6 +27,19 @@ pub struct Metrics {
     pub personalisation_coverage: prometheus::Gauge,
     /// API answers by endpoint and outcome (personalised or generic).
     pub personalisation_served: IntCounterVec,
+    pub orchestration: OrchestrationMetrics,
+}
+
+/// The orchestrator's series: the seed's message coordination rate and suppression
+/// counts among them.
+pub struct OrchestrationMetrics {
+    pub sends: IntCounterVec,
+    pub suppressions: IntCounterVec,
+    pub deferrals: IntCounterVec,
+    /// Final decisions by whether every coordination rule applied to them.
+    pub coordination: IntCounterVec,
+    /// Share of final decisions coordinated since start.
+    pub coordination_rate: prometheus::Gauge,
 }
 
 /// The identity stage's own series (the seed's identity resolution rate among them).
@@ -54,6 +67,13 @@ impl Metrics {
             "identifier_refusals" => id.identifier_refusals.with_label_values(&[label]).inc(),
             "component_size" => id.component_size.observe(label.parse().unwrap_or(0.0)),
             "personalisation" => self.personalisation.with_label_values(&[label]).inc(),
+            "decisions_sent" => {
+                let (channel, category) = label.split_once('/').unwrap_or((label, ""));
+                self.orchestration.sends.with_label_values(&[channel, category]).inc()
+            }
+            "suppressions" => self.orchestration.suppressions.with_label_values(&[label]).inc(),
+            "deferrals" => self.orchestration.deferrals.with_label_values(&[label]).inc(),
+            "coordination" => self.orchestration.coordination.with_label_values(&[label]).inc(),
             _ => {}
         }
     }
@@ -136,21 +156,34 @@ pub fn metrics() -> &'static Metrics {
                 prometheus::Gauge::new("personalisation_coverage", "Share of interactions that got personalised content since this process started"),
             ),
             personalisation_served: counter(&registry, "personalisation_served_total", "Profile and recommendation answers by endpoint and outcome", &["endpoint", "outcome"]),
+            orchestration: OrchestrationMetrics {
+                sends: counter(&registry, "orchestration_sends_total", "Messages sent, by channel and category", &["channel", "category"]),
+                suppressions: counter(&registry, "orchestration_suppressions_total", "Requests finally not sent, by reason code", &["reason"]),
+                deferrals: counter(&registry, "orchestration_deferrals_total", "Requests held back, by reason (quiet_hours, coordination_window)", &["reason"]),
+                coordination: counter(&registry, "orchestration_coordination_total", "Final decisions: coordinated (consent, suppressions, quiet hours, caps and the coordination window all applied) or uncoordinated (a category exempt from some)", &["outcome"]),
+                coordination_rate: register(
+                    &registry,
+                    prometheus::Gauge::new("message_coordination_rate", "Share of final decisions coordinated since this process started"),
+                ),
+            },
             registry,
         }
     })
 }
 
+/// `yes / (yes + no)` of a counter with those two label values (0 before any).
+fn share(counter: &IntCounterVec, yes: &str, no: &str) -> f64 {
+    let yes = counter.with_label_values(&[yes]).get() as f64;
+    let no = counter.with_label_values(&[no]).get() as f64;
+    yes / (yes + no).max(1.0)
+}
+
 pub fn render() -> String {
-    // Derived at scrape time, not on every resolved input.
-    let id = &metrics().identity;
-    let known = id.resolved.with_label_values(&["known"]).get() as f64;
-    let anonymous = id.resolved.with_label_values(&["anonymous"]).get() as f64;
-    id.resolution_rate.set(known / (known + anonymous).max(1.0));
+    // Derived at scrape time, not on every input.
     let m = metrics();
-    let personalised = m.personalisation.with_label_values(&["personalised"]).get() as f64;
-    let generic = m.personalisation.with_label_values(&["generic"]).get() as f64;
-    m.personalisation_coverage.set(personalised / (personalised + generic).max(1.0));
-    let families = metrics().registry.gather();
+    m.identity.resolution_rate.set(share(&m.identity.resolved, "known", "anonymous"));
+    m.personalisation_coverage.set(share(&m.personalisation, "personalised", "generic"));
+    m.orchestration.coordination_rate.set(share(&m.orchestration.coordination, "coordinated", "uncoordinated"));
+    let families = m.registry.gather();
     TextEncoder::new().encode_to_string(&families).unwrap_or_default()
 }

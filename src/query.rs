@@ -9,7 +9,7 @@ use crate::directory::{Directory, Owner};
 use crate::metrics::metrics;
 use chorus_processors::context::{self, CustomerContext};
 use chorus_processors::identity;
-use chorus_processors::orchestrator::{self, ConsentState};
+use chorus_processors::orchestrator::{self, Recipient};
 use chorus_processors::partition::partition_for;
 use chorus_processors::personalisation::{
     popularity_key, recommend, Personaliser, Popularity, RecommendationInputs, CONSENT_PURPOSE,
@@ -303,7 +303,7 @@ impl Query {
     /// change, and the history of changes.
     pub async fn consent(&self, identifier: &str) -> Lookup<Value> {
         self.for_customer(identifier, |id| async move {
-            let state: ConsentState = self
+            let state: Recipient = self
                 .customer_json(orchestrator::NAME, orchestrator::CONSENT_STORE, &id, &id)
                 .await?
                 .unwrap_or_default();

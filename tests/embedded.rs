@@ -132,6 +132,9 @@ fn bad_input_lands_in_the_dlq_and_decisions_follow_consent() {
             json!({"request_id": "r2", "timestamp": ts(T0 + 3), "customer_id": "c1", "category": "promotional", "campaign_id": "spring", "content_id": "promo", "channels": ["email"]}),
         ],
     );
+    // r2 waits for its one-minute coordination window; event time moves with a tick.
+    eventually(60, "r2 deferred", || (tail(chorus.bootstrap(), "decisions.deferred", 1_000).len() == 1).then_some(()));
+    tick(chorus.bootstrap(), &topology, T0 + 3 + 60_000);
     let sent = eventually(60, "r2 sent on email", || {
         let r = tail(chorus.bootstrap(), "decisions.email", 1_000);
         (r.len() == 1).then_some(r)

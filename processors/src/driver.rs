@@ -87,6 +87,15 @@ impl TestDriver {
         &self.topology
     }
 
+    /// Restart every task as a process restart with its local state intact would: new
+    /// processor instances (nothing kept in memory), stream time forgotten, stores and
+    /// their timers kept.
+    pub fn restart(&mut self) {
+        for ((i, p), task) in self.tasks.iter_mut() {
+            task.task = Task::new(&self.specs[*i], &self.topology, *p);
+        }
+    }
+
     /// Set the wall clock (used under `clock: wall`).
     pub fn set_wall_clock(&mut self, ms: i64) {
         self.wall_now = ms;

@@ -4,6 +4,9 @@
 //! live here and only here; the shipped `topology.yaml` spells them out.
 
 pub use crate::identity::config::IdentityConfig;
+pub use crate::orchestrator::config::{
+    CapLimits, CategoryConfig, FrequencyCaps, OrchestrationConfig, QuietHours, Suppression, DEFAULT_CHANNELS,
+};
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -164,71 +167,6 @@ pub struct ConsentConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct OrchestrationConfig {
-    pub channels: Vec<String>,
-    pub categories: BTreeMap<String, CategoryConfig>,
-    /// Consent purpose needed to send marketing on each channel.
-    pub channel_purposes: BTreeMap<String, String>,
-    /// Reasons not to message a customer for a while, from what they did.
-    pub suppressions: Vec<Suppression>,
-}
-
-/// A suppression: requests of `categories` are refused with `reason` for `for` after an
-/// `after` event, or from a `from` event until an `until` event (an open support case).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Suppression {
-    pub reason: String,
-    #[serde(default)]
-    pub after: Option<String>,
-    #[serde(default, rename = "for")]
-    pub duration: Option<Duration>,
-    #[serde(default)]
-    pub from: Option<String>,
-    #[serde(default)]
-    pub until: Option<String>,
-    /// Categories it applies to.
-    #[serde(default = "marketing_categories")]
-    pub categories: Vec<String>,
-}
-
-fn marketing_categories() -> Vec<String> {
-    vec!["retention".into(), "promotional".into()]
-}
-
-impl Suppression {
-    fn window(reason: &str, after: &str, duration: Duration) -> Suppression {
-        Suppression {
-            reason: reason.into(),
-            after: Some(after.into()),
-            duration: Some(duration),
-            from: None,
-            until: None,
-            categories: marketing_categories(),
-        }
-    }
-
-    /// The event types this suppression watches.
-    pub fn event_types(&self) -> impl Iterator<Item = &String> {
-        self.after.iter().chain(&self.from).chain(&self.until)
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CategoryConfig {
-    pub priority: u32,
-    /// Whether sending needs the channel's marketing consent.
-    #[serde(default = "yes")]
-    pub needs_marketing_consent: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
 pub struct StateConfig {
     /// Block cache shared by every RocksDB store of the process.
     pub block_cache_mb: usize,
@@ -262,8 +200,6 @@ pub const DEFAULT_EVENT_TYPES: &[&str] = &[
     "offer.dismissed",
     "system.tick",
 ];
-
-pub const DEFAULT_CHANNELS: &[&str] = &["email", "push", "sms", "chat", "web", "in_app"];
 
 impl Default for Topology {
     fn default() -> Self {
@@ -330,45 +266,6 @@ impl Default for ConsentConfig {
                 .to_vec();
         let defaults = purposes.iter().map(|p| (p.clone(), p == "analytics" || p == "personalisation")).collect();
         ConsentConfig { purposes, defaults }
-    }
-}
-
-impl Default for OrchestrationConfig {
-    fn default() -> Self {
-        let categories =
-            [("transactional", 1, false), ("service", 2, false), ("retention", 3, true), ("promotional", 4, true)]
-                .into_iter()
-                .map(|(n, p, m)| (n.to_owned(), CategoryConfig { priority: p, needs_marketing_consent: m }))
-                .collect();
-        let channel_purposes = [
-            ("email", "marketing_email"),
-            ("sms", "marketing_sms"),
-            ("push", "marketing_push"),
-            ("in_app", "personalisation"),
-            ("web", "personalisation"),
-            ("chat", "personalisation"),
-        ]
-        .into_iter()
-        .map(|(c, p)| (c.to_owned(), p.to_owned()))
-        .collect();
-        let suppressions = vec![
-            Suppression::window("recent_purchase", "order.completed", Duration::hours(24)),
-            Suppression::window("recent_complaint", "complaint.filed", Duration::hours(48)),
-            Suppression {
-                reason: "active_support_case".into(),
-                after: None,
-                duration: None,
-                from: Some("support.case_opened".into()),
-                until: Some("support.case_closed".into()),
-                categories: marketing_categories(),
-            },
-        ];
-        OrchestrationConfig {
-            channels: DEFAULT_CHANNELS.iter().map(|s| s.to_string()).collect(),
-            categories,
-            channel_purposes,
-            suppressions,
-        }
     }
 }
 
@@ -487,48 +384,7 @@ impl Topology {
                 errors.push(err(format!("consent.defaults.{purpose}"), "is not a declared purpose (consent.purposes)"));
             }
         }
-        if self.orchestration.channels.is_empty() {
-            errors.push(err("orchestration.channels", "must name at least one channel"));
-        }
-        for (i, c) in self.orchestration.channels.iter().enumerate() {
-            if !is_identifier_type(c) {
-                errors.push(err(format!("orchestration.channels[{i}]"), format!("{c:?} is not a valid channel name")));
-            }
-        }
-        for (channel, purpose) in &self.orchestration.channel_purposes {
-            if !self.orchestration.channels.contains(channel) {
-                errors.push(err(format!("orchestration.channel_purposes.{channel}"), "is not a declared channel"));
-            }
-            if !self.consent.purposes.contains(purpose) {
-                errors.push(err(
-                    format!("orchestration.channel_purposes.{channel}"),
-                    format!("purpose {purpose:?} is not declared in consent.purposes"),
-                ));
-            }
-        }
-        for (i, s) in self.orchestration.suppressions.iter().enumerate() {
-            let path = format!("orchestration.suppressions[{i}]");
-            let shape = match (&s.after, s.duration, &s.from, &s.until) {
-                (Some(_), Some(d), None, None) => d.ms() > 0,
-                (None, None, Some(_), Some(_)) => true,
-                _ => false,
-            };
-            if !shape {
-                errors.push(err(&path, "needs `after` with a positive `for`, or `from` with `until`"));
-            }
-            if !is_identifier_type(&s.reason) {
-                errors.push(err(format!("{path}.reason"), format!("{:?} is not a valid reason code", s.reason)));
-            }
-            for t in s.event_types().filter(|t| !self.event_types.contains(t)) {
-                errors.push(err(&path, format!("event type {t:?} is not in event_types")));
-            }
-            for c in s.categories.iter().filter(|c| !self.orchestration.categories.contains_key(*c)) {
-                errors.push(err(format!("{path}.categories"), format!("{c:?} is not a declared category")));
-            }
-        }
-        if self.orchestration.categories.is_empty() {
-            errors.push(err("orchestration.categories", "must declare at least one category"));
-        }
+        self.orchestration.validate(&self.event_types, &self.consent.purposes, &mut errors);
         for (i, seg) in self.segments.iter().enumerate() {
             if !is_identifier_type(&seg.name) {
                 errors.push(err(
@@ -614,7 +470,7 @@ impl Topology {
     }
 }
 
-pub(crate) fn is_identifier_type(t: &str) -> bool {
+pub fn is_identifier_type(t: &str) -> bool {
     !t.is_empty() && t.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
@@ -643,7 +499,16 @@ mod tests {
         assert_eq!(shipped.identity.probabilistic.blocking, defaults.identity.probabilistic.blocking);
         assert_eq!(shipped.segments, defaults.segments);
         assert_eq!(shipped.profile, defaults.profile);
-        assert_eq!(shipped.orchestration.suppressions, defaults.orchestration.suppressions);
+        let (shipped_o, default_o) = (&shipped.orchestration, &defaults.orchestration);
+        assert_eq!(shipped_o.suppressions, default_o.suppressions);
+        assert_eq!(shipped_o.categories, default_o.categories);
+        assert_eq!(shipped_o.reachability, default_o.reachability);
+        assert_eq!(shipped_o.quiet_hours, default_o.quiet_hours);
+        assert_eq!(shipped_o.frequency_caps, default_o.frequency_caps);
+        assert_eq!(
+            (shipped_o.coordination_window, shipped_o.campaign_window, shipped_o.max_pending),
+            (default_o.coordination_window, default_o.campaign_window, default_o.max_pending)
+        );
         assert_eq!(shipped.personalisation, defaults.personalisation);
     }
 

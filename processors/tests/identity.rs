@@ -364,6 +364,27 @@ fn a_shared_device_never_merges_two_logged_in_customers() {
     assert!(resolved.iter().any(|r| r["customer_id"] == "kid" && r["canonical_id"] == kid.canonical_id.as_str()));
 }
 
+/// A family member's first login carries a phone number another member already holds:
+/// the event is theirs (a new customer), not the other member's, and nothing merges.
+#[test]
+fn a_first_login_on_a_shared_phone_number_is_its_own_customer() {
+    let mut d = TestDriver::new(topology(2, true), 3);
+    identify(&mut d, "e1", T0, json!({"customer_id": "mum", "identifiers": {"phone": "+61730000000"}}), json!({}));
+    d.run().unwrap();
+    identify(&mut d, "e2", T0 + 1, json!({"customer_id": "kid", "identifiers": {"phone": "+61730000000"}}), json!({}));
+    d.run().unwrap();
+    let mum = identity_of(&mut d, "customer_id:mum");
+    let kid = identity_of(&mut d, "customer_id:kid");
+    assert_ne!(mum.canonical_id, kid.canonical_id);
+    assert!(d.read("identity.merges").is_empty());
+    let resolved: Vec<Value> = d.read("events.resolved").iter().filter_map(|r| r.json()).collect();
+    let e2 = resolved.iter().find(|r| r["body"]["event_id"] == "e2").unwrap();
+    assert_eq!(
+        (e2["customer_id"].as_str(), e2["canonical_id"].as_str()),
+        (Some("kid"), Some(kid.canonical_id.as_str()))
+    );
+}
+
 #[test]
 fn unique_ids_and_type_limits_refuse_merges_and_count_them() {
     let mut t = topology(3, true);

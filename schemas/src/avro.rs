@@ -47,6 +47,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("context", include_str!("../avro/context.avsc")),
     ("decision", include_str!("../avro/decision.avsc")),
     ("suppressed", include_str!("../avro/suppressed.avsc")),
+    ("deferred", include_str!("../avro/deferred.avsc")),
     ("message_request", include_str!("../avro/message_request.avsc")),
     ("consent", include_str!("../avro/consent.avsc")),
 ];
@@ -87,6 +88,7 @@ pub fn schema_for_topic(topic: &str) -> Option<&'static str> {
         "segments" => "segment",
         "context" => "context",
         "decisions.suppressed" => "suppressed",
+        "decisions.deferred" => "deferred",
         "messages.requests" => "message_request",
         "consent" => "consent",
         t if t.starts_with("decisions.") => "decision",

@@ -27,6 +27,9 @@ pub struct MessageRequest {
     pub channels: Vec<String>,
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub variables: Value,
+    /// Set on the requests a journey makes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journey_id: Option<String>,
 }
 
 impl MessageRequest {
@@ -60,6 +63,7 @@ impl MessageRequest {
             content_id: optional_string(obj, "content_id", "content_id")?,
             channels,
             variables: obj.get("variables").cloned().unwrap_or(Value::Null),
+            journey_id: optional_string(obj, "journey_id", "journey_id")?,
         };
         if request.customer_id.is_none() && request.identifiers.is_empty() {
             return Err(ValidationError::new("customer_id", "a request needs `customer_id` or `identifiers`"));

@@ -140,7 +140,19 @@ impl Drop for Chorus {
 
 /// `chorus produce TOPIC` with these JSON lines.
 pub fn produce(bootstrap: &str, topic: &str, lines: &[Value]) {
-    let topology = topology_path();
+    produce_with(bootstrap, &topology_path(), topic, lines)
+}
+
+/// Move event time to `at` on every partition: a `system.tick` through `chorus produce`,
+/// which sends it to each partition of `events.raw` as `topology` counts them.
+pub fn tick(bootstrap: &str, topology: &Path, at: i64) {
+    let tick = json!({"event_id": format!("tick-{at}"), "event_type": "system.tick",
+                                  "timestamp": ts(at), "customer_id": "system"});
+    produce_with(bootstrap, topology, "events.raw", &[tick]);
+}
+
+/// `chorus produce TOPIC --topology TOPOLOGY` with these JSON lines.
+pub fn produce_with(bootstrap: &str, topology: &Path, topic: &str, lines: &[Value]) {
     let mut child = Command::new(bin())
         .args(["produce", topic, "--brokers", bootstrap, "--topology", topology.to_str().unwrap()])
         .stdin(Stdio::piped())

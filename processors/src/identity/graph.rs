@@ -442,7 +442,14 @@ impl Graph<'_> {
         // A shared identifier (a family's device) is no anchor when the input carries
         // an identifier that may merge: the input belongs to that one's customer.
         let founder = r.identifiers.iter().position(|id| self.merges(id));
-        let anchor_ok = st.canonical.is_some() && (r.create || founder.is_none() || self.merges(&here));
+        // Nor is a customer with another business id: the input's own customer_id is
+        // not known yet (a family member's first login on a shared phone number).
+        let other_customer = st
+            .customer_id
+            .as_ref()
+            .is_some_and(|known| r.identifiers.iter().any(|id| id.kind == "customer_id" && id.value != *known));
+        let anchor_ok =
+            st.canonical.is_some() && !other_customer && (r.create || founder.is_none() || self.merges(&here));
         if !anchor_ok {
             // On to the next identifier or, when nobody is known, back to the owner of the
             // most specific identifier that may merge, which creates the customer.

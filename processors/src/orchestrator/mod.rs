@@ -1,0 +1,219 @@
+//! Orchestrator: decides, for every message request, whether, when and on which channel
+//! a customer is messaged (the rules are in [`decide`]). Each request is decided once
+//! (request ids are remembered for the dedupe window). A send becomes a record on
+//! `decisions.<channel>` with a deterministic decision id (the channel service's
+//! idempotency key), a refusal a record on `decisions.suppressed` with its reason code,
+//! a request held back for quiet hours or the coordination window a record on
+//! `decisions.deferred`; held requests wait in the customer's record and a durable timer
+//! decides them again when their wait ends, after a restart or a rebalance too.
+//!
+//! Store `consent`: canonical id → the customer's [`Recipient`] record (consent and its
+//! history, activity, reach, sends, waiting requests). Store `requests`: request ids
+//! seen within the dedupe window.
+
+pub mod config;
+pub mod decide;
+pub mod quiet_hours;
+pub mod recipient;
+
+pub use decide::{Outcome, Verdict};
+pub use recipient::{Hold, Pending, PurposeState, Recipient};
+
+use crate::processor::{Ctx, ProcessError, Processor, Record};
+use crate::resolved::{absorbed, decode, incoming, on_merge, Kind, RESOLVED_TOPIC};
+use crate::task::ProcessorSpec;
+use crate::topology::Topology;
+use chorus_schemas::{ConsentChange, MessageRequest};
+use recipient::rfc3339;
+use serde_json::Value;
+use std::sync::Arc;
+
+pub const NAME: &str = "orchestrator";
+pub const CONSENT_STORE: &str = "consent";
+pub const REQUESTS_STORE: &str = "requests";
+pub const SUPPRESSED_TOPIC: &str = "decisions.suppressed";
+pub const DEFERRED_TOPIC: &str = "decisions.deferred";
+
+pub fn spec(topology: &Topology) -> ProcessorSpec {
+    let topology = Arc::new(topology.clone());
+    let mut outputs: Vec<String> = topology.orchestration.channels.iter().map(|c| format!("decisions.{c}")).collect();
+    outputs.extend([SUPPRESSED_TOPIC.into(), DEFERRED_TOPIC.into(), RESOLVED_TOPIC.into()]);
+    ProcessorSpec {
+        name: NAME,
+        inputs: vec![RESOLVED_TOPIC.into()],
+        stores: vec![CONSENT_STORE, REQUESTS_STORE],
+        outputs,
+        factory: Box::new(move || Box::new(Orchestrator { topology: topology.clone() })),
+    }
+}
+
+pub struct Orchestrator {
+    topology: Arc<Topology>,
+}
+
+impl Processor for Orchestrator {
+    fn process(&mut self, ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
+        let Some(resolved) = incoming(ctx, record, NAME, CONSENT_STORE)? else { return Ok(()) };
+        let id = resolved.canonical_id.clone();
+        let config = &self.topology.orchestration;
+        match resolved.kind {
+            Kind::Consent => {
+                let change: ConsentChange = decode(resolved.body)?;
+                let mut recipient = self.load(ctx, &id)?;
+                if recipient.apply(&change.purpose, change.granted, resolved.at, change.source.clone()) {
+                    ctx.put_json(CONSENT_STORE, &id, &recipient)?;
+                }
+                Ok(())
+            }
+            Kind::Request => {
+                let request: MessageRequest = decode(resolved.body.clone())?;
+                if ctx.get_bytes(REQUESTS_STORE, request.request_id.as_bytes())?.is_some() {
+                    ctx.count("duplicates", "messages.requests");
+                    return Ok(());
+                }
+                let expires = ctx.now.saturating_add(self.topology.dedupe.window.ms());
+                ctx.put_bytes(REQUESTS_STORE, request.request_id.as_bytes(), &[], Some(expires))?;
+                let mut recipient = self.load(ctx, &id)?;
+                // A request naming the customer by email or phone says where to reach them.
+                recipient.reach.learn(&resolved.body, resolved.at, config);
+                let arrival = Pending {
+                    request,
+                    customer_id: resolved.customer_id.clone(),
+                    arrived: ctx.now,
+                    due: ctx.now,
+                    hold: None,
+                };
+                self.decide(ctx, &id, recipient, vec![arrival])
+            }
+            Kind::Merge => on_merge(ctx, NAME, CONSENT_STORE, resolved.body, None),
+            Kind::Absorb => {
+                let Some(other) = absorbed::<Recipient>(resolved.body, NAME)? else { return Ok(()) };
+                let mut recipient = self.load(ctx, &id)?;
+                recipient.absorb(other);
+                ctx.put_json(CONSENT_STORE, &id, &recipient)?;
+                // The absorbed customer's waiting requests wait here now.
+                if let Some(due) = recipient.next_due() {
+                    ctx.schedule(due, id.as_bytes(), &[])?;
+                }
+                Ok(())
+            }
+            Kind::Event => {
+                let event_type = resolved.body.get("event_type").and_then(Value::as_str).unwrap_or_default();
+                let watched = config.suppressions.iter().any(|s| s.event_types().any(|t| t == event_type));
+                let mut recipient = self.load(ctx, &id)?;
+                let learned = recipient.reach.learn(&resolved.body, resolved.at, config);
+                if watched {
+                    recipient.activity.record(event_type, resolved.at);
+                }
+                if watched || learned {
+                    ctx.put_json(CONSENT_STORE, &id, &recipient)?;
+                }
+                Ok(())
+            }
+            Kind::Tick | Kind::Recommendations => Ok(()),
+        }
+    }
+
+    /// A customer's waiting requests are due: decide them together.
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>, key: &[u8], _payload: &[u8]) -> Result<(), ProcessError> {
+        let id = String::from_utf8_lossy(key).into_owned();
+        // Gone when the customer merged away; their waiting requests moved with them.
+        let Some(mut recipient) = ctx.get_json::<Recipient>(CONSENT_STORE, &id)? else { return Ok(()) };
+        let due = recipient.take_due(ctx.now);
+        if due.is_empty() {
+            return Ok(());
+        }
+        self.decide(ctx, &id, recipient, due)
+    }
+}
+
+impl Orchestrator {
+    fn load(&self, ctx: &mut Ctx<'_>, id: &str) -> Result<Recipient, ProcessError> {
+        Ok(ctx.get_json::<Recipient>(CONSENT_STORE, id)?.unwrap_or_default())
+    }
+
+    /// Decide `items`, store the customer's record, emit every outcome and arm the timer
+    /// of what still waits.
+    fn decide(
+        &self,
+        ctx: &mut Ctx<'_>,
+        id: &str,
+        mut recipient: Recipient,
+        items: Vec<Pending>,
+    ) -> Result<(), ProcessError> {
+        let outcomes = decide::decide(&mut recipient, items, ctx.now, &self.topology);
+        ctx.put_json(CONSENT_STORE, id, &recipient)?;
+        if let Some(due) = recipient.next_due() {
+            ctx.schedule(due, id.as_bytes(), &[])?;
+        }
+        for outcome in outcomes {
+            self.emit(ctx, id, outcome)?;
+        }
+        Ok(())
+    }
+
+    fn emit(&self, ctx: &mut Ctx<'_>, id: &str, outcome: Outcome) -> Result<(), ProcessError> {
+        let Outcome { request, customer_id, verdict, coordinated } = outcome;
+        let now = rfc3339(ctx.now);
+        if !matches!(verdict, Verdict::Hold { .. }) {
+            ctx.count("coordination", if coordinated { "coordinated" } else { "uncoordinated" });
+        }
+        match verdict {
+            Verdict::Send { channel, to, reasons } => {
+                let decision_id = uuid::Uuid::new_v5(
+                    &uuid::Uuid::NAMESPACE_OID,
+                    format!("decision:{}:{channel}", request.request_id).as_bytes(),
+                );
+                let record = serde_json::json!({
+                    "decision_id": decision_id.to_string(),
+                    "request_id": request.request_id,
+                    "canonical_id": id,
+                    "customer_id": customer_id,
+                    "campaign_id": request.campaign_id,
+                    "journey_id": request.journey_id,
+                    "category": request.category,
+                    "channel": channel,
+                    "to": to,
+                    "send_at": now,
+                    "content": {"content_id": request.content_id, "variables": request.variables},
+                    "reasons": reasons,
+                });
+                ctx.count("decisions_sent", format!("{channel}/{}", request.category));
+                ctx.emit_json(&format!("decisions.{channel}"), id, &record)
+            }
+            Verdict::Hold { hold, until, detail } => {
+                let record = serde_json::json!({
+                    "request_id": request.request_id,
+                    "canonical_id": id,
+                    "customer_id": customer_id,
+                    "campaign_id": request.campaign_id,
+                    "journey_id": request.journey_id,
+                    "category": request.category,
+                    "channels": request.channels,
+                    "reason": hold.reason(),
+                    "detail": detail,
+                    "deferred_until": rfc3339(until),
+                    "timestamp": now,
+                });
+                ctx.count("deferrals", hold.reason());
+                ctx.emit_json(DEFERRED_TOPIC, id, &record)
+            }
+            Verdict::Refuse { reason, detail, channel } => {
+                let record = serde_json::json!({
+                    "request_id": request.request_id,
+                    "canonical_id": id,
+                    "customer_id": customer_id,
+                    "campaign_id": request.campaign_id,
+                    "journey_id": request.journey_id,
+                    "category": request.category,
+                    "channel": channel,
+                    "reason": reason,
+                    "detail": detail,
+                    "timestamp": now,
+                });
+                ctx.count("suppressions", reason.clone());
+                ctx.emit_json(SUPPRESSED_TOPIC, id, &record)
+            }
+        }
+    }
+}
