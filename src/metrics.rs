@@ -28,6 +28,17 @@ pub struct Metrics {
     /// API answers by endpoint and outcome (personalised or generic).
     pub personalisation_served: IntCounterVec,
     pub orchestration: OrchestrationMetrics,
+    pub journeys: JourneyMetrics,
+}
+
+/// Journey progress: entries, steps, exits and conversions per step, and the seed's
+/// cross-channel conversion.
+pub struct JourneyMetrics {
+    pub events: IntCounterVec,
+    /// Conversions by whether the customer used more than one channel in the journey.
+    pub conversions: IntCounterVec,
+    /// Share of conversions that spanned several channels since start.
+    pub cross_channel_rate: prometheus::Gauge,
 }
 
 /// The orchestrator's series: the seed's message coordination rate and suppression
@@ -74,6 +85,16 @@ impl Metrics {
             "suppressions" => self.orchestration.suppressions.with_label_values(&[label]).inc(),
             "deferrals" => self.orchestration.deferrals.with_label_values(&[label]).inc(),
             "coordination" => self.orchestration.coordination.with_label_values(&[label]).inc(),
+            "journey_events" => {
+                let mut parts = label.splitn(3, '/');
+                let (journey, event, step) = (parts.next(), parts.next(), parts.next());
+                let values = [journey.unwrap_or(""), event.unwrap_or(""), step.unwrap_or("")];
+                self.journeys.events.with_label_values(&values).inc()
+            }
+            "journey_conversions" => {
+                let (journey, reach) = label.split_once('/').unwrap_or((label, ""));
+                self.journeys.conversions.with_label_values(&[journey, reach]).inc()
+            }
             _ => {}
         }
     }
@@ -166,6 +187,14 @@ pub fn metrics() -> &'static Metrics {
                     prometheus::Gauge::new("message_coordination_rate", "Share of final decisions coordinated since this process started"),
                 ),
             },
+            journeys: JourneyMetrics {
+                events: counter(&registry, "journey_events_total", "Journey progress: entered, step, exited and converted, by journey and step", &["journey", "event", "step"]),
+                conversions: counter(&registry, "journey_conversions_total", "Journey conversions, by whether the customer used several channels in the journey (cross_channel) or one", &["journey", "reach"]),
+                cross_channel_rate: register(
+                    &registry,
+                    prometheus::Gauge::new("cross_channel_conversion_rate", "Share of journey conversions that spanned several channels since this process started"),
+                ),
+            },
             registry,
         }
     })
@@ -184,6 +213,15 @@ pub fn render() -> String {
     m.identity.resolution_rate.set(share(&m.identity.resolved, "known", "anonymous"));
     m.personalisation_coverage.set(share(&m.personalisation, "personalised", "generic"));
     m.orchestration.coordination_rate.set(share(&m.orchestration.coordination, "coordinated", "uncoordinated"));
+    use prometheus::core::Collector;
+    let conversions = &m.journeys.conversions;
+    let cross =
+        conversions.collect().iter().flat_map(|f| f.get_metric().to_vec()).fold((0.0, 0.0), |(x, all), metric| {
+            let value = metric.get_counter().get_value();
+            let is_cross = metric.get_label().iter().any(|l| l.name() == "reach" && l.value() == "cross_channel");
+            (x + if is_cross { value } else { 0.0 }, all + value)
+        });
+    m.journeys.cross_channel_rate.set(cross.0 / cross.1.max(1.0));
     let families = m.registry.gather();
     TextEncoder::new().encode_to_string(&families).unwrap_or_default()
 }

@@ -7,6 +7,7 @@
 pub mod context;
 pub mod driver;
 pub mod identity;
+pub mod journeys;
 pub mod orchestrator;
 pub mod partition;
 pub mod personalisation;
@@ -27,5 +28,11 @@ pub use topology::{ConfigError, Topology};
 
 /// The processors of the pipeline, in pipeline order.
 pub fn processor_specs(topology: &Topology) -> Vec<ProcessorSpec> {
-    vec![identity::spec(topology), profile::spec(topology), context::spec(topology), orchestrator::spec(topology)]
+    vec![
+        identity::spec(topology),
+        profile::spec(topology),
+        context::spec(topology),
+        orchestrator::spec(topology),
+        journeys::spec(topology),
+    ]
 }

@@ -113,6 +113,8 @@ pub struct Topology {
     pub profile: crate::profile::config::ProfileConfig,
     /// Rules, next best action, content variants, recommendations.
     pub personalisation: crate::personalisation::PersonalisationConfig,
+    /// Multi-step journeys (the seed's cart abandonment by default).
+    pub journeys: Vec<crate::journeys::config::JourneyConfig>,
     pub state: StateConfig,
 }
 
@@ -215,6 +217,7 @@ impl Default for Topology {
             context: ContextConfig::default(),
             consent: ConsentConfig::default(),
             orchestration: OrchestrationConfig::default(),
+            journeys: crate::journeys::config::default_journeys(),
             segments: crate::segments::default_rules(),
             profile: Default::default(),
             personalisation: Default::default(),
@@ -282,6 +285,9 @@ pub const CONSENT: &str = "consent";
 pub const EVENTS_RESOLVED: &str = "events.resolved";
 /// Precomputed recommendations per canonical id (compacted input of the profile stage).
 pub const RECOMMENDATIONS: &str = "recommendations";
+/// Context snapshots per canonical id (compacted output of the context stage, read by
+/// the journeys stage).
+pub const CONTEXT: &str = "context";
 /// The identity stage's internal topic: link, join and merge messages between the
 /// owners of identifiers and of customers. Always as many partitions as `events.raw`.
 pub const IDENTITY_REPARTITION: &str = "chorus-identity-repartition";
@@ -346,13 +352,13 @@ impl Topology {
             }
         }
         let resolved = self.partitions_of(EVENTS_RESOLVED);
-        if self.partitions_of(RECOMMENDATIONS) != resolved {
-            errors.push(err(
-                format!("topics.partitions.{RECOMMENDATIONS}"),
-                format!(
-                    "must equal events.resolved's partition count ({resolved}): the profile stage reads them co-partitioned"
-                ),
-            ));
+        for (co, stage) in [(RECOMMENDATIONS, "profile"), (CONTEXT, "journeys")] {
+            if self.partitions_of(co) != resolved {
+                errors.push(err(
+                    format!("topics.partitions.{co}"),
+                    format!("must equal events.resolved's partition count ({resolved}): the {stage} stage reads them co-partitioned"),
+                ));
+            }
         }
         if self.limits.max_record_bytes < 1024 {
             errors.push(err("limits.max_record_bytes", "must be at least 1024"));
@@ -402,6 +408,7 @@ impl Topology {
         self.profile.validate(&self.event_types, &mut errors);
         let segment_names: Vec<String> = self.segments.iter().map(|s| s.name.clone()).collect();
         self.personalisation.validate(&segment_names, &mut errors);
+        crate::journeys::config::validate(&self.journeys, self, &mut errors);
         if self.state.block_cache_mb == 0 || self.state.write_buffer_mb == 0 {
             errors.push(err("state", "block_cache_mb and write_buffer_mb must be positive"));
         }
@@ -510,6 +517,7 @@ mod tests {
             (default_o.coordination_window, default_o.campaign_window, default_o.max_pending)
         );
         assert_eq!(shipped.personalisation, defaults.personalisation);
+        assert_eq!(shipped.journeys, defaults.journeys);
     }
 
     #[test]

@@ -426,6 +426,7 @@ fn a_waiting_request_follows_an_identity_merge() {
     let grant = json!({"identifiers": {"anonymous_id": "anon-1"}, "purpose": "marketing_email", "granted": true,
                        "timestamp": ts(night - HOUR)});
     d.pipe_json("consent", "anon-1", &grant, 0);
+    d.run().unwrap();
     let r = json!({"request_id": "promo", "timestamp": ts(night), "identifiers": {"anonymous_id": "anon-1"},
                    "campaign_id": "a", "category": "promotional", "channels": ["email"]});
     d.pipe_json("messages.requests", "anon-1", &r, 0);

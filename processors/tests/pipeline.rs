@@ -287,6 +287,7 @@ fn every_output_round_trips_through_its_avro_schema() {
         "decisions.email",
         "decisions.suppressed",
         "decisions.deferred",
+        "journeys.events",
         "segments",
     ];
     for topic in topics {

@@ -48,6 +48,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("decision", include_str!("../avro/decision.avsc")),
     ("suppressed", include_str!("../avro/suppressed.avsc")),
     ("deferred", include_str!("../avro/deferred.avsc")),
+    ("journey_event", include_str!("../avro/journey_event.avsc")),
     ("message_request", include_str!("../avro/message_request.avsc")),
     ("consent", include_str!("../avro/consent.avsc")),
 ];
@@ -89,6 +90,7 @@ pub fn schema_for_topic(topic: &str) -> Option<&'static str> {
         "context" => "context",
         "decisions.suppressed" => "suppressed",
         "decisions.deferred" => "deferred",
+        "journeys.events" => "journey_event",
         "messages.requests" => "message_request",
         "consent" => "consent",
         t if t.starts_with("decisions.") => "decision",
