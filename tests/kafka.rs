@@ -213,3 +213,51 @@ fn two_members_split_partitions_and_hand_over_state() {
     assert_eq!((merges.len(), froms.len()), (30, 30), "one merge per customer, none repeated");
     one.stop();
 }
+
+/// The cart-abandonment journey's one-hour wait is pending when the process dies
+/// (kill -9): the restarted member restores the timer from the changelog and the
+/// reminder goes out once, decided once, on real Kafka.
+#[test]
+fn a_pending_journey_timer_survives_kill_9_on_real_kafka() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kafka, topology) = setup(dir.path());
+    let data = dir.path().join("data");
+    let shopper = json!({"event_id": "id-1", "event_type": "identify", "timestamp": ts(T0 - 60_000), "customer_id": "c1",
+                         "traits": {"email": "c1@example.com"}});
+    let cart = json!({"event_id": "cart-1", "event_type": "cart.item_added", "timestamp": ts(T0), "customer_id": "c1",
+                      "channel": "mobile_app", "payload": {"product_id": "tent", "price": 300.0, "quantity": 1}});
+    produce(&kafka.bootstrap, "events.raw", &[shopper]);
+    let grant =
+        json!({"customer_id": "c1", "purpose": "marketing_email", "granted": true, "timestamp": ts(T0 - 60_000)});
+    produce(&kafka.bootstrap, "consent", &[grant]);
+    produce(&kafka.bootstrap, "events.raw", &[cart]);
+    let first = run_member(&kafka.bootstrap, &topology, &data, "a");
+    eventually(90, "journey entered and waiting", || {
+        let events = tail(&kafka.bootstrap, "journeys.events", 1_000);
+        events.iter().any(|e| e["value"]["event"] == "step" && e["value"]["step"] == "wait_1h").then_some(())
+    });
+    first.kill9();
+    let second = run_member(&kafka.bootstrap, &topology, &data, "a");
+    tick(&kafka.bootstrap, &topology, T0 + 3_600_000);
+    eventually(90, "reminder requested", || {
+        let d = tail(&kafka.bootstrap, "decisions.deferred", 1_000);
+        (!d.is_empty()).then_some(())
+    });
+    tick(&kafka.bootstrap, &topology, T0 + 3_600_000 + 60_000);
+    let sent = eventually(90, "reminder sent", || {
+        let r = tail(&kafka.bootstrap, "decisions.email", 1_000);
+        (!r.is_empty()).then_some(r)
+    });
+    // Let anything duplicated show up before counting.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let sent_again = tail(&kafka.bootstrap, "decisions.email", 1_000);
+    assert_eq!((sent.len(), sent_again.len()), (1, 1), "one reminder: {sent_again:?}");
+    assert_eq!(sent_again[0]["value"]["journey_id"], "cart_abandonment");
+    assert_eq!(sent_again[0]["value"]["to"], "c1@example.com");
+    let steps: Vec<Value> = tail(&kafka.bootstrap, "journeys.events", 1_000)
+        .into_iter()
+        .filter(|e| e["value"]["step"] == "email_reminder")
+        .collect();
+    assert_eq!(steps.len(), 1, "the reminder step ran once: {steps:?}");
+    second.stop();
+}
