@@ -158,62 +158,53 @@ impl Orchestrator {
         if !matches!(verdict, Verdict::Hold { .. }) {
             ctx.count("coordination", if coordinated { "coordinated" } else { "uncoordinated" });
         }
-        match verdict {
+        // What every decision record says of its request.
+        let mut record = serde_json::json!({
+            "request_id": request.request_id,
+            "canonical_id": id,
+            "customer_id": customer_id,
+            "campaign_id": request.campaign_id,
+            "journey_id": request.journey_id,
+            "category": request.category,
+        });
+        let (topic, fields) = match verdict {
             Verdict::Send { channel, to, reasons } => {
                 let decision_id = uuid::Uuid::new_v5(
                     &uuid::Uuid::NAMESPACE_OID,
                     format!("decision:{}:{channel}", request.request_id).as_bytes(),
                 );
-                let record = serde_json::json!({
+                ctx.count("decisions_sent", format!("{channel}/{}", request.category));
+                let fields = serde_json::json!({
                     "decision_id": decision_id.to_string(),
-                    "request_id": request.request_id,
-                    "canonical_id": id,
-                    "customer_id": customer_id,
-                    "campaign_id": request.campaign_id,
-                    "journey_id": request.journey_id,
-                    "category": request.category,
                     "channel": channel,
                     "to": to,
                     "send_at": now,
                     "content": {"content_id": request.content_id, "variables": request.variables},
                     "reasons": reasons,
                 });
-                ctx.count("decisions_sent", format!("{channel}/{}", request.category));
-                ctx.emit_json(&format!("decisions.{channel}"), id, &record)
+                (format!("decisions.{channel}"), fields)
             }
             Verdict::Hold { hold, until, detail } => {
-                let record = serde_json::json!({
-                    "request_id": request.request_id,
-                    "canonical_id": id,
-                    "customer_id": customer_id,
-                    "campaign_id": request.campaign_id,
-                    "journey_id": request.journey_id,
-                    "category": request.category,
+                ctx.count("deferrals", hold.reason());
+                let fields = serde_json::json!({
                     "channels": request.channels,
                     "reason": hold.reason(),
                     "detail": detail,
                     "deferred_until": rfc3339(until),
                     "timestamp": now,
                 });
-                ctx.count("deferrals", hold.reason());
-                ctx.emit_json(DEFERRED_TOPIC, id, &record)
+                (DEFERRED_TOPIC.to_owned(), fields)
             }
             Verdict::Refuse { reason, detail, channel } => {
-                let record = serde_json::json!({
-                    "request_id": request.request_id,
-                    "canonical_id": id,
-                    "customer_id": customer_id,
-                    "campaign_id": request.campaign_id,
-                    "journey_id": request.journey_id,
-                    "category": request.category,
-                    "channel": channel,
-                    "reason": reason,
-                    "detail": detail,
-                    "timestamp": now,
-                });
                 ctx.count("suppressions", reason.clone());
-                ctx.emit_json(SUPPRESSED_TOPIC, id, &record)
+                let fields =
+                    serde_json::json!({"channel": channel, "reason": reason, "detail": detail, "timestamp": now});
+                (SUPPRESSED_TOPIC.to_owned(), fields)
             }
+        };
+        if let (Some(record), Value::Object(fields)) = (record.as_object_mut(), fields) {
+            record.extend(fields);
         }
+        ctx.emit_json(&topic, id, &record)
     }
 }
