@@ -4,6 +4,7 @@
 //! of partitions and any interleaving. The Kafka runtime (`src/`) drives the very same
 //! [`Task`] code with RocksDB-backed stores.
 
+pub mod content;
 pub mod context;
 pub mod driver;
 pub mod identity;

@@ -115,6 +115,8 @@ pub struct Topology {
     pub personalisation: crate::personalisation::PersonalisationConfig,
     /// Multi-step journeys (the seed's cart abandonment by default).
     pub journeys: Vec<crate::journeys::config::JourneyConfig>,
+    /// Channel-agnostic content items and per-channel limits.
+    pub content: crate::content::ContentConfig,
     pub state: StateConfig,
 }
 
@@ -218,6 +220,7 @@ impl Default for Topology {
             consent: ConsentConfig::default(),
             orchestration: OrchestrationConfig::default(),
             journeys: crate::journeys::config::default_journeys(),
+            content: crate::content::ContentConfig::default(),
             segments: crate::segments::default_rules(),
             profile: Default::default(),
             personalisation: Default::default(),
@@ -409,6 +412,7 @@ impl Topology {
         let segment_names: Vec<String> = self.segments.iter().map(|s| s.name.clone()).collect();
         self.personalisation.validate(&segment_names, &mut errors);
         crate::journeys::config::validate(&self.journeys, self, &mut errors);
+        errors.extend(self.content.validate("content").into_iter().map(|(path, message)| err(path, message)));
         if self.state.block_cache_mb == 0 || self.state.write_buffer_mb == 0 {
             errors.push(err("state", "block_cache_mb and write_buffer_mb must be positive"));
         }
@@ -518,6 +522,7 @@ mod tests {
         );
         assert_eq!(shipped.personalisation, defaults.personalisation);
         assert_eq!(shipped.journeys, defaults.journeys);
+        assert_eq!(shipped.content, defaults.content);
     }
 
     #[test]
