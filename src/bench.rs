@@ -65,7 +65,7 @@ fn passthrough_spec() -> ProcessorSpec {
 fn event(i: usize, customers: usize) -> (String, Vec<u8>) {
     let c = i % customers;
     let kind = ["page.viewed", "product.viewed", "cart.item_added", "order.completed", "app.opened"][i % 5];
-    let at = jiff::Timestamp::from_millisecond(now_ms()).map(|t| t.to_string()).unwrap_or_default();
+    let at = chorus_processors::time::rfc3339(now_ms());
     let mut e = json!({"event_id": format!("bench-{i}"), "event_type": kind, "timestamp": at, "customer_id": format!("c{c}"),
         "channel": if i.is_multiple_of(3) { "mobile_app" } else { "web" },
         "payload": {"product_id": format!("p{}", i % 997), "category": "outdoor", "price": 19.5, "quantity": 1, "total": 39.0}});

@@ -277,7 +277,7 @@ async fn change_consent(state: &ApiState, identifier: &str, body: &[u8]) -> Resu
             .parse::<jiff::Timestamp>()
             .map_err(|e| bad("invalid_request", format!("timestamp {t:?}: {e}")))?
             .to_string(),
-        None => jiff::Timestamp::from_millisecond(now_ms()).map(|t| t.to_string()).unwrap_or_default(),
+        None => chorus_processors::time::rfc3339(now_ms()),
     };
     // Name the customer by an identifier the identity stage knows; a customer not seen
     // yet by the identifier given, when it is a valid one.

@@ -19,6 +19,7 @@ pub mod rules;
 pub mod segments;
 pub mod store;
 pub mod task;
+pub mod time;
 pub mod topology;
 
 pub use driver::TestDriver;

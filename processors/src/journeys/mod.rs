@@ -143,8 +143,7 @@ impl Processor for JourneyStage {
                     }
                 }
                 for (name, at) in other.entered {
-                    let last = customer.entered.entry(name).or_insert(at);
-                    *last = (*last).max(at);
+                    crate::time::keep_latest(&mut customer.entered, name, at);
                 }
                 ctx.put_json(STORE, &id, &customer)
             }
@@ -207,13 +206,16 @@ impl JourneyStage {
         let id = &resolved.canonical_id;
         let event = &resolved.body;
         let mut customer = self.load(ctx, id)?;
-        let before = customer.clone();
+        let mut changed = false;
         let channel = event.get("channel").and_then(Value::as_str).map(str::to_owned);
         for journey in &self.journeys.journeys {
             if let Some(instance) = customer.active.get_mut(&journey.name) {
-                instance.channels.extend(channel.clone());
+                if let Some(channel) = &channel {
+                    changed |= instance.channels.insert(channel.clone());
+                }
                 if journey.goal.as_ref().is_some_and(|g| self.journeys.matches(g, event, &customer.context)) {
                     self.end(ctx, id, &mut customer, journey, End::Converted)?;
+                    changed = true;
                 }
                 continue;
             }
@@ -238,8 +240,9 @@ impl JourneyStage {
             customer.entered.insert(journey.name.clone(), ctx.now);
             customer.active.insert(journey.name.clone(), instance);
             self.run(ctx, id, &mut customer, journey)?;
+            changed = true;
         }
-        if customer != before {
+        if changed {
             ctx.put_json(STORE, id, &customer)?;
         }
         Ok(())
@@ -315,7 +318,7 @@ impl JourneyStage {
         );
         let body = json!({
             "request_id": request_id.to_string(),
-            "timestamp": crate::orchestrator::recipient::rfc3339(ctx.now),
+            "timestamp": crate::time::rfc3339(ctx.now),
             "customer_id": instance.customer_id,
             "campaign_id": send.campaign.clone().unwrap_or_else(|| format!("{}.{step}", journey.name)),
             "category": send.category,
@@ -381,9 +384,9 @@ impl JourneyStage {
             "event": event,
             "step": step,
             "reason": reason,
-            "entered_at": crate::orchestrator::recipient::rfc3339(instance.entered_at),
+            "entered_at": crate::time::rfc3339(instance.entered_at),
             "channels": instance.channels,
-            "at": crate::orchestrator::recipient::rfc3339(ctx.now),
+            "at": crate::time::rfc3339(ctx.now),
         });
         ctx.emit_json(TOPIC, id, &record)
     }

@@ -4,6 +4,8 @@
 //! windows and campaign re-eligibility), and the requests waiting for quiet hours or the
 //! coordination window to end.
 
+use crate::time::keep_latest;
+pub use crate::time::rfc3339;
 use crate::topology::{OrchestrationConfig, Topology};
 use chorus_schemas::MessageRequest;
 use serde::{Deserialize, Serialize};
@@ -112,8 +114,7 @@ pub struct Pending {
 
 impl Activity {
     pub fn record(&mut self, event_type: &str, at: i64) {
-        let last = self.last.entry(event_type.to_owned()).or_insert(at);
-        *last = (*last).max(at);
+        keep_latest(&mut self.last, event_type.to_owned(), at);
     }
 
     fn absorb(&mut self, other: &Activity) {
@@ -151,7 +152,7 @@ impl Reach {
     /// Learn addresses, time zone and preferences from an event (or a request's
     /// identifiers); true when anything changed.
     pub fn learn(&mut self, event: &Value, at: i64, config: &OrchestrationConfig) -> bool {
-        let before = self.clone();
+        let mut changed = false;
         let traits = event.get("traits");
         for kind in config.reachability.values() {
             let value = [event.get("identifiers"), traits]
@@ -160,28 +161,32 @@ impl Reach {
                 .find_map(|source| source.get(kind).and_then(Value::as_str))
                 .map(str::trim)
                 .filter(|v| !v.is_empty());
-            if let Some(value) = value {
+            if let Some(value) = value.filter(|v| self.addresses.get(kind).map(String::as_str) != Some(*v)) {
                 self.addresses.insert(kind.clone(), value.to_owned());
+                changed = true;
             }
         }
         let timezone = traits
             .and_then(|t| t.get("timezone"))
             .or_else(|| event.get("context").and_then(|c| c.get("timezone")))
-            .and_then(Value::as_str);
+            .and_then(Value::as_str)
+            .filter(|tz| self.timezone.as_deref() != Some(*tz));
         if let Some(tz) = timezone.filter(|tz| jiff::tz::TimeZone::get(tz).is_ok()) {
             self.timezone = Some(tz.to_owned());
+            changed = true;
         }
-        if let Some(channel) = traits.and_then(|t| t.get("preferred_channel")).and_then(Value::as_str) {
+        let preferred = traits.and_then(|t| t.get("preferred_channel")).and_then(Value::as_str);
+        if let Some(channel) = preferred.filter(|c| self.preferred_channel.as_deref() != Some(*c)) {
             if config.channels.iter().any(|c| c == channel) {
                 self.preferred_channel = Some(channel.to_owned());
+                changed = true;
             }
         }
         let event_type = event.get("event_type").and_then(Value::as_str).unwrap_or_default();
         if let Some((_, channel)) = ENGAGEMENTS.iter().find(|(t, _)| *t == event_type) {
-            let last = self.engaged.entry((*channel).to_owned()).or_insert(at);
-            *last = (*last).max(at);
+            changed |= keep_latest(&mut self.engaged, (*channel).to_owned(), at);
         }
-        *self != before
+        changed
     }
 
     /// The channel to try first: the stated preference, else the channel the customer
@@ -203,8 +208,7 @@ impl Reach {
             self.preferred_channel = other.preferred_channel.clone();
         }
         for (channel, at) in &other.engaged {
-            let last = self.engaged.entry(channel.clone()).or_insert(*at);
-            *last = (*last).max(*at);
+            keep_latest(&mut self.engaged, channel.clone(), *at);
         }
     }
 }
@@ -302,8 +306,7 @@ impl Recipient {
         }
         self.sends.sort_by_key(|s| s.at);
         for (campaign, at) in other.campaigns {
-            let last = self.campaigns.entry(campaign).or_insert(at);
-            *last = (*last).max(at);
+            keep_latest(&mut self.campaigns, campaign, at);
         }
         for pending in other.pending {
             if !self.pending.iter().any(|p| p.request.request_id == pending.request.request_id) {
@@ -312,8 +315,4 @@ impl Recipient {
         }
         self.pending.sort_by_key(|p| p.arrived);
     }
-}
-
-pub fn rfc3339(ms: i64) -> String {
-    jiff::Timestamp::from_millisecond(ms).map(|t| t.to_string()).unwrap_or_default()
 }
