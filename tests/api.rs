@@ -98,6 +98,12 @@ fn every_customer_endpoint_answers_on_the_embedded_broker() {
     let chorus = Chorus::up(&dir.path().join("data"), &test_topology(dir.path()));
     let http = chorus.http().to_owned();
     produce(chorus.bootstrap(), "events.raw", &journey());
+    // Personalisation reads the live context, which its own stage builds beside the
+    // profile stage: wait for the context to reach the last event before reading the profile.
+    let context = eventually(60, "the context to reach the last event", || {
+        let (status, c) = get_json(&format!("{http}/v1/context/u1"));
+        (status == 200 && c["engagements"]["offers"].as_array().is_some_and(|o| !o.is_empty())).then_some(c)
+    });
     let profile = eventually(60, "every event on the profile", || {
         let (status, p) = get_json(&format!("{http}/v1/profiles/ann@example.com"));
         (status == 200 && p["metrics"]["event_count"] == 11).then_some(p)
@@ -136,11 +142,6 @@ fn every_customer_endpoint_answers_on_the_embedded_broker() {
     assert_eq!(p13n["content"]["messaging"], json!({"id": "vip_tone", "source": "high_value"}));
 
     // Context: the anonymous app cart followed the customer to the web.
-    // The context stage runs beside the profile stage: wait for it to reach the offer.
-    let context = eventually(60, "the context to reach the last event", || {
-        let (status, c) = get_json(&format!("{http}/v1/context/u1"));
-        (status == 200 && c["engagements"]["offers"].as_array().is_some_and(|o| !o.is_empty())).then_some(c)
-    });
     let cart: Vec<&str> =
         context["cart"]["items"].as_array().unwrap().iter().map(|i| i["product_id"].as_str().unwrap()).collect();
     assert_eq!(cart, ["paddle-4"], "the order cleared the app cart; paddle-4 came after");
