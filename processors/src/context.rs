@@ -432,7 +432,9 @@ impl Processor for ContextStage {
                 context.expire(ctx.now, &self.config);
                 self.save(ctx, context)
             }
-            Kind::Request | Kind::Consent | Kind::Tick | Kind::Recommendations => Ok(()),
+            Kind::Request | Kind::Consent | Kind::Tick | Kind::Recommendations | Kind::Content | Kind::Campaign => {
+                Ok(())
+            }
         }
     }
 

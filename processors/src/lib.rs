@@ -4,6 +4,8 @@
 //! of partitions and any interleaving. The Kafka runtime (`src/`) drives the very same
 //! [`Task`] code with RocksDB-backed stores.
 
+pub mod campaigns;
+pub mod catalog;
 pub mod content;
 pub mod context;
 pub mod driver;
@@ -36,5 +38,7 @@ pub fn processor_specs(topology: &Topology) -> Vec<ProcessorSpec> {
         context::spec(topology),
         orchestrator::spec(topology),
         journeys::spec(topology),
+        catalog::spec(topology),
+        campaigns::spec(topology),
     ]
 }

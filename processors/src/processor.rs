@@ -166,15 +166,22 @@ impl<'a> Ctx<'a> {
         Ok(())
     }
 
-    /// Live entries whose key starts with `prefix`, in key order.
-    pub fn scan_prefix(
+    /// Live entries whose key starts with `prefix` and sorts after `after` (from the
+    /// first when `None`), in key order: a cursor over a large store.
+    pub fn scan_after(
         &mut self,
         store: &str,
         prefix: &str,
+        after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, ProcessError> {
+        let from = match after {
+            // The smallest key greater than `after`.
+            Some(after) => [after.as_bytes(), &[0u8]].concat(),
+            None => prefix.as_bytes().to_vec(),
+        };
         let now = self.now;
-        let rows = self.stores.store(store)?.range(prefix.as_bytes(), &prefix_end(prefix.as_bytes()), limit)?;
+        let rows = self.stores.store(store)?.range(&from, &prefix_end(prefix.as_bytes()), limit)?;
         let mut out = Vec::with_capacity(rows.len());
         for (k, stored) in rows {
             let (expires_at, value) = decode_value(&k, &stored)?;
@@ -183,6 +190,16 @@ impl<'a> Ctx<'a> {
             }
         }
         Ok(out)
+    }
+
+    /// Live entries whose key starts with `prefix`, in key order.
+    pub fn scan_prefix(
+        &mut self,
+        store: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, ProcessError> {
+        self.scan_after(store, prefix, None, limit)
     }
 
     pub fn emit_json<T: Serialize>(&mut self, topic: &str, key: &str, value: &T) -> Result<(), ProcessError> {
@@ -239,6 +256,13 @@ fn to_json_bytes<T: Serialize>(value: &T, what: &str) -> Result<Vec<u8>, Process
 
 /// One stage of the pipeline.
 pub trait Processor: Send {
+    /// Once per task, before its first record or punctuation (after a restart or a
+    /// rebalance too): reconcile the stores with the topology, arm timers
+    /// (Kafka Streams' `Processor::init`).
+    fn init(&mut self, _ctx: &mut Ctx<'_>) -> Result<(), ProcessError> {
+        Ok(())
+    }
+
     fn process(&mut self, ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError>;
 
     /// A timer scheduled with [`Ctx::schedule`] is due.

@@ -26,6 +26,25 @@ pub enum Kind {
     /// `body` is the customer's precomputed recommendations (or null to clear them);
     /// addressed to the profile stage.
     Recommendations,
+    /// A content item changed: `body` is a [`CatalogBody`]; on every partition.
+    Content,
+    /// A campaign changed: `body` is a [`CatalogBody`]; on every partition.
+    Campaign,
+}
+
+impl Kind {
+    /// Catalogue records and ticks are about no customer: every partition gets one.
+    pub fn is_broadcast(self) -> bool {
+        matches!(self, Kind::Tick | Kind::Content | Kind::Campaign)
+    }
+}
+
+/// A catalogue change (content item or campaign), broadcast by the catalog stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CatalogBody {
+    pub id: String,
+    /// The validated record as JSON; null when it was deleted.
+    pub value: Value,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -139,7 +158,7 @@ pub fn forward_if_merged(
     store: &str,
     resolved: &Resolved,
 ) -> Result<bool, crate::ProcessError> {
-    if resolved.kind == Kind::Tick || resolved.kind == Kind::Merge {
+    if resolved.kind.is_broadcast() || resolved.kind == Kind::Merge {
         return Ok(false);
     }
     let Some(into) = ctx.get_json::<String>(store, &forward_key(&resolved.canonical_id))? else { return Ok(false) };

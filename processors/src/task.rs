@@ -57,6 +57,8 @@ pub struct Task {
     /// Highest record timestamp seen: "now" under `clock: event`.
     stream_time: i64,
     partitions: BTreeMap<String, u32>,
+    /// `Processor::init` ran.
+    started: bool,
 }
 
 /// Guard against timers that keep rescheduling themselves at `now`.
@@ -71,6 +73,7 @@ impl Task {
             clock: topology.clock,
             stream_time: 0,
             partitions: topology.partition_map(),
+            started: false,
         }
     }
 
@@ -94,6 +97,7 @@ impl Task {
     ) -> Result<TaskOutput, ProcessError> {
         let mut now = self.now(wall_now);
         let mut out = TaskOutput::default();
+        self.start(stores, now, &mut out)?;
         let partitions = &self.partitions;
         let mut ctx = Ctx::new(now, self.clock, self.partition, stores, partitions);
         match self.processor.process(&mut ctx, record) {
@@ -137,8 +141,19 @@ impl Task {
     pub fn punctuate(&mut self, stores: &mut dyn StoreSet, wall_now: i64) -> Result<TaskOutput, ProcessError> {
         let now = self.now(wall_now);
         let mut out = TaskOutput::default();
+        self.start(stores, now, &mut out)?;
         self.fire_due(stores, now, &mut out)?;
         Ok(out)
+    }
+
+    fn start(&mut self, stores: &mut dyn StoreSet, now: i64, out: &mut TaskOutput) -> Result<(), ProcessError> {
+        if !self.started {
+            let mut ctx = Ctx::new(now, self.clock, self.partition, stores, &self.partitions);
+            self.processor.init(&mut ctx)?;
+            out.absorb(ctx);
+            self.started = true;
+        }
+        Ok(())
     }
 
     fn fire_due(&mut self, stores: &mut dyn StoreSet, now: i64, out: &mut TaskOutput) -> Result<(), ProcessError> {

@@ -85,6 +85,18 @@ impl Duration {
     }
 }
 
+/// Written back in the largest unit that divides it (`7d`, `90m`, `1500ms`).
+impl serde::Serialize for Duration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let ms = self.0;
+        let text = [("w", 7 * 86_400_000), ("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)]
+            .into_iter()
+            .find(|(_, unit)| ms != 0 && ms % unit == 0)
+            .map_or_else(|| format!("{ms}ms"), |(name, unit)| format!("{}{name}", ms / unit));
+        s.serialize_str(&text)
+    }
+}
+
 impl<'de> Deserialize<'de> for Duration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
@@ -117,6 +129,8 @@ pub struct Topology {
     pub journeys: Vec<crate::journeys::config::JourneyConfig>,
     /// Channel-agnostic content items and per-channel limits.
     pub content: crate::content::ContentConfig,
+    /// Campaigns (more arrive on the `campaigns` topic at run time).
+    pub campaigns: Vec<crate::campaigns::config::CampaignConfig>,
     pub state: StateConfig,
 }
 
@@ -221,6 +235,7 @@ impl Default for Topology {
             orchestration: OrchestrationConfig::default(),
             journeys: crate::journeys::config::default_journeys(),
             content: crate::content::ContentConfig::default(),
+            campaigns: Vec::new(),
             segments: crate::segments::default_rules(),
             profile: Default::default(),
             personalisation: Default::default(),
@@ -291,6 +306,16 @@ pub const RECOMMENDATIONS: &str = "recommendations";
 /// Context snapshots per canonical id (compacted output of the context stage, read by
 /// the journeys stage).
 pub const CONTEXT: &str = "context";
+/// Customer 360 snapshots per canonical id (compacted output of the profile stage, read
+/// by the orchestrator for personalised content).
+pub const PROFILES: &str = "profiles";
+/// Segment entries and exits per canonical id (output of the profile stage, read by the
+/// campaigns stage).
+pub const SEGMENTS: &str = "segments";
+/// Content items per content id (compacted input of the catalog stage).
+pub const CONTENT: &str = "content";
+/// Campaigns per campaign id (compacted input of the catalog stage).
+pub const CAMPAIGNS: &str = "campaigns";
 /// The identity stage's internal topic: link, join and merge messages between the
 /// owners of identifiers and of customers. Always as many partitions as `events.raw`.
 pub const IDENTITY_REPARTITION: &str = "chorus-identity-repartition";
@@ -355,13 +380,24 @@ impl Topology {
             }
         }
         let resolved = self.partitions_of(EVENTS_RESOLVED);
-        for (co, stage) in [(RECOMMENDATIONS, "profile"), (CONTEXT, "journeys")] {
+        for (co, stage) in
+            [(RECOMMENDATIONS, "profile"), (CONTEXT, "journeys"), (PROFILES, "orchestrator"), (SEGMENTS, "campaigns")]
+        {
             if self.partitions_of(co) != resolved {
                 errors.push(err(
                     format!("topics.partitions.{co}"),
                     format!("must equal events.resolved's partition count ({resolved}): the {stage} stage reads them co-partitioned"),
                 ));
             }
+        }
+        if self.partitions_of(CAMPAIGNS) != self.partitions_of(CONTENT) {
+            errors.push(err(
+                format!("topics.partitions.{CAMPAIGNS}"),
+                format!(
+                    "must equal content's partition count ({}): the catalog stage reads them co-partitioned",
+                    self.partitions_of(CONTENT)
+                ),
+            ));
         }
         if self.limits.max_record_bytes < 1024 {
             errors.push(err("limits.max_record_bytes", "must be at least 1024"));
@@ -413,6 +449,7 @@ impl Topology {
         self.personalisation.validate(&segment_names, &mut errors);
         crate::journeys::config::validate(&self.journeys, self, &mut errors);
         errors.extend(self.content.validate("content").into_iter().map(|(path, message)| err(path, message)));
+        crate::campaigns::config::validate(&self.campaigns, self, &mut errors);
         if self.state.block_cache_mb == 0 || self.state.write_buffer_mb == 0 {
             errors.push(err("state", "block_cache_mb and write_buffer_mb must be positive"));
         }
@@ -443,6 +480,7 @@ impl Topology {
             ("decisions.deferred", false),
             ("journeys.events", false),
             ("content", true),
+            ("campaigns", true),
             ("recommendations", true),
             ("privacy.requests", false),
             ("privacy.results", false),

@@ -14,7 +14,7 @@ const HOUR: i64 = 60 * MIN;
 
 fn shopper(d: &mut TestDriver, customer: &str) {
     let mut e = event(&format!("id-{customer}"), "identify", T0 - HOUR, json!({"customer_id": customer}), json!({}));
-    e["traits"] = json!({"email": format!("{customer}@example.com"), "push_token": format!("tok-{customer}")});
+    e["traits"] = json!({"email": format!("{customer}@example.com"), "push_token": format!("tok-{customer}"), "first_name": "Ann"});
     send(d, &e);
     for purpose in ["marketing_email", "marketing_push"] {
         let grant = json!({"customer_id": customer, "purpose": purpose, "granted": true, "timestamp": ts(T0 - HOUR)});
@@ -71,12 +71,16 @@ fn an_abandoned_cart_gets_an_email_then_a_push_with_a_discount() {
     assert_eq!(email[0]["journey_id"], "cart_abandonment");
     assert_eq!(email[0]["campaign_id"], "cart_abandonment.email_reminder");
     assert_eq!(email[0]["to"], "c1@example.com");
+    // Rendered for email with the customer's profile: subject, HTML and plain text.
+    assert_eq!(email[0]["content"]["content_id"], "cart_reminder");
+    assert_eq!(email[0]["content"]["subject"], "Ann, your cart is waiting");
+    assert!(email[0]["content"]["text"].as_str().is_some_and(|t| t.contains("cart?c=")), "{}", email[0]["content"]);
     time(&mut d, T0 + 25 * HOUR);
     time(&mut d, T0 + 25 * HOUR + MIN);
     let push = decisions(&d, "push");
     assert_eq!(push.len(), 1);
     assert_eq!(push[0]["category"], "promotional");
-    assert_eq!(push[0]["content"]["variables"]["discount"], "10%");
+    assert_eq!(push[0]["content"]["title"], "Ann, take 10% off your cart", "the journey's discount variable");
     assert_eq!(
         progress(&d, "c1"),
         [

@@ -63,7 +63,7 @@ fn grant_marketing(d: &mut TestDriver, customer: &str, when: i64) {
 
 fn request(d: &mut TestDriver, id: &str, customer: &str, category: &str, campaign: &str, channels: &[&str], when: i64) {
     let r = json!({"request_id": id, "timestamp": ts(when), "customer_id": customer, "campaign_id": campaign,
-                   "category": category, "content_id": "promo_1", "channels": channels});
+                   "category": category, "content_id": "cart_reminder", "channels": channels});
     d.pipe_json("messages.requests", customer, &r, 0);
     d.run().unwrap();
 }

@@ -267,12 +267,15 @@ fn every_output_round_trips_through_its_avro_schema() {
     identify["traits"] = json!({"name": "Ann", "email": "ann@example.com", "address": {"city": "Brisbane"}, "location": {"state": "QLD"}});
     send(&mut d, &identify);
     d.pipe("events.raw", b"k", Some(b"nope".to_vec()), 0);
+    // The requests below need the email address the identify event brings.
+    d.run().unwrap();
     d.pipe_json(
         "consent",
         "c1",
         &json!({"customer_id": "c1", "purpose": "marketing_email", "granted": true, "timestamp": ts(T0 + 2)}),
         0,
     );
+    d.run().unwrap();
     d.pipe_json("messages.requests", "c1", &json!({"request_id": "r3", "timestamp": ts(T0 + 5), "customer_id": "c1", "category": "promotional", "campaign_id": "spring", "channels": ["email"]}), 0);
     d.pipe_json("messages.requests", "c1", &json!({"request_id": "r1", "timestamp": ts(T0 + 3), "customer_id": "c1", "category": "transactional", "channels": ["email"], "variables": {"order": "o1"}}), 0);
     d.pipe_json("messages.requests", "c1", &json!({"request_id": "r2", "timestamp": ts(T0 + 4), "customer_id": "c1", "category": "promotional", "channels": ["sms"]}), 0);

@@ -147,7 +147,9 @@ impl Processor for JourneyStage {
                 }
                 ctx.put_json(STORE, &id, &customer)
             }
-            Kind::Request | Kind::Consent | Kind::Tick | Kind::Recommendations => Ok(()),
+            Kind::Request | Kind::Consent | Kind::Tick | Kind::Recommendations | Kind::Content | Kind::Campaign => {
+                Ok(())
+            }
         }
     }
 
@@ -327,15 +329,7 @@ impl JourneyStage {
             "variables": send.variables,
             "journey_id": journey.name,
         });
-        let request = Resolved {
-            kind: Kind::Request,
-            canonical_id: id.to_owned(),
-            customer_id: instance.customer_id.clone(),
-            at: ctx.now,
-            body,
-            stage: Some(crate::orchestrator::NAME.to_owned()),
-        };
-        ctx.emit_json(RESOLVED_TOPIC, id, &request)
+        crate::orchestrator::ask(ctx, id, instance.customer_id.clone(), body)
     }
 
     fn end(

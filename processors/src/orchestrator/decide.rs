@@ -1,7 +1,7 @@
 //! The orchestrator's rules, in the order they apply to every request: consent,
 //! suppressions, one message per campaign, quiet hours, the coordination window,
-//! global frequency caps, then channel selection (preference, consent, reachability
-//! and each channel's own cap). Pure: a function of the customer's record, the requests
+//! global frequency caps, then channel selection (preference, consent, reachability,
+//! each channel's own cap, and content that renders for the channel). Pure: a function of the customer's record, the requests
 //! and `now`, so every rule is tested without a broker.
 //!
 //! Requests are decided in batches. An arriving request of a capped category waits in
@@ -15,6 +15,18 @@ use super::quiet_hours::{quiet_until, zone_of};
 use super::recipient::{rfc3339, Hold, Pending, Recipient, Sent, DAY_MS, WEEK_MS};
 use crate::topology::{CapLimits, CategoryConfig, Topology};
 use chorus_schemas::MessageRequest;
+use serde_json::Value;
+
+/// Why a request's content has nothing to send on a channel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContentFailure {
+    /// `unknown_content` or `content_error`.
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+/// Renders a request's content for a channel.
+pub type Render<'a> = dyn Fn(&MessageRequest, &str) -> Result<Value, ContentFailure> + 'a;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
@@ -24,6 +36,8 @@ pub enum Verdict {
         channel: String,
         to: Option<String>,
         reasons: Vec<String>,
+        /// The content rendered for the channel.
+        content: Value,
     },
     /// Held back until `until`, then decided again.
     Hold {
@@ -56,8 +70,14 @@ struct BatchSend {
 
 /// Decide `items` at `now`, highest priority first (then arrival order). Sends are
 /// recorded on `recipient` and holds join its waiting requests, so each decision sees
-/// the ones before it.
-pub fn decide(recipient: &mut Recipient, mut items: Vec<Pending>, now: i64, topology: &Topology) -> Vec<Outcome> {
+/// the ones before it. `render` renders a request's content for a channel.
+pub fn decide(
+    recipient: &mut Recipient,
+    mut items: Vec<Pending>,
+    now: i64,
+    topology: &Topology,
+    render: &Render<'_>,
+) -> Vec<Outcome> {
     let config = &topology.orchestration;
     let priority = |p: &Pending| config.categories.get(&p.request.category).map_or(u32::MAX, |c| c.priority);
     items.sort_by(|a, b| {
@@ -76,7 +96,7 @@ pub fn decide(recipient: &mut Recipient, mut items: Vec<Pending>, now: i64, topo
                 detail: format!("category {:?} is not declared", item.request.category),
                 channel: None,
             },
-            Some(category) => decide_one(recipient, &item, category, now, topology, &batch),
+            Some(category) => decide_one(recipient, &item, category, now, topology, &batch, render),
         };
         match &verdict {
             Verdict::Send { channel, .. } => {
@@ -115,6 +135,7 @@ fn decide_one(
     now: i64,
     topology: &Topology,
     batch: &[BatchSend],
+    render: &Render<'_>,
 ) -> Verdict {
     let config = &topology.orchestration;
     let request = &item.request;
@@ -200,12 +221,13 @@ fn decide_one(
     }
 
     // 7. Channel: preference first, then the requested order; each must have consent,
-    //    reach the customer and be under its own cap.
+    //    reach the customer, be under its own cap and have content that renders for it.
     let preference = recipient.reach.preference().filter(|p| request.channels.iter().any(|c| c == p));
     let mut order: Vec<&String> = request.channels.iter().filter(|c| Some(c.as_str()) == preference).collect();
     order.extend(request.channels.iter().filter(|c| Some(c.as_str()) != preference));
     let mut skipped: Vec<String> = Vec::new();
-    let (mut reachable, mut taken_by_batch) = (false, false);
+    let (mut reachable, mut taken_by_batch, mut capped_out) = (false, false, false);
+    let mut content_failure: Option<ContentFailure> = None;
     for channel in order {
         let purpose = config.purpose_of(channel);
         if category.needs_marketing_consent && !recipient.granted(purpose, topology) {
@@ -221,9 +243,18 @@ fn decide_one(
         let limits = config.frequency_caps.channels.get(channel).filter(|_| category.capped);
         if let Some((_, detail)) = limits.and_then(|l| cap_reached(recipient, l, Some(channel), now)) {
             taken_by_batch |= batch.iter().any(|b| b.capped && b.priority < my_priority && &b.channel == channel);
+            capped_out = true;
             skipped.push(detail);
             continue;
         }
+        let content = match render(request, channel) {
+            Ok(content) => content,
+            Err(failure) => {
+                skipped.push(format!("{channel}: {}", failure.detail));
+                content_failure.get_or_insert(failure);
+                continue;
+            }
+        };
         let mut reasons = vec![if Some(channel.as_str()) == preference {
             format!("preferred channel: {channel}")
         } else {
@@ -245,13 +276,15 @@ fn decide_one(
         }
         reasons.extend(skipped.into_iter().map(|s| format!("skipped {s}")));
         let to = address.and_then(|kind| recipient.reach.addresses.get(kind)).cloned();
-        return Verdict::Send { channel: channel.clone(), to, reasons };
+        return Verdict::Send { channel: channel.clone(), to, reasons, content };
     }
     let detail = skipped.join("; ");
     if !reachable {
         refuse("unreachable", detail, Some(first))
     } else if taken_by_batch {
         refuse("lower_priority", format!("{detail}; the last slot went to a higher-priority message"), Some(first))
+    } else if let Some(failure) = content_failure.filter(|_| !capped_out) {
+        refuse(failure.reason, detail, Some(first))
     } else {
         refuse("channel_cap", detail, Some(first))
     }

@@ -7,30 +7,44 @@
 //! `decisions.deferred`; held requests wait in the customer's record and a durable timer
 //! decides them again when their wait ends, after a restart or a rebalance too.
 //!
+//! A send carries its content rendered for the chosen channel: the item comes from the
+//! `content` topic (broadcast to every partition by the catalog stage) or
+//! topology.yaml, the personalisation from the customer's profile, which this stage
+//! mirrors from the compacted `profiles` topic (co-partitioned with `events.resolved`)
+//! and uses only while the customer consents to personalisation.
+//!
 //! Store `consent`: canonical id → the customer's [`Recipient`] record (consent and its
 //! history, activity, reach, sends, waiting requests). Store `requests`: request ids
-//! seen within the dedupe window.
+//! seen within the dedupe window. Store `customers`: canonical id → what templates see
+//! of the customer ([`crate::profile::template_view`]). Store `content`: content id →
+//! item from the `content` topic.
 
 pub mod config;
 pub mod decide;
 pub mod quiet_hours;
 pub mod recipient;
 
-pub use decide::{Outcome, Verdict};
+pub use decide::{ContentFailure, Outcome, Verdict};
 pub use recipient::{Hold, Pending, PurposeState, Recipient};
 
+use crate::content::ContentItem;
 use crate::processor::{Ctx, ProcessError, Processor, Record};
 use crate::resolved::{absorbed, decode, incoming, on_merge, Kind, RESOLVED_TOPIC};
 use crate::task::ProcessorSpec;
-use crate::topology::Topology;
+use crate::topology::{Topology, PROFILES};
 use chorus_schemas::{ConsentChange, MessageRequest};
 use recipient::rfc3339;
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub const NAME: &str = "orchestrator";
 pub const CONSENT_STORE: &str = "consent";
 pub const REQUESTS_STORE: &str = "requests";
+pub const CUSTOMERS_STORE: &str = "customers";
+pub const CONTENT_STORE: &str = "content";
+/// The consent purpose that allows personalised content.
+pub const PERSONALISATION: &str = "personalisation";
 pub const SUPPRESSED_TOPIC: &str = "decisions.suppressed";
 pub const DEFERRED_TOPIC: &str = "decisions.deferred";
 
@@ -40,11 +54,26 @@ pub fn spec(topology: &Topology) -> ProcessorSpec {
     outputs.extend([SUPPRESSED_TOPIC.into(), DEFERRED_TOPIC.into(), RESOLVED_TOPIC.into()]);
     ProcessorSpec {
         name: NAME,
-        inputs: vec![RESOLVED_TOPIC.into()],
-        stores: vec![CONSENT_STORE, REQUESTS_STORE],
+        inputs: vec![RESOLVED_TOPIC.into(), PROFILES.into()],
+        stores: vec![CONSENT_STORE, REQUESTS_STORE, CUSTOMERS_STORE, CONTENT_STORE],
         outputs,
         factory: Box::new(move || Box::new(Orchestrator { topology: topology.clone() })),
     }
+}
+
+/// Ask the orchestrator to decide a message request for customer `id` (journeys and
+/// campaigns do): a request record on `events.resolved` addressed to it, keyed by the
+/// customer, so it is decided in order with their events and consent changes.
+pub fn ask(ctx: &mut Ctx<'_>, id: &str, customer_id: Option<String>, request: Value) -> Result<(), ProcessError> {
+    let record = crate::resolved::Resolved {
+        kind: Kind::Request,
+        canonical_id: id.to_owned(),
+        customer_id,
+        at: ctx.now,
+        body: request,
+        stage: Some(NAME.to_owned()),
+    };
+    ctx.emit_json(RESOLVED_TOPIC, id, &record)
 }
 
 pub struct Orchestrator {
@@ -53,6 +82,9 @@ pub struct Orchestrator {
 
 impl Processor for Orchestrator {
     fn process(&mut self, ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
+        if record.topic == PROFILES {
+            return on_profile(ctx, record);
+        }
         let Some(resolved) = incoming(ctx, record, NAME, CONSENT_STORE)? else { return Ok(()) };
         let id = resolved.canonical_id.clone();
         let config = &self.topology.orchestration;
@@ -110,7 +142,15 @@ impl Processor for Orchestrator {
                 }
                 Ok(())
             }
-            Kind::Tick | Kind::Recommendations => Ok(()),
+            Kind::Content => {
+                let change: crate::resolved::CatalogBody = decode(resolved.body)?;
+                if change.value.is_null() {
+                    ctx.delete(CONTENT_STORE, &change.id)
+                } else {
+                    ctx.put_json(CONTENT_STORE, &change.id, &change.value)
+                }
+            }
+            Kind::Tick | Kind::Recommendations | Kind::Campaign => Ok(()),
         }
     }
 
@@ -141,7 +181,10 @@ impl Orchestrator {
         mut recipient: Recipient,
         items: Vec<Pending>,
     ) -> Result<(), ProcessError> {
-        let outcomes = decide::decide(&mut recipient, items, ctx.now, &self.topology);
+        let content = self.content_for(ctx, id, &recipient, &items)?;
+        let outcomes = decide::decide(&mut recipient, items, ctx.now, &self.topology, &|request, channel| {
+            content.render(request, channel, &self.topology)
+        });
         ctx.put_json(CONSENT_STORE, id, &recipient)?;
         if let Some(due) = recipient.next_due() {
             ctx.schedule(due, id.as_bytes(), &[])?;
@@ -150,6 +193,36 @@ impl Orchestrator {
             self.emit(ctx, id, outcome)?;
         }
         Ok(())
+    }
+
+    /// The content items `items` name and what templates may see of the customer.
+    fn content_for(
+        &self,
+        ctx: &mut Ctx<'_>,
+        id: &str,
+        recipient: &Recipient,
+        items: &[Pending],
+    ) -> Result<Content, ProcessError> {
+        let mut found = BTreeMap::new();
+        for content_id in items.iter().filter_map(|p| p.request.content_id.as_deref()) {
+            if found.contains_key(content_id) {
+                continue;
+            }
+            let item = match ctx.get_bytes(CONTENT_STORE, content_id.as_bytes())? {
+                Some(bytes) => serde_json::from_slice::<ContentItem>(&bytes).ok(),
+                None => self.topology.content.item(content_id).cloned(),
+            };
+            found.insert(content_id.to_owned(), item);
+        }
+        // Without personalisation consent templates see who the message is for, no more.
+        let mut customer =
+            serde_json::json!({"canonical_id": id, "customer_id": items.first().and_then(|p| p.customer_id.clone())});
+        if recipient.granted(PERSONALISATION, &self.topology) {
+            if let Some(view) = ctx.get_json::<Value>(CUSTOMERS_STORE, id)? {
+                customer = view;
+            }
+        }
+        Ok(Content { items: found, customer })
     }
 
     fn emit(&self, ctx: &mut Ctx<'_>, id: &str, outcome: Outcome) -> Result<(), ProcessError> {
@@ -168,7 +241,7 @@ impl Orchestrator {
             "category": request.category,
         });
         let (topic, fields) = match verdict {
-            Verdict::Send { channel, to, reasons } => {
+            Verdict::Send { channel, to, reasons, content } => {
                 let decision_id = uuid::Uuid::new_v5(
                     &uuid::Uuid::NAMESPACE_OID,
                     format!("decision:{}:{channel}", request.request_id).as_bytes(),
@@ -179,7 +252,7 @@ impl Orchestrator {
                     "channel": channel,
                     "to": to,
                     "send_at": now,
-                    "content": {"content_id": request.content_id, "variables": request.variables},
+                    "content": content,
                     "reasons": reasons,
                 });
                 (format!("decisions.{channel}"), fields)
@@ -206,5 +279,49 @@ impl Orchestrator {
             record.extend(fields);
         }
         ctx.emit_json(&topic, id, &record)
+    }
+}
+
+/// Mirror a `profiles` record: what templates see of the customer.
+fn on_profile(ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
+    let Some(key) = record.key.as_deref() else { return Ok(()) };
+    let id = String::from_utf8_lossy(key).into_owned();
+    match record.value.as_deref() {
+        None => ctx.delete(CUSTOMERS_STORE, &id),
+        Some(bytes) => {
+            let snapshot: Value = serde_json::from_slice(bytes)
+                .map_err(|e| ProcessError::reject("invalid_profile", format!("profiles record: {e}")))?;
+            ctx.put_json(CUSTOMERS_STORE, &id, &crate::profile::template_view(&snapshot))
+        }
+    }
+}
+
+/// The content a batch of requests names, and the customer it is rendered for.
+struct Content {
+    /// Content id → the item (`None`: no such item).
+    items: BTreeMap<String, Option<ContentItem>>,
+    customer: Value,
+}
+
+impl Content {
+    /// A request's content on `channel`: the item rendered with the customer and the
+    /// request's variables; a request without a content id carries its variables for
+    /// the channel service to render.
+    fn render(&self, request: &MessageRequest, channel: &str, topology: &Topology) -> Result<Value, ContentFailure> {
+        let Some(content_id) = request.content_id.as_deref() else {
+            return Ok(serde_json::json!({"content_id": null, "variables": request.variables}));
+        };
+        let Some(Some(item)) = self.items.get(content_id) else {
+            return Err(ContentFailure {
+                reason: "unknown_content",
+                detail: format!("content item {content_id:?} does not exist"),
+            });
+        };
+        let mut rendered = crate::content::render(item, channel, &self.customer, &request.variables, &topology.content)
+            .map_err(|e| ContentFailure { reason: "content_error", detail: e.to_string() })?;
+        if let Value::Object(fields) = &mut rendered {
+            fields.insert("content_id".into(), Value::String(content_id.to_owned()));
+        }
+        Ok(rendered)
     }
 }

@@ -605,6 +605,32 @@ impl Profile {
     }
 }
 
+/// What content templates see as `customer`, from a Customer 360 snapshot as published
+/// on `profiles`: the customer's attributes (traits such as `first_name`) at the top
+/// level, then their metrics (`lifetime_value`, `last_purchase_category`, …), ids,
+/// email and phone, segments, preferred channel, time zone and locale.
+pub fn template_view(snapshot: &Value) -> Value {
+    let mut view = snapshot.get("attributes").and_then(Value::as_object).cloned().unwrap_or_default();
+    if let Some(metrics) = snapshot.get("metrics").and_then(Value::as_object) {
+        view.extend(metrics.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    let pick = |path: &[&str]| path.iter().try_fold(snapshot, |v, k| v.get(k)).cloned().unwrap_or(Value::Null);
+    let fields: [(&str, &[&str]); 8] = [
+        ("canonical_id", &["canonical_id"]),
+        ("customer_id", &["customer_id"]),
+        ("email", &["identity", "email"]),
+        ("phone", &["identity", "phone"]),
+        ("segments", &["segments"]),
+        ("preferred_channel", &["preferences", "preferred_channel"]),
+        ("timezone", &["preferences", "timezone"]),
+        ("locale", &["preferences", "locale"]),
+    ];
+    for (name, path) in fields {
+        view.insert(name.to_owned(), pick(path));
+    }
+    Value::Object(view)
+}
+
 impl ProfileIdentity {
     fn add(&mut self, kind: &str, raw: &str) {
         let Some(value) = crate::identity::normalise(kind, raw) else { return };
@@ -746,7 +772,7 @@ impl Processor for ProfileStage {
                 profile.absorb(&other, &self.config);
                 self.save(ctx, profile, false)
             }
-            Kind::Request | Kind::Tick => Ok(()),
+            Kind::Request | Kind::Tick | Kind::Content | Kind::Campaign => Ok(()),
         }
     }
 }
