@@ -25,8 +25,13 @@ pub struct ContentFailure {
     pub detail: String,
 }
 
-/// Renders a request's content for a channel.
-pub type Render<'a> = dyn Fn(&MessageRequest, &str) -> Result<Value, ContentFailure> + 'a;
+/// A request's content, as the orchestrator finds and renders it.
+pub trait Render {
+    /// Why the request's content cannot be sent on any channel (its item does not exist).
+    fn missing(&self, request: &MessageRequest) -> Option<ContentFailure>;
+    /// The content rendered for `channel`.
+    fn render(&self, request: &MessageRequest, channel: &str) -> Result<Value, ContentFailure>;
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
@@ -76,7 +81,7 @@ pub fn decide(
     mut items: Vec<Pending>,
     now: i64,
     topology: &Topology,
-    render: &Render<'_>,
+    render: &dyn Render,
 ) -> Vec<Outcome> {
     let config = &topology.orchestration;
     let priority = |p: &Pending| config.categories.get(&p.request.category).map_or(u32::MAX, |c| c.priority);
@@ -96,7 +101,14 @@ pub fn decide(
                 detail: format!("category {:?} is not declared", item.request.category),
                 channel: None,
             },
-            Some(category) => decide_one(recipient, &item, category, now, topology, &batch, render),
+            Some(category) => match render.missing(&item.request) {
+                Some(failure) => Verdict::Refuse {
+                    reason: failure.reason.into(),
+                    detail: failure.detail,
+                    channel: item.request.channels.first().cloned(),
+                },
+                None => decide_one(recipient, &item, category, now, topology, &batch, render),
+            },
         };
         match &verdict {
             Verdict::Send { channel, .. } => {
@@ -135,7 +147,7 @@ fn decide_one(
     now: i64,
     topology: &Topology,
     batch: &[BatchSend],
-    render: &Render<'_>,
+    render: &dyn Render,
 ) -> Verdict {
     let config = &topology.orchestration;
     let request = &item.request;
@@ -247,7 +259,7 @@ fn decide_one(
             skipped.push(detail);
             continue;
         }
-        let content = match render(request, channel) {
+        let content = match render.render(request, channel) {
             Ok(content) => content,
             Err(failure) => {
                 skipped.push(format!("{channel}: {}", failure.detail));

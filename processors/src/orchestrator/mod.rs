@@ -182,9 +182,7 @@ impl Orchestrator {
         items: Vec<Pending>,
     ) -> Result<(), ProcessError> {
         let content = self.content_for(ctx, id, &recipient, &items)?;
-        let outcomes = decide::decide(&mut recipient, items, ctx.now, &self.topology, &|request, channel| {
-            content.render(request, channel, &self.topology)
-        });
+        let outcomes = decide::decide(&mut recipient, items, ctx.now, &self.topology, &content);
         ctx.put_json(CONSENT_STORE, id, &recipient)?;
         if let Some(due) = recipient.next_due() {
             ctx.schedule(due, id.as_bytes(), &[])?;
@@ -202,7 +200,7 @@ impl Orchestrator {
         id: &str,
         recipient: &Recipient,
         items: &[Pending],
-    ) -> Result<Content, ProcessError> {
+    ) -> Result<Content<'_>, ProcessError> {
         let mut found = BTreeMap::new();
         for content_id in items.iter().filter_map(|p| p.request.content_id.as_deref()) {
             if found.contains_key(content_id) {
@@ -214,15 +212,10 @@ impl Orchestrator {
             };
             found.insert(content_id.to_owned(), item);
         }
-        // Without personalisation consent templates see who the message is for, no more.
-        let mut customer =
-            serde_json::json!({"canonical_id": id, "customer_id": items.first().and_then(|p| p.customer_id.clone())});
-        if recipient.granted(PERSONALISATION, &self.topology) {
-            if let Some(view) = ctx.get_json::<Value>(CUSTOMERS_STORE, id)? {
-                customer = view;
-            }
-        }
-        Ok(Content { items: found, customer })
+        let personalised = recipient.granted(PERSONALISATION, &self.topology);
+        let view = if personalised { ctx.get_json::<Value>(CUSTOMERS_STORE, id)? } else { None };
+        let customer = template_customer(id, items.first().and_then(|p| p.customer_id.as_deref()), view);
+        Ok(Content { items: found, customer, topology: &self.topology })
     }
 
     fn emit(&self, ctx: &mut Ctx<'_>, id: &str, outcome: Outcome) -> Result<(), ProcessError> {
@@ -282,6 +275,27 @@ impl Orchestrator {
     }
 }
 
+/// What templates see as `customer`: the profile view (`None` without personalisation
+/// consent, or before the profile arrived), else who the message is for and no more.
+pub fn template_customer(id: &str, customer_id: Option<&str>, view: Option<Value>) -> Value {
+    view.unwrap_or_else(|| serde_json::json!({"canonical_id": id, "customer_id": customer_id}))
+}
+
+/// An item rendered for a channel as a decision carries it (with its `content_id`).
+pub fn render_content(
+    item: &ContentItem,
+    channel: &str,
+    customer: &Value,
+    vars: &Value,
+    config: &crate::content::ContentConfig,
+) -> Result<Value, crate::content::ContentError> {
+    let mut rendered = crate::content::render(item, channel, customer, vars, config)?;
+    if let Value::Object(fields) = &mut rendered {
+        fields.insert("content_id".into(), Value::String(item.id.clone()));
+    }
+    Ok(rendered)
+}
+
 /// Mirror a `profiles` record: what templates see of the customer.
 fn on_profile(ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
     let Some(key) = record.key.as_deref() else { return Ok(()) };
@@ -297,31 +311,33 @@ fn on_profile(ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
 }
 
 /// The content a batch of requests names, and the customer it is rendered for.
-struct Content {
+struct Content<'a> {
     /// Content id → the item (`None`: no such item).
     items: BTreeMap<String, Option<ContentItem>>,
     customer: Value,
+    topology: &'a Topology,
 }
 
-impl Content {
-    /// A request's content on `channel`: the item rendered with the customer and the
-    /// request's variables; a request without a content id carries its variables for
-    /// the channel service to render.
-    fn render(&self, request: &MessageRequest, channel: &str, topology: &Topology) -> Result<Value, ContentFailure> {
+impl decide::Render for Content<'_> {
+    fn missing(&self, request: &MessageRequest) -> Option<ContentFailure> {
+        let content_id = request.content_id.as_deref()?;
+        matches!(self.items.get(content_id), None | Some(None)).then(|| ContentFailure {
+            reason: "unknown_content",
+            detail: format!("content item {content_id:?} does not exist"),
+        })
+    }
+
+    /// The item rendered with the customer and the request's variables; a request
+    /// without a content id carries its variables for the channel service to render.
+    fn render(&self, request: &MessageRequest, channel: &str) -> Result<Value, ContentFailure> {
         let Some(content_id) = request.content_id.as_deref() else {
             return Ok(serde_json::json!({"content_id": null, "variables": request.variables}));
         };
-        let Some(Some(item)) = self.items.get(content_id) else {
-            return Err(ContentFailure {
-                reason: "unknown_content",
-                detail: format!("content item {content_id:?} does not exist"),
-            });
-        };
-        let mut rendered = crate::content::render(item, channel, &self.customer, &request.variables, &topology.content)
-            .map_err(|e| ContentFailure { reason: "content_error", detail: e.to_string() })?;
-        if let Value::Object(fields) = &mut rendered {
-            fields.insert("content_id".into(), Value::String(content_id.to_owned()));
-        }
-        Ok(rendered)
+        let item = self.items.get(content_id).and_then(Option::as_ref).ok_or_else(|| ContentFailure {
+            reason: "unknown_content",
+            detail: format!("content item {content_id:?} does not exist"),
+        })?;
+        render_content(item, channel, &self.customer, &request.variables, &self.topology.content)
+            .map_err(|e| ContentFailure { reason: "content_error", detail: e.to_string() })
     }
 }
