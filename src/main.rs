@@ -52,7 +52,8 @@ enum Command {
     Run {
         #[arg(long)]
         brokers: String,
-        /// `all` or a comma-separated list of identity, profile, context, orchestrator, journeys.
+        /// `all` or a comma-separated list of identity, profile, context, orchestrator, journeys,
+        /// catalog, campaigns.
         #[arg(long, default_value = "all")]
         processors: String,
         /// Stable id of this member (defaults to one kept in the data dir).

@@ -29,6 +29,10 @@ pub struct Metrics {
     pub personalisation_served: IntCounterVec,
     pub orchestration: OrchestrationMetrics,
     pub journeys: JourneyMetrics,
+    /// Message requests campaigns made, by campaign and trigger.
+    pub campaign_requests: IntCounterVec,
+    /// Content items and campaigns changed or deleted at run time.
+    pub catalog_changes: IntCounterVec,
 }
 
 /// Journey progress: entries, steps, exits and conversions per step, and the seed's
@@ -90,6 +94,11 @@ impl Metrics {
                 let (journey, event, step) = (parts.next(), parts.next(), parts.next());
                 let values = [journey.unwrap_or(""), event.unwrap_or(""), step.unwrap_or("")];
                 self.journeys.events.with_label_values(&values).inc()
+            }
+            "campaign_requests" | "catalog_changes" => {
+                let (first, second) = label.split_once('/').unwrap_or((label, ""));
+                let series = if name == "campaign_requests" { &self.campaign_requests } else { &self.catalog_changes };
+                series.with_label_values(&[first, second]).inc()
             }
             "journey_conversions" => {
                 let (journey, reach) = label.split_once('/').unwrap_or((label, ""));
@@ -187,6 +196,8 @@ pub fn metrics() -> &'static Metrics {
                     prometheus::Gauge::new("message_coordination_rate", "Share of final decisions coordinated since this process started"),
                 ),
             },
+            campaign_requests: counter(&registry, "campaign_requests_total", "Message requests made by campaigns, by campaign and trigger (event, segment_entry, schedule)", &["campaign", "trigger"]),
+            catalog_changes: counter(&registry, "catalog_changes_total", "Content items and campaigns received at run time, by catalog (content, campaign) and change (changed, deleted)", &["catalog", "change"]),
             journeys: JourneyMetrics {
                 events: counter(&registry, "journey_events_total", "Journey progress: entered, step, exited and converted, by journey and step", &["journey", "event", "step"]),
                 conversions: counter(&registry, "journey_conversions_total", "Journey conversions, by whether the customer used several channels in the journey (cross_channel) or one", &["journey", "reach"]),

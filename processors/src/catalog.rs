@@ -62,7 +62,8 @@ impl Processor for Catalog {
                 json_of(bytes, reason)?
             }
         };
-        ctx.count("catalog_changes", if value.is_null() { "deleted" } else { "changed" });
+        let catalog = if campaign { "campaign" } else { "content" };
+        ctx.count("catalog_changes", format!("{catalog}/{}", if value.is_null() { "deleted" } else { "changed" }));
         let change = Resolved {
             kind,
             canonical_id: String::new(),
@@ -73,7 +74,7 @@ impl Processor for Catalog {
         };
         let bytes = serde_json::to_vec(&change)
             .map_err(|e| ProcessError::reject(reason, format!("cannot encode {key:?}: {e}")))?;
-        let routing = format!("{}:{key}", if campaign { "campaign" } else { "content" });
+        let routing = format!("{catalog}:{key}");
         for p in 0..ctx.partitions(RESOLVED_TOPIC) {
             ctx.emit(RESOLVED_TOPIC, routing.as_bytes(), Some(bytes.clone()), Some(p));
         }

@@ -561,6 +561,7 @@ mod tests {
         assert_eq!(shipped.personalisation, defaults.personalisation);
         assert_eq!(shipped.journeys, defaults.journeys);
         assert_eq!(shipped.content, defaults.content);
+        assert_eq!(shipped.campaigns, defaults.campaigns);
     }
 
     #[test]
