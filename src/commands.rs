@@ -8,9 +8,11 @@ use crate::http::{event_key, serve, ApiState};
 use crate::kafka::{client_config, create_topics, now_ms};
 use crate::query::{LocalStores, Query};
 use anyhow::{anyhow, bail, Context as _, Result};
+use chorus_processors::campaigns::config::CampaignConfig;
+use chorus_processors::content::ContentItem;
 use chorus_processors::identity;
 use chorus_processors::personalisation::Precomputed;
-use chorus_processors::topology::{Clock, CONSENT, EVENTS_RAW, MESSAGES_REQUESTS, RECOMMENDATIONS};
+use chorus_processors::topology::{Clock, CAMPAIGNS, CONSENT, CONTENT, EVENTS_RAW, MESSAGES_REQUESTS, RECOMMENDATIONS};
 use chorus_processors::{processor_specs, Topology};
 use chorus_schemas::{decode_avro, ConsentChange, Event, MessageRequest};
 use chorus_state::SharedResources;
@@ -495,6 +497,13 @@ fn record_key(topic: &str, value: &Value, topology: &Topology) -> Result<(String
             let list = Precomputed::parse(value.to_string().as_bytes()).map_err(|e| anyhow!(e))?;
             let key = list.canonical_id.filter(|c| !c.is_empty());
             (key.ok_or_else(|| anyhow!("a recommendations record needs `canonical_id` (its key)"))?, false)
+        }
+        CONTENT => (ContentItem::parse(value.to_string().as_bytes())?.id, false),
+        CAMPAIGNS => {
+            let id = value.get("id").and_then(Value::as_str).unwrap_or_default();
+            let campaign =
+                CampaignConfig::from_record(id, value.to_string().as_bytes(), topology).map_err(|e| anyhow!(e))?;
+            (campaign.id, false)
         }
         _ => (value.get("key").and_then(Value::as_str).unwrap_or_default().to_owned(), false),
     })

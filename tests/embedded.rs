@@ -112,7 +112,7 @@ fn bad_input_lands_in_the_dlq_and_decisions_follow_consent() {
         chorus.bootstrap(),
         "messages.requests",
         &[
-            json!({"request_id": "r1", "timestamp": ts(T0 + 1), "customer_id": "c1", "category": "promotional", "campaign_id": "spring", "content_id": "promo", "channels": ["email"]}),
+            json!({"request_id": "r1", "timestamp": ts(T0 + 1), "customer_id": "c1", "category": "promotional", "campaign_id": "spring", "content_id": "cart_reminder", "channels": ["email"]}),
         ],
     );
     eventually(60, "r1 suppressed", || {
@@ -129,7 +129,7 @@ fn bad_input_lands_in_the_dlq_and_decisions_follow_consent() {
         chorus.bootstrap(),
         "messages.requests",
         &[
-            json!({"request_id": "r2", "timestamp": ts(T0 + 3), "customer_id": "c1", "category": "promotional", "campaign_id": "spring", "content_id": "promo", "channels": ["email"]}),
+            json!({"request_id": "r2", "timestamp": ts(T0 + 3), "customer_id": "c1", "category": "promotional", "campaign_id": "spring", "content_id": "cart_reminder", "channels": ["email"]}),
         ],
     );
     // r2 waits for its one-minute coordination window; event time moves with a tick.
@@ -271,5 +271,60 @@ fn identity_links_across_partitions_and_unlinks_over_http() {
     ] {
         assert!(metrics.contains(series), "{series} missing from /metrics");
     }
+    chorus.stop();
+}
+
+/// A content item and a campaign produced at run time reach every partition: a view of
+/// an outdoor product triggers the campaign, whose decision carries the item rendered
+/// for email with the customer's name.
+#[test]
+fn campaigns_and_content_arrive_at_run_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let topology = test_topology(dir.path());
+    let chorus = Chorus::up(&dir.path().join("data"), &topology);
+    let item = json!({"id": "winter_sale", "title": "{{ customer.first_name | default('Hi') }}, the winter sale is on",
+        "description": {"short": "Up to {{ vars.discount }} off {{ vars.event.category }} gear."},
+        "cta": {"label": "Shop", "url": "https://shop.example/winter"}});
+    produce_with(chorus.bootstrap(), &topology, "content", &[item]);
+    let campaign = json!({"id": "outdoor_picks", "category": "service", "content": "winter_sale", "channels": ["email"],
+        "trigger": {"event": "product.viewed", "if": "event.payload.category == \"outdoor\""},
+        "variables": {"discount": "30%"}});
+    produce_with(chorus.bootstrap(), &topology, "campaigns", &[campaign]);
+    let identify = json!({"event_id": "i1", "event_type": "identify", "timestamp": ts(T0), "customer_id": "c1",
+        "traits": {"email": "ann@example.com", "first_name": "Ann"}});
+    produce_with(chorus.bootstrap(), &topology, "events.raw", &[identify]);
+    eventually(60, "the profile", || (get_json(&format!("{}/v1/profiles/c1", chorus.http())).0 == 200).then_some(()));
+    let view = |id: &str, category: &str, at: i64| {
+        json!({"event_id": id, "event_type": "product.viewed", "timestamp": ts(at), "customer_id": "c1",
+               "payload": {"product_id": format!("p-{id}"), "category": category}})
+    };
+    produce_with(
+        chorus.bootstrap(),
+        &topology,
+        "events.raw",
+        &[view("v1", "kitchen", T0 + 1_000), view("v2", "outdoor", T0 + 2_000)],
+    );
+    // The request waits for its coordination window; a tick moves event time past it.
+    eventually(60, "the request deferred", || {
+        (tail(chorus.bootstrap(), "decisions.deferred", 1_000).len() == 1).then_some(())
+    });
+    tick(chorus.bootstrap(), &topology, T0 + 2_000 + 60_000);
+    let sent = eventually(60, "the campaign's email", || {
+        let r = tail(chorus.bootstrap(), "decisions.email", 1_000);
+        (r.len() == 1).then_some(r)
+    });
+    let decision = &sent[0]["value"];
+    assert_eq!(decision["campaign_id"], "outdoor_picks");
+    assert_eq!(decision["to"], "ann@example.com");
+    assert_eq!(decision["content"]["content_id"], "winter_sale");
+    assert_eq!(decision["content"]["subject"], "Ann, the winter sale is on");
+    let text = decision["content"]["text"].as_str().unwrap();
+    assert!(text.contains("Up to 30% off outdoor gear."), "{text}");
+    let (_, metrics) = get_text(&format!("{}/metrics", chorus.http()));
+    assert!(
+        metrics.contains(r#"chorus_campaign_requests_total{campaign="outdoor_picks",trigger="event"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"chorus_catalog_changes_total{catalog="content",change="changed"} 1"#));
     chorus.stop();
 }

@@ -43,7 +43,6 @@ impl Processor for Catalog {
         if key.is_empty() {
             return Err(ProcessError::reject(reason, format!("a {} record needs its id as key", record.topic)));
         }
-        ctx.observe_event_time(record.timestamp);
         let value = match record.value.as_deref() {
             None => Value::Null,
             Some(bytes) if campaign => {

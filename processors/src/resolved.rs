@@ -125,7 +125,12 @@ pub fn parse_for_stage(
     if resolved.stage.as_deref().is_some_and(|s| s != stage) {
         return Ok(None);
     }
-    ctx.observe_event_time(resolved.at);
+    // A catalogue change happens in the content team's time, not the customers': it
+    // must not move event time (a campaign written today would release tomorrow's
+    // timers of a stream replaying last year).
+    if !matches!(resolved.kind, Kind::Content | Kind::Campaign) {
+        ctx.observe_event_time(resolved.at);
+    }
     Ok(Some(resolved))
 }
 

@@ -200,7 +200,7 @@ fn campaigns_change_at_run_time_on_their_topic() {
     view(&mut d, "v1", "c1", "outdoor", T0 + MIN);
     assert_eq!(d.counter("campaign_requests", "outdoor_picks/event"), 0);
 
-    d.pipe_json("campaigns", "outdoor_picks", &outdoor_campaign(), 0);
+    d.pipe_json("campaigns", "outdoor_picks", &outdoor_campaign(), T0 + 365 * DAY);
     d.run().unwrap();
     view(&mut d, "v2", "c1", "outdoor", T0 + 2 * MIN);
     assert_eq!(d.counter("campaign_requests", "outdoor_picks/event"), 1, "added at run time");
@@ -267,7 +267,9 @@ fn content_from_its_topic_is_rendered_into_decisions_and_can_change() {
         json!({"id": "winter_sale", "title": title, "description": {"short": "Up to {{ vars.discount }} off coats."},
                "cta": {"label": "Shop", "url": "https://shop.example/winter"}})
     };
-    d.pipe_json("content", "winter_sale", &item("{{ customer.first_name }}, the winter sale is on"), 0);
+    // Written a year later than the stream's events: catalogue records do not move event time.
+    let written = T0 + 365 * DAY;
+    d.pipe_json("content", "winter_sale", &item("{{ customer.first_name }}, the winter sale is on"), written);
     d.run().unwrap();
     let request = |d: &mut TestDriver, id: &str, when: i64| {
         let r = json!({"request_id": id, "timestamp": ts(when), "customer_id": "c1", "category": "promotional",

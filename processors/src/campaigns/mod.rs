@@ -98,6 +98,9 @@ struct SegmentChange {
     customer_id: Option<String>,
     segment: String,
     change: String,
+    /// Event time of the change (the record's own timestamp is when it was written).
+    #[serde(default)]
+    at: i64,
 }
 
 struct CampaignStage {
@@ -292,7 +295,7 @@ impl CampaignStage {
         let Some(bytes) = record.value.as_deref() else { return Ok(()) };
         let change: SegmentChange = serde_json::from_slice(bytes)
             .map_err(|e| ProcessError::reject("invalid_segment_change", format!("segments record: {e}")))?;
-        ctx.observe_event_time(record.timestamp);
+        ctx.observe_event_time(change.at);
         let key = format!("{MEMBER}{}", change.canonical_id);
         let entered = change.change == "entered";
         let mut member = match ctx.get_json::<Member>(STORE, &key)? {
