@@ -323,3 +323,60 @@ fn without_personalisation_consent_content_is_not_personalised() {
     assert_eq!(email.len(), 1);
     assert_eq!(email[0]["content"]["subject"], "Hi, your cart is waiting", "no first name without consent");
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+    /// For any customers, purchases and views, on any partition count and interleaving:
+    /// a scheduled run requests exactly the audience's members, once each; an event
+    /// trigger requests once per matching event, never for another.
+    #[test]
+    fn campaigns_request_exactly_their_audience_and_matching_events(
+        spends in proptest::collection::vec(proptest::bool::ANY, 1..12),
+        views in proptest::collection::vec((0usize..12, proptest::bool::ANY), 0..30),
+        partitions in 1u32..5,
+        seed in 0u64..1_000,
+    ) {
+        let scheduled = json!({"id": "vip_run", "category": "service", "content": "cart_reminder", "channels": ["email"],
+            "audience": "high_value", "trigger": {"schedule": ts(T0 + HOUR)}});
+        let mut d = TestDriver::new(with_campaigns(partitions, vec![scheduled, outdoor_campaign()]), seed);
+        for (i, big) in spends.iter().enumerate() {
+            let c = format!("c{i}");
+            let mut e = event(&format!("id-{i}"), "identify", T0, json!({"customer_id": c}), json!({}));
+            e["traits"] = json!({"email": format!("{c}@example.com")});
+            send(&mut d, &e);
+            let total = if *big { 12_000.0 } else { 50.0 };
+            let payload = json!({"order_id": format!("o{i}"), "total": total, "items": []});
+            send(&mut d, &event(&format!("o{i}"), "order.completed", T0 + 1, json!({"customer_id": c}), payload));
+        }
+        let mut outdoor = 0;
+        for (n, (who, is_outdoor)) in views.iter().enumerate() {
+            let c = format!("c{}", who % spends.len());
+            let category = if *is_outdoor { "outdoor" } else { "kitchen" };
+            outdoor += usize::from(*is_outdoor);
+            let payload = json!({"product_id": format!("p{n}"), "category": category});
+            send(&mut d, &event(&format!("v{n}"), "product.viewed", T0 + 2 + n as i64, json!({"customer_id": c}), payload));
+        }
+        d.run().unwrap();
+        time(&mut d, T0 + HOUR);
+        time(&mut d, T0 + HOUR + 1);
+        let audience = spends.iter().filter(|big| **big).count() as u64;
+        proptest::prop_assert_eq!(d.counter("campaign_requests", "vip_run/schedule"), audience);
+        proptest::prop_assert_eq!(d.counter("campaign_requests", "outdoor_picks/event"), outdoor as u64);
+        let requested: Vec<String> = d
+            .read("events.resolved")
+            .iter()
+            .filter_map(|r| r.json())
+            .filter(|r| r["kind"] == "request" && r["body"]["campaign_id"] == "vip_run")
+            .map(|r| r["customer_id"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        let mut unique = requested.clone();
+        unique.sort();
+        unique.dedup();
+        proptest::prop_assert_eq!(unique.len(), requested.len(), "once each: {:?}", requested);
+        for c in &requested {
+            let i: usize = c[1..].parse().unwrap();
+            proptest::prop_assert!(spends[i], "{} is not high value", c);
+        }
+    }
+}
