@@ -1,17 +1,19 @@
-//! The HTTP API (axum): event intake, Customer 360 profile and context reads, health,
-//! readiness and Prometheus metrics. Errors are JSON `{"error": {"code", "message"}}`
-//! with the matching 4xx/5xx status.
+//! The HTTP API (axum): event intake, Customer 360 profile and context reads, content
+//! previews, health, readiness and Prometheus metrics. Errors are JSON
+//! `{"error": {"code", "message"}}` with the matching 4xx/5xx status.
 
 use crate::kafka::{client_config, now_ms};
 use crate::metrics::{metrics, render};
-use crate::query::{Lookup, Query};
+use crate::query::{Lookup, PreviewError, Query};
 use anyhow::{Context as _, Result};
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query as Params, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use chorus_processors::content::CHANNELS;
 use chorus_processors::identity::{self, Identifier};
 use chorus_processors::topology::{Clock, CONSENT, EVENTS_RAW, IDENTITY_REPARTITION};
 use chorus_processors::Topology;
@@ -50,6 +52,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/recommendations/{identifier}", get(get_recommendations))
         .route("/v1/instances", get(get_instances))
         .route("/v1/consent/{identifier}", get(get_consent).put(put_consent))
+        .route("/v1/content/{id}", get(get_content_preview))
         .route("/internal/v1/stores/{processor}/{partition}/{store}", get(get_store_value))
         .route("/v1/identity/unlink", post(post_unlink))
         .route("/v1/identity/{kind}/{value}", get(get_identity))
@@ -221,6 +224,74 @@ async fn get_recommendations(State(state): State<ApiState>, Path(identifier): Pa
 async fn get_consent(State(state): State<ApiState>, Path(identifier): Path<String>) -> Response {
     let lookup = state.query.consent(&identifier).await;
     lookup_response("/v1/consent", "consent", &identifier, lookup)
+}
+
+#[derive(serde::Deserialize)]
+struct PreviewParams {
+    channel: Option<String>,
+    /// Any identifier the customer endpoints take.
+    customer: Option<String>,
+    /// A JSON object: the request variables templates see as `vars`.
+    vars: Option<String>,
+}
+
+/// `GET /v1/content/{id}?channel=&customer=&vars=`: the item rendered for a channel as
+/// a decision would carry it, personalised for the customer when they consent.
+async fn get_content_preview(
+    State(state): State<ApiState>,
+    Path(content_id): Path<String>,
+    params: Result<Params<PreviewParams>, QueryRejection>,
+) -> Response {
+    let response = match content_preview(&state, &content_id, params).await {
+        Ok(preview) => (StatusCode::OK, Json(preview)).into_response(),
+        Err(response) => response,
+    };
+    count("/v1/content", response.status());
+    response
+}
+
+async fn content_preview(
+    state: &ApiState,
+    content_id: &str,
+    params: Result<Params<PreviewParams>, QueryRejection>,
+) -> Result<crate::query::ContentPreview, Response> {
+    let bad = |code, message: String| ApiError::new(StatusCode::BAD_REQUEST, code, message).into_response();
+    // The extractor's own rejection is plain text; answer in JSON like every error.
+    let Params(params) = params.map_err(|e| bad("invalid_request", e.body_text()))?;
+    let known = CHANNELS.join(", ");
+    let channel = params
+        .channel
+        .ok_or_else(|| bad("invalid_request", format!("the `channel` query parameter is required ({known})")))?;
+    if !CHANNELS.contains(&channel.as_str()) {
+        return Err(bad("invalid_channel", format!("unknown channel {channel:?} (known: {known})")));
+    }
+    // Absent like a request without `variables`.
+    let vars = match params.vars.as_deref() {
+        None => Value::Null,
+        Some(text) => match serde_json::from_str::<Value>(text) {
+            Ok(vars @ Value::Object(_)) => vars,
+            Ok(_) => return Err(bad("invalid_request", "`vars` must be a JSON object".into())),
+            Err(e) => return Err(bad("invalid_request", format!("`vars` is not valid JSON: {e}"))),
+        },
+    };
+    let customer = params.customer.as_deref();
+    state.query.content_preview(content_id, &channel, customer, &vars).await.map_err(|e| match e {
+        PreviewError::UnknownCustomer => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no customer for identifier {:?}", customer.unwrap_or_default()),
+        )
+        .into_response(),
+        PreviewError::UnknownContent => {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no content item {content_id:?}")).into_response()
+        }
+        PreviewError::Render(e) => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "content_error", e.to_string()).into_response()
+        }
+        PreviewError::Unavailable(why) => {
+            unavailable(format!("content item {content_id:?} cannot be previewed right now: {why}"))
+        }
+    })
 }
 
 #[derive(serde::Deserialize)]

@@ -7,6 +7,7 @@
 
 use crate::directory::{Directory, Owner};
 use crate::metrics::metrics;
+use chorus_processors::content::{ContentError, ContentItem};
 use chorus_processors::context::{self, CustomerContext};
 use chorus_processors::identity;
 use chorus_processors::orchestrator::{self, Recipient};
@@ -115,6 +116,34 @@ pub struct Query {
 
 /// Why an answer cannot be given right now.
 type Unavailable = String;
+
+/// `GET /v1/content/{id}`: a content item rendered for a channel, as a decision for
+/// that customer would carry it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ContentPreview {
+    pub content_id: String,
+    pub channel: String,
+    /// The customer it was rendered for; `None` for a preview without one.
+    pub canonical_id: Option<String>,
+    /// Whether templates saw the customer's profile (consent granted and profile known).
+    pub personalised: bool,
+    /// The channel's rendering, with `content_id` as in a decision.
+    pub rendered: Value,
+}
+
+/// Why a content preview has no rendering.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PreviewError {
+    /// No customer is known by the identifier given.
+    UnknownCustomer,
+    /// Neither the `content` topic nor topology.yaml has the item.
+    UnknownContent,
+    /// The item does not render for this channel and customer (a decision would be
+    /// suppressed with `content_error`).
+    Render(ContentError),
+    /// A store the preview reads is moving.
+    Unavailable(Unavailable),
+}
 
 impl Query {
     pub fn new(topology: Arc<Topology>, local: LocalStores, directory: Directory) -> Query {
@@ -325,6 +354,79 @@ impl Query {
             Ok(Some(serde_json::json!({"canonical_id": id, "purposes": purposes, "history": state.history})))
         })
         .await
+    }
+
+    /// `GET /v1/content/{id}`: `content_id` rendered for `channel` exactly as the
+    /// orchestrator renders a decision, from the same stores: the item from the
+    /// orchestrator's content store (else topology.yaml), the customer's template view
+    /// only while they consent to personalisation, `vars` as the request's variables.
+    /// Without a customer, templates see no customer fields and the item is read from
+    /// partition 0 (every partition holds every item).
+    pub async fn content_preview(
+        &self,
+        content_id: &str,
+        channel: &str,
+        customer: Option<&str>,
+        vars: &Value,
+    ) -> Result<ContentPreview, PreviewError> {
+        let canonical = match customer {
+            None => None,
+            Some(identifier) => match self.resolve(identifier).await {
+                Lookup::Found(id) => Some(id),
+                Lookup::Unknown => return Err(PreviewError::UnknownCustomer),
+                Lookup::Unavailable(e) => return Err(PreviewError::Unavailable(e)),
+            },
+        };
+        // The partition whose orchestrator would render a decision for this customer.
+        let partition = canonical
+            .as_deref()
+            .map_or(0, |id| partition_for(id.as_bytes(), self.topology.partitions_of(RESOLVED_TOPIC)));
+        let stored = self
+            .read(orchestrator::NAME, partition, orchestrator::CONTENT_STORE, content_id)
+            .await
+            .map_err(PreviewError::Unavailable)?;
+        // As the orchestrator: a stored item wins over topology.yaml, one that does not
+        // parse is no item.
+        let item = match stored {
+            Some(bytes) => serde_json::from_slice::<ContentItem>(&bytes).ok(),
+            None => self.topology.content.item(content_id).cloned(),
+        };
+        let item = item.ok_or(PreviewError::UnknownContent)?;
+        let (customer_view, personalised) = match &canonical {
+            Some(id) => self.template_customer(id).await.map_err(PreviewError::Unavailable)?,
+            None => (Value::Object(Default::default()), false),
+        };
+        let rendered = orchestrator::render_content(&item, channel, &customer_view, vars, &self.topology.content)
+            .map_err(PreviewError::Render)?;
+        Ok(ContentPreview {
+            content_id: content_id.to_owned(),
+            channel: channel.to_owned(),
+            canonical_id: canonical,
+            personalised,
+            rendered,
+        })
+    }
+
+    /// What the orchestrator's templates see as `customer` for canonical id `id`, and
+    /// whether that is their profile: without personalisation consent (or before the
+    /// orchestrator has mirrored the profile) only who the message is for.
+    async fn template_customer(&self, id: &str) -> Result<(Value, bool), Unavailable> {
+        let recipient: Recipient =
+            self.customer_json(orchestrator::NAME, orchestrator::CONSENT_STORE, id, id).await?.unwrap_or_default();
+        let view = if recipient.granted(orchestrator::PERSONALISATION, &self.topology) {
+            self.customer_json::<Value>(orchestrator::NAME, orchestrator::CUSTOMERS_STORE, id, id).await?
+        } else {
+            None
+        };
+        let personalised = view.is_some();
+        // A decision names the customer id its request carried, which identity resolved
+        // from the customer's component; only read when templates do not see the profile.
+        let customer_id = if personalised {
+            None
+        } else {
+            self.identity_json::<identity::Component>(id, &format!("comp:{id}")).await?.and_then(|c| c.customer_id)
+        };
+        Ok((orchestrator::template_customer(id, customer_id.as_deref(), view), personalised))
     }
 
     async fn load_profile(&self, id: &str) -> Result<Option<Profile>, Unavailable> {

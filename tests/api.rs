@@ -1,5 +1,5 @@
-//! The Customer 360, context and recommendation endpoints through the real binary on
-//! the embedded broker, and interactive queries across two instances.
+//! The Customer 360, context, recommendation and content preview endpoints through the
+//! real binary on the embedded broker, and interactive queries across two instances.
 
 mod common;
 
@@ -218,6 +218,113 @@ fn every_customer_endpoint_answers_on_the_embedded_broker() {
         "chorus_personalisation_served_total{endpoint=\"recommendations\",outcome=\"generic\"}",
         "chorus_store_bytes{",
         "chorus_end_to_end_seconds_bucket{processor=\"context\"",
+    ] {
+        assert!(metrics.contains(series), "{series} missing from /metrics");
+    }
+    chorus.stop();
+}
+
+#[test]
+fn content_previews_render_items_for_a_channel_and_a_customer() {
+    let dir = tempfile::tempdir().unwrap();
+    let chorus = Chorus::up(&dir.path().join("data"), &test_topology(dir.path()));
+    let http = chorus.http().to_owned();
+    let preview = |id: &str, params: &[(&str, &str)]| {
+        let url = reqwest::Url::parse_with_params(&format!("{http}/v1/content/{id}"), params).unwrap();
+        get_json(url.as_str())
+    };
+
+    // A built-in item without a customer: templates see no customer fields.
+    let (status, p) = eventually(30, "the orchestrator's stores to be served", || {
+        Some(preview("cart_reminder", &[("channel", "email")])).filter(|(status, _)| *status != 503)
+    });
+    assert_eq!(status, 200, "{p}");
+    assert_eq!((p["content_id"].as_str(), p["channel"].as_str()), (Some("cart_reminder"), Some("email")));
+    assert_eq!((&p["canonical_id"], &p["personalised"]), (&Value::Null, &json!(false)));
+    assert_eq!(p["rendered"]["subject"], "Hi, your cart is waiting");
+    assert_eq!(p["rendered"]["content_id"], "cart_reminder", "as a decision carries it");
+
+    // A customer: personalised from the profile the orchestrator mirrors, by any identifier.
+    let identify = event(
+        "id-ann",
+        "identify",
+        0,
+        json!({"customer_id": "u7", "traits": {"first_name": "Ann", "email": "ann@example.com"}}),
+    );
+    produce(chorus.bootstrap(), "events.raw", &[identify]);
+    let p = eventually(30, "the preview to greet the customer", || {
+        let (status, p) = preview("cart_reminder", &[("channel", "email"), ("customer", "ann@example.com")]);
+        (status == 200 && p["rendered"]["subject"] == "Ann, your cart is waiting").then_some(p)
+    });
+    assert_eq!(p["personalised"], true);
+    let canonical = p["canonical_id"].as_str().unwrap().to_owned();
+    let text = p["rendered"]["text"].as_str().unwrap();
+    assert!(text.contains(&format!("cart?c={canonical}")), "{text}");
+    let (status, by_id) = preview("cart_reminder", &[("channel", "email"), ("customer", "u7")]);
+    assert_eq!((status, &by_id), (200, &p), "the same preview by customer id");
+
+    // Items published at run time, with the request variables.
+    let winter = json!({"id": "winter_sale", "title": "{{ customer.first_name }}, the winter sale is on",
+        "description": {"short": "Up to {{ vars.discount }} off coats."},
+        "cta": {"label": "Shop", "url": "https://shop.example/winter"}});
+    let link = json!({"id": "link_out", "title": "Go", "cta": {"label": "Open", "url": "{{ vars.link }}"}});
+    produce(chorus.bootstrap(), "content", &[winter, link]);
+    let vars = json!({"discount": "30%"}).to_string();
+    let sms = eventually(30, "the published item to render", || {
+        let (status, p) = preview("winter_sale", &[("channel", "sms"), ("customer", "u7"), ("vars", &vars)]);
+        (status == 200).then_some(p)
+    });
+    let text = sms["rendered"]["text"].as_str().unwrap();
+    assert!(text.starts_with("Ann, the winter sale is on"), "{text}");
+    assert!(text.contains("Up to 30% off coats."), "{text}");
+    assert_eq!(
+        (sms["rendered"]["encoding"].as_str(), sms["rendered"]["content_id"].as_str()),
+        (Some("GSM-7"), Some("winter_sale"))
+    );
+    // An item that does not render (a link from a variable that is no link): a decision
+    // would be suppressed with this reason.
+    eventually(30, "the second item to arrive", || (preview("link_out", &[("channel", "sms")]).0 == 200).then_some(()));
+    let script = json!({"link": "javascript:alert(1)"}).to_string();
+    let (status, e) = preview("link_out", &[("channel", "sms"), ("vars", &script)]);
+    assert_eq!((status, e["error"]["code"].as_str()), (422, Some("content_error")), "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("`cta.url` rendered to \"javascript:alert(1)\""), "{e}");
+
+    // Bad requests and unknown things: JSON errors.
+    let error = |id: &str, params: &[(&str, &str)]| {
+        let (status, e) = preview(id, params);
+        (status, e["error"]["code"].as_str().unwrap_or_default().to_owned(), e["error"]["message"].clone())
+    };
+    let (status, code, message) = error("cart_reminder", &[("channel", "fax")]);
+    assert_eq!((status, code.as_str()), (400, "invalid_channel"));
+    assert!(message.as_str().unwrap().contains("email, push, sms, chat, web, in_app"), "{message}");
+    let (status, code, _) = error("cart_reminder", &[]);
+    assert_eq!((status, code.as_str()), (400, "invalid_request"), "no channel");
+    for bad in ["not json", "[\"a list\"]"] {
+        let (status, code, _) = error("cart_reminder", &[("channel", "sms"), ("vars", bad)]);
+        assert_eq!((status, code.as_str()), (400, "invalid_request"), "vars={bad}");
+    }
+    let (status, code, _) = error("no_such_item", &[("channel", "email")]);
+    assert_eq!((status, code.as_str()), (404, "not_found"));
+    let (status, code, _) = error("cart_reminder", &[("channel", "email"), ("customer", "nobody@example.com")]);
+    assert_eq!((status, code.as_str()), (404, "not_found"));
+
+    // Without personalisation consent templates see who the message is for, no more.
+    let withdraw = json!({"purpose": "personalisation", "granted": false});
+    let r = reqwest::blocking::Client::new().put(format!("{http}/v1/consent/u7")).json(&withdraw).send().unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let generic = eventually(30, "the consent withdrawal to apply", || {
+        let (status, p) = preview("cart_reminder", &[("channel", "email"), ("customer", "u7")]);
+        (status == 200 && p["personalised"] == false).then_some(p)
+    });
+    assert_eq!(generic["rendered"]["subject"], "Hi, your cart is waiting");
+    assert_eq!(generic["canonical_id"], canonical);
+
+    let (_, metrics) = get_text(&format!("{http}/metrics"));
+    for series in [
+        "chorus_http_requests_total{route=\"/v1/content\",status=\"200\"}",
+        "chorus_http_requests_total{route=\"/v1/content\",status=\"400\"}",
+        "chorus_http_requests_total{route=\"/v1/content\",status=\"404\"}",
+        "chorus_http_requests_total{route=\"/v1/content\",status=\"422\"}",
     ] {
         assert!(metrics.contains(series), "{series} missing from /metrics");
     }
