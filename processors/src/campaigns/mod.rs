@@ -150,12 +150,13 @@ impl Processor for CampaignStage {
             Kind::Event => {
                 let member = self.member(ctx, &resolved.canonical_id, resolved.customer_id.as_deref())?;
                 let event_type = resolved.body.get("event_type").and_then(Value::as_str).unwrap_or_default();
-                for campaign in self.campaigns(ctx)? {
+                self.load(ctx)?;
+                for campaign in self.live(ctx.now) {
                     let t = &campaign.trigger;
                     if t.event.as_deref() == Some(event_type)
                         && t.condition.as_deref().is_none_or(|c| self.holds(c, &resolved.body))
                     {
-                        self.request(ctx, &campaign, &resolved.canonical_id, &member, Occasion::Event(&resolved.body))?;
+                        self.request(ctx, campaign, &resolved.canonical_id, &member, Occasion::Event(&resolved.body))?;
                     }
                 }
                 Ok(())
@@ -252,24 +253,29 @@ impl CampaignStage {
         ctx.delete(STORE, &key)
     }
 
-    /// The live campaigns of this task.
-    fn campaigns(&mut self, ctx: &mut Ctx<'_>) -> Result<Vec<CampaignConfig>, ProcessError> {
-        if self.campaigns.is_none() {
-            let mut all = Vec::new();
-            for (_, bytes) in ctx.scan_prefix(STORE, CAMPAIGN, usize::MAX)? {
-                if let Ok(stored) = serde_json::from_slice::<Stored>(&bytes) {
-                    all.push(stored.campaign);
-                }
-            }
-            for condition in all.iter().filter_map(|c| c.trigger.condition.clone()) {
-                // Checked before the campaign was stored; one that does not compile never holds.
-                let rule = RuleSet::compile([condition.as_str()]).unwrap_or_else(|_| RuleSet::empty());
-                self.conditions.insert(condition, rule);
-            }
-            self.campaigns = Some(all);
+    /// Load the task's campaigns from the store, once (again after a change).
+    fn load(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ProcessError> {
+        if self.campaigns.is_some() {
+            return Ok(());
         }
-        let now = ctx.now;
-        Ok(self.campaigns.iter().flatten().filter(|c| c.live(now)).cloned().collect())
+        let mut all = Vec::new();
+        for (_, bytes) in ctx.scan_prefix(STORE, CAMPAIGN, usize::MAX)? {
+            if let Ok(stored) = serde_json::from_slice::<Stored>(&bytes) {
+                all.push(stored.campaign);
+            }
+        }
+        for condition in all.iter().filter_map(|c| c.trigger.condition.clone()) {
+            // Checked before the campaign was stored; one that does not compile never holds.
+            let rule = RuleSet::compile([condition.as_str()]).unwrap_or_else(|_| RuleSet::empty());
+            self.conditions.insert(condition, rule);
+        }
+        self.campaigns = Some(all);
+        Ok(())
+    }
+
+    /// The loaded campaigns that may send at `now`.
+    fn live(&self, now: i64) -> impl Iterator<Item = &CampaignConfig> {
+        self.campaigns.iter().flatten().filter(move |c| c.live(now))
     }
 
     fn holds(&self, condition: &str, event: &Value) -> bool {
@@ -316,9 +322,10 @@ impl CampaignStage {
         if !(entered && changed) {
             return Ok(());
         }
-        for campaign in self.campaigns(ctx)? {
+        self.load(ctx)?;
+        for campaign in self.live(ctx.now) {
             if campaign.trigger.segment_entry.as_deref() == Some(change.segment.as_str()) {
-                self.request(ctx, &campaign, &change.canonical_id, &member, Occasion::SegmentEntry(&change.segment))?;
+                self.request(ctx, campaign, &change.canonical_id, &member, Occasion::SegmentEntry(&change.segment))?;
             }
         }
         Ok(())

@@ -305,7 +305,12 @@ fn on_profile(ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
         Some(bytes) => {
             let snapshot: Value = serde_json::from_slice(bytes)
                 .map_err(|e| ProcessError::reject("invalid_profile", format!("profiles record: {e}")))?;
-            ctx.put_json(CUSTOMERS_STORE, &id, &crate::profile::template_view(&snapshot))
+            let view = crate::profile::template_view(&snapshot);
+            // Most events change nothing templates see: skip the write and its changelog record.
+            if ctx.get_json::<Value>(CUSTOMERS_STORE, &id)?.as_ref() == Some(&view) {
+                return Ok(());
+            }
+            ctx.put_json(CUSTOMERS_STORE, &id, &view)
         }
     }
 }

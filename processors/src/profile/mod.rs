@@ -607,12 +607,15 @@ impl Profile {
 
 /// What content templates see as `customer`, from a Customer 360 snapshot as published
 /// on `profiles`: the customer's attributes (traits such as `first_name`) at the top
-/// level, then their metrics (`lifetime_value`, `last_purchase_category`, …), ids,
-/// email and phone, segments, preferred channel, time zone and locale.
+/// level, then their metrics (`lifetime_value`, `last_purchase_category`, `churn_risk`,
+/// …), ids, email and phone, segments, preferred channel, time zone and locale. What
+/// moves with every event (`event_count`, the churn score) is left out: it says nothing
+/// a message should, and without it most events leave the view unchanged.
 pub fn template_view(snapshot: &Value) -> Value {
     let mut view = snapshot.get("attributes").and_then(Value::as_object).cloned().unwrap_or_default();
     if let Some(metrics) = snapshot.get("metrics").and_then(Value::as_object) {
-        view.extend(metrics.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let lasting = metrics.iter().filter(|(k, _)| !matches!(k.as_str(), "event_count" | "churn_risk_score"));
+        view.extend(lasting.map(|(k, v)| (k.clone(), v.clone())));
     }
     let pick = |path: &[&str]| path.iter().try_fold(snapshot, |v, k| v.get(k)).cloned().unwrap_or(Value::Null);
     let fields: [(&str, &[&str]); 8] = [
@@ -866,5 +869,39 @@ impl ProfileStage {
         snapshot["personalisation"] = serde_json::to_value(&personalised).unwrap_or(Value::Null);
         ctx.put_json(STORE, &profile.canonical_id, &profile)?;
         ctx.emit_json(TOPIC, &profile.canonical_id, &snapshot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::template_view;
+    use serde_json::json;
+
+    fn snapshot(event_count: u64, churn: f64) -> serde_json::Value {
+        json!({"canonical_id": "c-1", "customer_id": "u1",
+               "identity": {"email": "ann@example.com", "phone": null},
+               "attributes": {"first_name": "Ann", "location": {"state": "QLD"}, "customer_id": "spoofed"},
+               "metrics": {"lifetime_value": 120.0, "event_count": event_count, "churn_risk_score": churn, "churn_risk": "low"},
+               "preferences": {"timezone": "Australia/Brisbane", "locale": "en-AU", "preferred_channel": "email"},
+               "segments": ["queensland"]})
+    }
+
+    #[test]
+    fn templates_see_traits_metrics_and_ids_with_the_ids_winning() {
+        let view = template_view(&snapshot(3, 0.1));
+        assert_eq!(view["first_name"], "Ann");
+        assert_eq!(view["location"]["state"], "QLD");
+        assert_eq!(view["lifetime_value"], 120.0);
+        assert_eq!(view["churn_risk"], "low");
+        assert_eq!(view["customer_id"], "u1", "a trait cannot pose as the customer id");
+        assert_eq!(view["email"], "ann@example.com");
+        assert_eq!(view["timezone"], "Australia/Brisbane");
+        assert_eq!(view["segments"], json!(["queensland"]));
+    }
+
+    #[test]
+    fn what_moves_with_every_event_leaves_the_view_unchanged() {
+        assert_eq!(template_view(&snapshot(3, 0.1)), template_view(&snapshot(4, 0.12)));
+        assert_ne!(template_view(&snapshot(3, 0.1)), template_view(&json!({"canonical_id": "c-1"})));
     }
 }
