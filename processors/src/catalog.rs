@@ -43,13 +43,13 @@ impl Processor for Catalog {
         if key.is_empty() {
             return Err(ProcessError::reject(reason, format!("a {} record needs its id as key", record.topic)));
         }
+        // The parsed record, re-encoded: each receiver reads exactly what was checked.
         let value = match record.value.as_deref() {
-            None => Value::Null,
-            Some(bytes) if campaign => {
+            None => Ok(Value::Null),
+            Some(bytes) if campaign => serde_json::to_value(
                 CampaignConfig::from_record(&key, bytes, &self.topology)
-                    .map_err(|e| ProcessError::reject(reason, format!("campaign {key:?}: {e}")))?;
-                json_of(bytes, reason)?
-            }
+                    .map_err(|e| ProcessError::reject(reason, format!("campaign {key:?}: {e}")))?,
+            ),
             Some(bytes) => {
                 let item = ContentItem::parse(bytes).map_err(|e| ProcessError::reject(reason, e.to_string()))?;
                 if item.id != key {
@@ -58,9 +58,10 @@ impl Processor for Catalog {
                         format!("content item id {:?} differs from the key {key:?}", item.id),
                     ));
                 }
-                json_of(bytes, reason)?
+                serde_json::to_value(item)
             }
-        };
+        }
+        .map_err(|e| ProcessError::reject(reason, format!("cannot encode {key:?}: {e}")))?;
         let catalog = if campaign { "campaign" } else { "content" };
         ctx.count("catalog_changes", format!("{catalog}/{}", if value.is_null() { "deleted" } else { "changed" }));
         let change = Resolved {
@@ -79,8 +80,4 @@ impl Processor for Catalog {
         }
         Ok(())
     }
-}
-
-fn json_of(bytes: &[u8], reason: &'static str) -> Result<Value, ProcessError> {
-    serde_json::from_slice(bytes).map_err(|e| ProcessError::reject(reason, e.to_string()))
 }

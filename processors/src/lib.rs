@@ -11,6 +11,7 @@ pub mod context;
 pub mod driver;
 pub mod identity;
 pub mod journeys;
+pub mod json;
 pub mod orchestrator;
 pub mod partition;
 pub mod personalisation;

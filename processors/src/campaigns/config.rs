@@ -64,15 +64,7 @@ impl CampaignConfig {
     /// Parse a `campaigns` topic record and check it against the topology; every
     /// problem is reported, each with its field.
     pub fn from_record(key: &str, bytes: &[u8], topology: &Topology) -> Result<CampaignConfig, String> {
-        let de = &mut serde_json::Deserializer::from_slice(bytes);
-        let campaign: CampaignConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            if path == "." {
-                e.into_inner().to_string()
-            } else {
-                format!("{path}: {}", e.into_inner())
-            }
-        })?;
+        let campaign: CampaignConfig = crate::json::parse_object(bytes)?;
         let mut errors = campaign.check(topology, "");
         if campaign.id != key {
             errors.push(ConfigError {
@@ -106,17 +98,11 @@ impl CampaignConfig {
         if !is_campaign_id(&self.id) {
             err("id", format!("{:?} is not a valid campaign id (lowercase letters, digits, _ - .)", self.id));
         }
-        if !topology.orchestration.categories.contains_key(&self.category) {
-            err("category", format!("{:?} is not a category of orchestration.categories", self.category));
+        for (field, message) in topology.orchestration.check_send(&self.category, &self.channels) {
+            err(field, message);
         }
         if self.content.trim().is_empty() {
             err("content", "must name a content item".into());
-        }
-        if self.channels.is_empty() {
-            err("channels", "must name at least one channel".into());
-        }
-        for c in self.channels.iter().filter(|c| !topology.orchestration.channels.contains(c)) {
-            err("channels", format!("{c:?} is not a declared channel"));
         }
         let segment_known = |s: &str| topology.segments.iter().any(|r| r.name == s);
         if let Some(a) = self.audience.as_deref().filter(|a| !segment_known(a)) {

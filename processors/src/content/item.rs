@@ -150,20 +150,7 @@ impl ContentItem {
     /// A `content` topic record: JSON of the item's shape with a non-empty `id` and
     /// templates that compile. The error names the first field at fault.
     pub fn parse(bytes: &[u8]) -> Result<ContentItem, ContentError> {
-        // serde would also read a struct from an array (`["x"]` as id "x").
-        if bytes.trim_ascii_start().first() != Some(&b'{') {
-            return Err(ContentError::Malformed("expected a JSON object".into()));
-        }
-        let mut json = serde_json::Deserializer::from_slice(bytes);
-        let item: ContentItem = serde_path_to_error::deserialize(&mut json).map_err(|e| {
-            let path = e.path().to_string();
-            if path == "." {
-                ContentError::Malformed(e.inner().to_string())
-            } else {
-                ContentError::Malformed(format!("{path}: {}", e.inner()))
-            }
-        })?;
-        json.end().map_err(|e| ContentError::Malformed(e.to_string()))?;
+        let item: ContentItem = crate::json::parse_object(bytes).map_err(ContentError::Malformed)?;
         if item.id.trim().is_empty() {
             return Err(ContentError::MissingId);
         }

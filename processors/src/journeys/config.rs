@@ -204,14 +204,8 @@ pub fn validate(journeys: &[JourneyConfig], topology: &crate::topology::Topology
                 }
             }
             if let Some(send) = &step.send {
-                if !topology.orchestration.categories.contains_key(&send.category) {
-                    errors.push(err(format!("{path}.send.category"), format!("{:?} is not a category", send.category)));
-                }
-                if send.channels.is_empty() {
-                    errors.push(err(format!("{path}.send.channels"), "must name at least one channel".into()));
-                }
-                for c in send.channels.iter().filter(|c| !topology.orchestration.channels.contains(c)) {
-                    errors.push(err(format!("{path}.send.channels"), format!("{c:?} is not a declared channel")));
+                for (field, message) in topology.orchestration.check_send(&send.category, &send.channels) {
+                    errors.push(err(format!("{path}.send.{field}"), message));
                 }
             }
         }

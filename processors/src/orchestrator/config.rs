@@ -239,6 +239,22 @@ impl Default for OrchestrationConfig {
 }
 
 impl OrchestrationConfig {
+    /// What is wrong with a message a journey or campaign would send: an undeclared
+    /// category, no channel, an undeclared channel; as (field, problem).
+    pub fn check_send(&self, category: &str, channels: &[String]) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        if !self.categories.contains_key(category) {
+            problems.push(("category", format!("{category:?} is not a category of orchestration.categories")));
+        }
+        if channels.is_empty() {
+            problems.push(("channels", "must name at least one channel".into()));
+        }
+        for c in channels.iter().filter(|c| !self.channels.contains(c)) {
+            problems.push(("channels", format!("{c:?} is not a declared channel")));
+        }
+        problems
+    }
+
     /// The consent purpose marketing on `channel` needs.
     pub fn purpose_of(&self, channel: &str) -> &str {
         self.channel_purposes.get(channel).map(String::as_str).unwrap_or("marketing_email")
