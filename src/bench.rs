@@ -12,13 +12,14 @@
 
 use crate::broker::EmbeddedBroker;
 use crate::commands::load_topology;
-use crate::engine::{run_processor, DrainState, EngineConfig};
+use crate::engine::{run_sub_topology, DrainState, EngineConfig};
 use crate::kafka::{changelog_topics, client_config, create_topic_list, create_topics, now_ms, TopicToCreate};
 use crate::metrics::metrics;
 use crate::query::LocalStores;
 use anyhow::{anyhow, bail, Context as _, Result};
+use chorus_processors::subtopology::group;
 use chorus_processors::topology::{Clock, EVENTS_RAW};
-use chorus_processors::{processor_specs, Ctx, ProcessError, Processor, ProcessorSpec, Record, Topology};
+use chorus_processors::{processor_specs, Ctx, ProcessError, Processor, ProcessorSpec, Record, SubTopology, Topology};
 use chorus_state::SharedResources;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -57,6 +58,8 @@ fn passthrough_spec() -> ProcessorSpec {
         inputs: vec![BENCH_IN.into()],
         stores: vec![],
         outputs: vec![BENCH_OUT.into()],
+        forwards: vec![],
+        sub_topology: "passthrough",
         factory: Box::new(|| Box::new(Copy)),
     }
 }
@@ -121,16 +124,16 @@ struct Running {
 }
 
 impl Running {
-    fn start(specs: Vec<ProcessorSpec>, config: &EngineConfig) -> Result<Running> {
+    fn start(subs: Vec<SubTopology>, config: &EngineConfig) -> Result<Running> {
         let shutdown = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
-        for spec in specs {
+        for sub in subs {
             let mut config = config.clone();
             config.shutdown = shutdown.clone();
             threads.push(
                 std::thread::Builder::new()
-                    .name(format!("bench-{}", spec.name))
-                    .spawn(move || run_processor(spec, config))?,
+                    .name(format!("bench-{}", sub.name))
+                    .spawn(move || run_sub_topology(sub, config))?,
             );
         }
         Ok(Running { shutdown, threads })
@@ -156,7 +159,7 @@ async fn passthrough_rate(
 ) -> Result<f64> {
     let n = records.len();
     produce_all(producer, BENCH_IN, records).await?;
-    let running = Running::start(vec![passthrough_spec()], config)?;
+    let running = Running::start(group(vec![passthrough_spec()]), config)?;
     let took =
         wait_for("the passthrough", Duration::from_secs(1800), || processed("passthrough", partitions) >= n as u64)
             .await?;
@@ -174,7 +177,10 @@ async fn create_bench_topics(
     let mut topics: Vec<TopicToCreate> =
         [BENCH_IN, BENCH_OUT].map(|name| TopicToCreate { name: name.into(), partitions, compacted: false }).to_vec();
     // Every task has timer and expiry stores, so the passthrough has changelogs too.
-    topics.extend(changelog_topics(&passthrough_spec(), topology));
+    topics.extend(changelog_topics(&passthrough_spec(), topology).into_iter().map(|mut t| {
+        t.name = topology.physical_topic(&t.name).into_owned();
+        t
+    }));
     match embedded {
         Some(broker) => {
             for t in &topics {
@@ -182,7 +188,7 @@ async fn create_bench_topics(
             }
             Ok(())
         }
-        None => create_topic_list(brokers, &topics, topology.topics.replication_factor).await.map(|_| ()),
+        None => create_topic_list(brokers, &topics, topology).await.map(|_| ()),
     }
 }
 
@@ -354,7 +360,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     println!("passthrough (consume→produce, same transactions):  {pass_rate:>10.0} events/s");
 
     produce_all(&producer, EVENTS_RAW, (0..n).map(|i| event(i, args.customers))).await?;
-    let running = Running::start(processor_specs(&topology), &config)?;
+    let running = Running::start(group(processor_specs(&topology)), &config)?;
     let slice_time = wait_for("the full slice", limit, || {
         processed("profile", args.partitions) >= n as u64 && processed("context", args.partitions) >= n as u64
     })
@@ -367,10 +373,10 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         .map(|s| format!("{} {:.0} µs", s.name, mean_processing_us(s.name, args.partitions)))
         .collect();
     println!("mean processing time per record:                   {}", per_record.join(", "));
-    let per_commit: Vec<String> = processor_specs(&topology)
+    let per_commit: Vec<String> = chorus_processors::sub_topologies(&topology)
         .iter()
         .map(|s| {
-            let h = metrics().commit_seconds.with_label_values(&[s.name]);
+            let h = metrics().commit_seconds.with_label_values(&[&s.name]);
             format!(
                 "{} {:.1} ms × {}",
                 s.name,
@@ -504,7 +510,7 @@ pub async fn bench_identity(args: IdentityBenchArgs) -> Result<()> {
         labels.iter().map(|l| metrics().business.with_label_values(&["identity", name, l]).get()).sum()
     };
     let started = Instant::now();
-    let running = Running::start(identity_spec, &config)?;
+    let running = Running::start(group(identity_spec), &config)?;
     let limit = Duration::from_secs(3600);
     wait_for("every record to resolve", limit, || business("resolved", &["known", "anonymous"]) >= n as u64).await?;
     // Then until the graph is quiet: no record consumed for 2 s (20 commit intervals).

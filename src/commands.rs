@@ -3,7 +3,7 @@
 
 use crate::broker::{forward_port, EmbeddedBroker};
 use crate::directory::Directory;
-use crate::engine::{run_processor, DrainState, EngineConfig};
+use crate::engine::{run_sub_topology, DrainState, EngineConfig};
 use crate::http::{event_key, serve, ApiState};
 use crate::kafka::{client_config, create_topics, now_ms};
 use crate::query::{LocalStores, Query};
@@ -27,13 +27,27 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The topology at `path`; the built-in default when `path` is the default
+/// `topology.yaml` and the working directory has none (said in the log). Its `kafka:`
+/// settings then apply to every Kafka client of the process.
 pub fn load_topology(path: &Path) -> Result<Topology> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read topology {}", path.display()))?;
-    Topology::from_yaml_str(&text).map_err(|errors| {
-        let all: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
-        anyhow!("invalid topology {}: {}", path.display(), all.join("; "))
-    })
+    let topology = if path == Path::new(DEFAULT_TOPOLOGY) && !path.exists() {
+        let cwd = std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default();
+        tracing::warn!("no {DEFAULT_TOPOLOGY} in {cwd}: using the built-in default topology");
+        Topology::default()
+    } else {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read topology {}", path.display()))?;
+        Topology::from_yaml_str(&text).map_err(|errors| {
+            let all: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+            anyhow!("invalid topology {}: {}", path.display(), all.join("; "))
+        })?
+    };
+    crate::kafka::use_settings(&topology.kafka)?;
+    Ok(topology)
 }
+
+/// The topology file every command reads unless told otherwise.
+pub const DEFAULT_TOPOLOGY: &str = "topology.yaml";
 
 pub fn validate(path: &Path) -> Result<()> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read topology {}", path.display()))?;
@@ -222,16 +236,9 @@ fn advertised_url(bound: &str) -> String {
 
 impl Pipeline {
     async fn run(self) -> Result<()> {
-        let specs = processor_specs(&self.topology);
-        let wanted: Vec<&str> = if self.processors == "all" {
-            specs.iter().map(|s| s.name).collect()
-        } else {
-            self.processors.split(',').map(str::trim).collect()
-        };
-        for w in &wanted {
-            if !specs.iter().any(|s| s.name == *w) {
-                bail!("unknown processor {w:?} (known: identity, profile, context, orchestrator)");
-            }
+        let subs = chorus_processors::subtopology::select(processor_specs(&self.topology), &self.processors)?;
+        for sub in &subs {
+            tracing::info!(sub_topology = %sub.name, members = ?sub.member_names(), "running");
         }
         std::fs::create_dir_all(&self.data_dir)
             .with_context(|| format!("cannot create {}", self.data_dir.display()))?;
@@ -253,7 +260,7 @@ impl Pipeline {
             fresh_broker: self.fresh_broker,
             embedded_broker: self.fresh_broker || crate::kafka::is_embedded_broker(&self.brokers),
         };
-        let directory = Directory::new(&self.instance_id, local.clone());
+        let directory = Directory::new(&self.instance_id, local.clone(), &self.topology);
         let api = ApiState::new(&self.brokers, Query::new(self.topology.clone(), local.clone(), directory.clone()))?;
         let http_stop = Arc::new(tokio::sync::Notify::new());
         let (http_task, bound) = serve(&self.http, api, http_stop.clone()).await?;
@@ -263,17 +270,21 @@ impl Pipeline {
         let directory_stop = Arc::new(AtomicBool::new(false));
         let directory_threads = directory.start(&self.brokers, url, directory_stop.clone())?;
 
-        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(&'static str, Result<()>)>();
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(String, Result<()>)>();
         let mut threads = Vec::new();
-        for spec in specs.into_iter().filter(|s| wanted.contains(&s.name)) {
+        for sub in subs {
             let config = config.clone();
             let done = done_tx.clone();
-            let name = spec.name;
-            drain.register(name);
+            let name = sub.name.clone();
+            drain.register(&name);
             let handle = std::thread::Builder::new()
                 .name(format!("chorus-{name}"))
                 .spawn(move || {
-                    let result = run_processor(spec, config);
+                    let local = config.local.clone();
+                    let result = supervised(&name, || run_sub_topology(sub, config));
+                    if let Err(e) = &result {
+                        local.set_failed(format!("sub-topology {name} stopped: {e:#}"));
+                    }
                     let _ = done.send((name, result));
                 })
                 .context("cannot start a processor thread")?;
@@ -283,7 +294,7 @@ impl Pipeline {
 
         let failure = tokio::select! {
             _ = wait_for_signal() => None,
-            finished = done_rx.recv() => finished.and_then(|(name, r)| r.err().map(|e| e.context(format!("processor {name} stopped")))),
+            finished = done_rx.recv() => finished.and_then(|(name, r)| r.err().map(|e| e.context(format!("sub-topology {name} stopped")))),
         };
         // Stop intake first, then let the pipeline finish what it accepted.
         http_stop.notify_waiters();
@@ -295,7 +306,7 @@ impl Pipeline {
         let mut errors: Vec<anyhow::Error> = failure.into_iter().collect();
         while let Some((name, result)) = done_rx.recv().await {
             if let Err(e) = result {
-                errors.push(e.context(format!("processor {name} stopped")));
+                errors.push(e.context(format!("sub-topology {name} stopped")));
             }
         }
         for t in threads {
@@ -308,6 +319,24 @@ impl Pipeline {
         match errors.into_iter().next() {
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+}
+
+/// Run a sub-topology's loop, turning a panic into an error: a thread that dies must
+/// stop the process (non-zero exit, `/readyz` failing first) rather than leave it
+/// serving state nobody updates.
+pub fn supervised(name: &str, run: impl FnOnce() -> Result<()>) -> Result<()> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_owned());
+            tracing::error!(sub_topology = name, panic = %message, "a processing thread panicked; stopping");
+            Err(anyhow!("panicked: {message}"))
         }
     }
 }
@@ -507,4 +536,16 @@ fn record_key(topic: &str, value: &Value, topology: &Topology) -> Result<(String
         }
         _ => (value.get("key").and_then(Value::as_str).unwrap_or_default().to_owned(), false),
     })
+}
+
+#[cfg(test)]
+mod supervision_tests {
+    use super::supervised;
+
+    #[test]
+    fn a_panicking_thread_becomes_an_error() {
+        let result = supervised("customer", || panic!("store exploded"));
+        assert_eq!(result.unwrap_err().to_string(), "panicked: store exploded");
+        assert!(supervised("customer", || Ok(())).is_ok());
+    }
 }

@@ -51,13 +51,20 @@ pub enum Owner {
 #[derive(Clone)]
 pub struct Directory {
     instance_id: String,
+    /// `chorus-instances` as named on the cluster (with the application id).
+    topic: String,
     members: Arc<RwLock<BTreeMap<String, Member>>>,
     local: LocalStores,
 }
 
 impl Directory {
-    pub fn new(instance_id: &str, local: LocalStores) -> Directory {
-        Directory { instance_id: instance_id.to_owned(), members: Arc::default(), local }
+    pub fn new(instance_id: &str, local: LocalStores, topology: &chorus_processors::Topology) -> Directory {
+        Directory {
+            instance_id: instance_id.to_owned(),
+            topic: topology.physical_topic(INSTANCES_TOPIC).into_owned(),
+            members: Arc::default(),
+            local,
+        }
     }
 
     pub fn owner(&self, processor: &str, partition: u32) -> Owner {
@@ -102,14 +109,14 @@ impl Directory {
             .create()
             .context("cannot create the instance directory producer")?;
         let consumer: BaseConsumer = client_config(brokers)
-            .set("group.id", format!("chorus-directory-{}", self.instance_id))
+            .set("group.id", format!("{}-directory-{}", self.topic, self.instance_id))
             .set("enable.auto.commit", "false")
             .set("fetch.wait.max.ms", "100")
             .create()
             .context("cannot create the instance directory consumer")?;
         let mut assignment = TopicPartitionList::new();
         assignment
-            .add_partition_offset(INSTANCES_TOPIC, 0, Offset::Beginning)
+            .add_partition_offset(&self.topic, 0, Offset::Beginning)
             .context("cannot assign the instance directory")?;
         consumer.assign(&assignment).context("cannot assign the instance directory")?;
 
@@ -152,7 +159,7 @@ impl Directory {
                     at: now_ms(),
                 };
                 let payload = serde_json::to_vec(&member).unwrap_or_default();
-                let record = FutureRecord::to(INSTANCES_TOPIC).key(&self.instance_id).payload(&payload).partition(0);
+                let record = FutureRecord::to(&self.topic).key(&self.instance_id).payload(&payload).partition(0);
                 match producer.send(record, Duration::from_secs(5)).await {
                     Ok(_) => {
                         self.apply(&self.instance_id, Some(&payload));
@@ -164,7 +171,7 @@ impl Directory {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let record = FutureRecord::<str, [u8]>::to(INSTANCES_TOPIC).key(&self.instance_id).partition(0);
+        let record = FutureRecord::<str, [u8]>::to(&self.topic).key(&self.instance_id).partition(0);
         let _ = producer.send(record, Duration::from_secs(5)).await;
     }
 }

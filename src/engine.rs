@@ -1,27 +1,33 @@
-//! The processing runtime: one Kafka consumer group per processor, one task per input
-//! partition, exactly-once by default. The loop is the classic one — consume, hand the
-//! record to its task, produce outputs, and every commit interval produce the tasks'
-//! store writes to their changelogs, add the consumed offsets, and commit it all in one
-//! Kafka transaction; store writes reach RocksDB only after that commit. Nothing here
-//! knows about customers: it moves records between Kafka and `chorus-processors`.
+//! The processing runtime: one Kafka consumer group per sub-topology, one task per input
+//! partition running every member processor of the sub-topology, exactly-once by
+//! default. The loop is the classic one — consume, hand the record to its task (which
+//! passes what its processors write for each other in memory), produce outputs, and
+//! when the commit interval elapses or the oldest uncommitted record reaches the latency
+//! budget, produce the tasks' store writes to their changelogs, add the consumed offsets,
+//! and commit it all in one Kafka transaction; store writes reach RocksDB only after that
+//! commit. Nothing here knows about customers: it moves records between Kafka and
+//! `chorus-processors`.
 //!
 //! Kafka details that matter (see docs/runtime.md):
-//! - The transactional id is per processor and instance, so a restarted instance fences
+//! - The transactional id is per sub-topology and instance, so a restarted instance fences
 //!   its own zombie and aborts its open transaction before it restores (otherwise the
 //!   changelog's last stable offset would stay behind the zombie's transaction).
 //! - Offsets are committed with the consumer's group metadata (KIP-447), so a member
 //!   that lost its partitions in a rebalance cannot commit for them any more.
-//! - Inputs of one processor are co-partitioned; the `range` assignor keeps partition N
-//!   of every input on the same member, which cooperative-sticky does not promise. Single-input
-//!   processors use cooperative-sticky.
+//! - Inputs of one sub-topology are co-partitioned; the `range` assignor keeps partition
+//!   N of every input on the same member, which cooperative-sticky does not promise.
+//!   Single-input sub-topologies use cooperative-sticky.
+//! - The commit waits for every delivery report by polling the producer in 1 ms steps
+//!   (rust-rdkafka's `flush` waits in 100 ms steps, which made every commit cost a
+//!   multiple of 100 ms).
 
 use crate::kafka::{client_config, now_ms};
 use crate::metrics::metrics;
 use crate::query::LocalStores;
 use anyhow::{anyhow, Context as _, Result};
-use chorus_processors::task::TaskOutput;
+use chorus_processors::task::{Meter, TaskOutput};
 use chorus_processors::topology::Processing;
-use chorus_processors::{ProcessError, ProcessorSpec, Record, Task, Topology};
+use chorus_processors::{ProcessError, Record, SubTopology, Task, Topology};
 use chorus_state::{changelog_topic, SharedResources, StoreWrite, TaskDb, TaskState};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
@@ -53,31 +59,32 @@ pub struct EngineConfig {
     pub embedded_broker: bool,
 }
 
-/// Run one processor until shutdown; returns when stopped cleanly.
-pub fn run_processor(spec: ProcessorSpec, config: EngineConfig) -> Result<()> {
-    let name = spec.name;
+/// Run one sub-topology's tasks until shutdown; returns when stopped cleanly.
+pub fn run_sub_topology(sub: SubTopology, config: EngineConfig) -> Result<()> {
+    let name = sub.name.clone();
     let eos = config.topology.processing == Processing::ExactlyOnce;
-    let producer = create_producer(&config, name, eos)?;
-    let inputs = spec.inputs.clone();
+    let producer = create_producer(&config, &name, eos)?;
+    let inputs = sub.kafka_inputs();
     let assignor = if inputs.len() > 1 { "range" } else { "cooperative-sticky" };
     let context = EngineContext {
-        name,
+        name: name.clone(),
         lag_series: Mutex::new(BTreeSet::new()),
         state: Mutex::new(EngineState {
-            spec,
+            sub,
             config: config.clone(),
             producer,
             eos,
             tasks: BTreeMap::new(),
-            txn_open: false,
+            txn_open: None,
             offsets: BTreeMap::new(),
             failed: None,
             records_out: BTreeMap::new(),
+            visible: Vec::new(),
         }),
     };
     let consumer: BaseConsumer<EngineContext> = client_config(&config.brokers)
-        .set("group.id", format!("chorus-{name}"))
-        .set("client.id", format!("chorus-{name}-{}", config.instance_id))
+        .set("group.id", config.topology.client_name(&name))
+        .set("client.id", config.topology.client_name(&format!("{name}-{}", config.instance_id)))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
@@ -89,24 +96,26 @@ pub fn run_processor(spec: ProcessorSpec, config: EngineConfig) -> Result<()> {
         .set("statistics.interval.ms", "2000")
         .create_with_context(context)
         .with_context(|| format!("cannot create the {name} consumer"))?;
-    let topics: Vec<&str> = inputs.iter().map(String::as_str).collect();
+    let physical: Vec<String> = inputs.iter().map(|t| config.topology.physical_topic(t).into_owned()).collect();
+    let topics: Vec<&str> = physical.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).with_context(|| format!("cannot subscribe {name} to {topics:?}"))?;
-    tracing::info!(processor = name, ?topics, assignor, "processor started");
+    tracing::info!(sub_topology = %name, ?topics, assignor, "sub-topology started");
 
     let interval = Duration::from_millis(config.topology.commit_interval.ms() as u64);
+    let budget = Duration::from_millis(config.topology.commit_latency_budget.ms() as u64);
     let mut last_commit = Instant::now();
     let mut last_drain_check = Instant::now();
     while !config.shutdown.load(Ordering::SeqCst) {
-        match consumer.poll(Duration::from_millis(20)) {
+        match consumer.poll(Duration::from_millis(5)) {
             Some(Ok(message)) => {
                 consumer.context().lock().process(&message)?;
-                config.drain.set_idle(name, false);
+                config.drain.set_idle(&name, false);
             }
-            Some(Err(e)) => tracing::warn!(processor = name, error = %e, "consumer error"),
+            Some(Err(e)) => tracing::warn!(sub_topology = %name, error = %e, "consumer error"),
             None => {
                 if config.drain.requested() && last_drain_check.elapsed() >= Duration::from_millis(100) {
-                    let idle = !consumer.context().lock().txn_open && caught_up(&consumer);
-                    config.drain.set_idle(name, idle);
+                    let idle = consumer.context().lock().txn_open.is_none() && caught_up(&consumer);
+                    config.drain.set_idle(&name, idle);
                     last_drain_check = Instant::now();
                 }
             }
@@ -114,7 +123,8 @@ pub fn run_processor(spec: ProcessorSpec, config: EngineConfig) -> Result<()> {
         if let Some(e) = consumer.context().lock().failed.take() {
             return Err(e);
         }
-        if last_commit.elapsed() >= interval {
+        let oldest = consumer.context().lock().txn_open;
+        if last_commit.elapsed() >= interval || oldest.is_some_and(|at| at.elapsed() >= budget) {
             let mut state = consumer.context().lock();
             state.punctuate()?;
             state.commit(&consumer)?;
@@ -126,7 +136,7 @@ pub fn run_processor(spec: ProcessorSpec, config: EngineConfig) -> Result<()> {
     state.close_all();
     drop(state);
     consumer.unsubscribe();
-    tracing::info!(processor = name, "processor stopped cleanly");
+    tracing::info!(sub_topology = %name, "sub-topology stopped cleanly");
     Ok(())
 }
 
@@ -135,21 +145,21 @@ pub fn run_processor(spec: ProcessorSpec, config: EngineConfig) -> Result<()> {
 #[derive(Default)]
 pub struct DrainState {
     requested: AtomicBool,
-    idle: Mutex<BTreeMap<&'static str, bool>>,
+    idle: Mutex<BTreeMap<String, bool>>,
 }
 
 impl DrainState {
-    pub fn register(&self, name: &'static str) {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).insert(name, false);
+    pub fn register(&self, name: &str) {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), false);
     }
 
     fn requested(&self) -> bool {
         self.requested.load(Ordering::SeqCst)
     }
 
-    fn set_idle(&self, name: &'static str, idle: bool) {
+    fn set_idle(&self, name: &str, idle: bool) {
         if self.requested() {
-            self.idle.lock().unwrap_or_else(|p| p.into_inner()).insert(name, idle);
+            self.idle.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), idle);
         }
     }
 
@@ -157,7 +167,7 @@ impl DrainState {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).values().all(|i| *i)
     }
 
-    /// Wait until every processor has been idle for several checks in a row (a record
+    /// Wait until every sub-topology has been idle for several checks in a row (a record
     /// one stage emits is input of the next), or until `limit`.
     pub async fn wait(&self, limit: Duration) {
         self.requested.store(true, Ordering::SeqCst);
@@ -193,15 +203,15 @@ fn caught_up<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> bool {
 fn create_producer(config: &EngineConfig, name: &str, eos: bool) -> Result<BaseProducer<DeliveryContext>> {
     let mut producer_config = client_config(&config.brokers);
     producer_config
-        .set("client.id", format!("chorus-{name}-{}", config.instance_id))
+        .set("client.id", config.topology.client_name(&format!("{name}-{}", config.instance_id)))
         .set("partitioner", "murmur2_random")
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
-        .set("message.max.bytes", "4194304")
+        .set("message.max.bytes", config.topology.limits.max_message_bytes().to_string())
         .set("enable.idempotence", "true");
     if eos {
         producer_config
-            .set("transactional.id", format!("chorus-{name}-{}", config.instance_id))
+            .set("transactional.id", config.topology.client_name(&format!("{name}-{}", config.instance_id)))
             .set("transaction.timeout.ms", "30000");
     }
     let producer: BaseProducer<DeliveryContext> = producer_config
@@ -244,7 +254,7 @@ impl ProducerContext for DeliveryContext {
 }
 
 struct EngineContext {
-    name: &'static str,
+    name: String,
     state: Mutex<EngineState>,
     /// Partitions with a lag series, so series of partitions that left can be removed.
     lag_series: Mutex<BTreeSet<(String, i32)>>,
@@ -264,14 +274,14 @@ impl ClientContext for EngineContext {
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
                 if *partition >= 0 && p.desired && p.consumer_lag >= 0 {
-                    metrics().lag.with_label_values(&[self.name, topic, &partition.to_string()]).set(p.consumer_lag);
+                    metrics().lag.with_label_values(&[&self.name, topic, &partition.to_string()]).set(p.consumer_lag);
                     now.insert((topic.clone(), *partition));
                 }
             }
         }
         let mut series = self.lag_series.lock().unwrap_or_else(|p| p.into_inner());
         for (topic, partition) in series.difference(&now) {
-            let _ = metrics().lag.remove_label_values(&[self.name, topic, &partition.to_string()]);
+            let _ = metrics().lag.remove_label_values(&[&self.name, topic, &partition.to_string()]);
         }
         *series = now;
     }
@@ -297,7 +307,7 @@ impl ConsumerContext for EngineContext {
             let mut state = self.lock();
             for p in assigned {
                 if let Err(e) = state.open_task(p) {
-                    tracing::error!(processor = state.spec.name, partition = p, error = %format!("{e:#}"), "cannot open task");
+                    tracing::error!(sub_topology = %state.sub.name, partition = p, error = %format!("{e:#}"), "cannot open task");
                     state.failed = Some(e);
                     return;
                 }
@@ -306,8 +316,9 @@ impl ConsumerContext for EngineContext {
     }
 }
 
-struct TaskSlot {
-    task: Task,
+/// One member's share of a task: its stores and their metrics.
+struct MemberSlot {
+    name: &'static str,
     state: TaskState,
     records_in: prometheus::IntCounter,
     processing_seconds: prometheus::Histogram,
@@ -315,58 +326,114 @@ struct TaskSlot {
     unapplied: Vec<StoreWrite>,
 }
 
+struct TaskSlot {
+    task: Task,
+    /// In member order, as the task expects its stores.
+    members: Vec<MemberSlot>,
+}
+
+/// The member store sets of a task, as the processors' `Task` sees them.
+struct SlotStores<'a>(&'a mut [MemberSlot]);
+
+impl chorus_processors::task::TaskStores for SlotStores<'_> {
+    fn member(&mut self, index: usize) -> &mut dyn chorus_processors::StoreSet {
+        &mut self.0[index].state
+    }
+}
+
+/// Thread CPU time per stage within one step: what a stage costs, without the time the
+/// thread spent descheduled on busy cores.
+#[derive(Default)]
+struct CpuMeter {
+    started: f64,
+    spent: Vec<(&'static str, f64)>,
+}
+
+impl CpuMeter {
+    fn thread_cpu_seconds() -> f64 {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `ts` is a valid timespec to write into; the clock id is a constant.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        if rc == 0 {
+            ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+        } else {
+            0.0
+        }
+    }
+}
+
+impl Meter for CpuMeter {
+    fn start(&mut self) {
+        self.started = Self::thread_cpu_seconds();
+    }
+
+    fn stop(&mut self, stage: &'static str) {
+        let spent = (Self::thread_cpu_seconds() - self.started).max(0.0);
+        match self.spent.iter_mut().find(|(s, _)| *s == stage) {
+            Some((_, total)) => *total += spent,
+            None => self.spent.push((stage, spent)),
+        }
+    }
+}
+
 struct EngineState {
-    spec: ProcessorSpec,
+    sub: SubTopology,
     config: EngineConfig,
     producer: BaseProducer<DeliveryContext>,
     eos: bool,
     tasks: BTreeMap<i32, TaskSlot>,
-    txn_open: bool,
+    /// When the open transaction took its first record (`None`: no transaction open).
+    txn_open: Option<Instant>,
     /// Next offset per consumed topic partition in the open transaction.
     offsets: BTreeMap<(String, i32), i64>,
     failed: Option<anyhow::Error>,
     /// Output counters by topic, looked up once rather than per record.
     records_out: BTreeMap<String, prometheus::IntCounter>,
+    /// Event times (by stage) whose effects become readable when the open transaction
+    /// commits: the end-to-end latency is recorded then.
+    visible: Vec<(&'static str, i64)>,
 }
 
 impl EngineState {
-    fn name(&self) -> &'static str {
-        self.spec.name
+    fn name(&self) -> &str {
+        &self.sub.name
     }
 
     fn begin(&mut self) -> Result<()> {
-        if self.eos && !self.txn_open {
+        if self.txn_open.is_some() {
+            return Ok(());
+        }
+        if self.eos {
             self.producer
                 .begin_transaction()
                 .map_err(|e| anyhow!("{}: cannot begin a transaction: {e}", self.name()))?;
         }
-        self.txn_open = true;
+        self.txn_open = Some(Instant::now());
         Ok(())
     }
 
     fn process(&mut self, message: &BorrowedMessage<'_>) -> Result<()> {
         let partition = message.partition();
         if !self.tasks.contains_key(&partition) {
-            tracing::warn!(processor = self.name(), partition, "record for a partition without a task; skipped");
+            tracing::warn!(sub_topology = self.name(), partition, "record for a partition without a task; skipped");
             return Ok(());
         }
         self.begin()?;
         let Some(slot) = self.tasks.get_mut(&partition) else { return Ok(()) };
         let record = Record {
-            topic: message.topic().to_owned(),
+            topic: self.config.topology.logical_topic(message.topic()).into_owned(),
             partition: partition as u32,
             offset: message.offset(),
             key: message.key().map(<[u8]>::to_vec),
             value: message.payload().map(<[u8]>::to_vec),
             timestamp: message.timestamp().to_millis().unwrap_or_else(now_ms),
         };
-        let started = Instant::now();
-        let out = slot.task.process(&mut slot.state, &record, now_ms());
-        slot.records_in.inc();
-        slot.processing_seconds.observe(started.elapsed().as_secs_f64());
-        let out = out.map_err(|e| task_failure(self.spec.name, partition, e))?;
+        let mut meter = CpuMeter::default();
+        let out = slot.task.process(&mut SlotStores(&mut slot.members), &record, now_ms(), &mut meter);
+        let out = out.map_err(|e| task_failure(&self.sub.name, partition, e))?;
+        observe(&mut slot.members, &out, &meter);
         self.send_outputs(out)?;
-        self.offsets.insert((record.topic, partition), record.offset + 1);
+        self.offsets.insert((message.topic().to_owned(), partition), record.offset + 1);
         Ok(())
     }
 
@@ -378,8 +445,13 @@ impl EngineState {
         let mut fired = Vec::new();
         let mut wrote = false;
         for (p, slot) in self.tasks.iter_mut() {
-            fired.push(slot.task.punctuate(&mut slot.state, now).map_err(|e| task_failure(self.spec.name, *p, e))?);
-            wrote |= slot.state.has_pending();
+            let mut meter = CpuMeter::default();
+            let out = slot
+                .task
+                .punctuate(&mut SlotStores(&mut slot.members), now, &mut meter)
+                .map_err(|e| task_failure(&self.sub.name, *p, e))?;
+            wrote |= slot.members.iter().any(|m| m.state.has_pending());
+            fired.push(out);
         }
         if wrote || fired.iter().any(|out| !out.outputs.is_empty()) {
             self.begin()?;
@@ -391,22 +463,20 @@ impl EngineState {
     }
 
     fn send_outputs(&mut self, out: TaskOutput) -> Result<()> {
-        let name = self.spec.name;
-        for c in &out.counters {
+        for (stage, c) in &out.counters {
             if c.name == "dlq" {
-                metrics().dlq.with_label_values(&[name, &c.label]).inc();
+                metrics().dlq.with_label_values(&[*stage, c.label.as_str()]).inc();
             }
-            metrics().business(name, c.name, &c.label);
+            metrics().business(stage, c.name, &c.label);
         }
+        self.visible.extend(out.visible);
         let now = now_ms();
-        for at in &out.visible {
-            metrics().end_to_end_seconds.with_label_values(&[name]).observe(((now - at).max(0)) as f64 / 1000.0);
-        }
         for o in &out.outputs {
             // The record timestamp is when chorus wrote it, not the event time (which
             // travels in the body): brokers apply time-based retention to record
             // timestamps, and replayed history would be deleted as soon as it is written.
-            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&o.topic).key(o.key.as_slice()).timestamp(now);
+            let topic = self.config.topology.physical_topic(&o.topic);
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&topic).key(o.key.as_slice()).timestamp(now);
             if let Some(value) = &o.value {
                 record = record.payload(value.as_slice());
             }
@@ -414,6 +484,7 @@ impl EngineState {
                 record = record.partition(p as i32);
             }
             send(&self.producer, record)?;
+            let name = &self.sub.name;
             self.records_out
                 .entry(o.topic.clone())
                 .or_insert_with(|| metrics().records_out.with_label_values(&[name, &o.topic]))
@@ -424,58 +495,90 @@ impl EngineState {
 
     /// Changelogs + offsets + outputs in one transaction; then apply to RocksDB.
     fn commit<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> Result<()> {
-        if !self.txn_open {
+        if self.txn_open.is_none() {
             return Ok(());
         }
         let started = Instant::now();
-        let name = self.spec.name;
+        let name = self.sub.name.clone();
         let mut flushed = Vec::new();
         for (p, slot) in self.tasks.iter_mut() {
-            flushed.push(slot.task.flush(&mut slot.state, now_ms()).map_err(|e| task_failure(name, *p, e))?);
+            let mut meter = CpuMeter::default();
+            let out = slot
+                .task
+                .flush(&mut SlotStores(&mut slot.members), now_ms(), &mut meter)
+                .map_err(|e| task_failure(&name, *p, e))?;
+            flushed.push(out);
         }
         for out in flushed {
             self.send_outputs(out)?;
         }
         for (p, slot) in self.tasks.iter_mut() {
-            let writes = slot.state.take_pending();
-            for w in &writes {
-                let topic = changelog_topic(name, &w.store);
-                let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&topic).key(w.key.as_slice()).partition(*p);
-                if let Some(v) = &w.value {
-                    record = record.payload(v.as_slice());
+            for member in &mut slot.members {
+                let writes = member.state.take_pending();
+                for w in &writes {
+                    let topic =
+                        self.config.topology.physical_topic(&changelog_topic(member.name, &w.store)).into_owned();
+                    let mut record: BaseRecord<'_, [u8], [u8]> =
+                        BaseRecord::to(&topic).key(w.key.as_slice()).partition(*p);
+                    if let Some(v) = &w.value {
+                        record = record.payload(v.as_slice());
+                    }
+                    send(&self.producer, record)?;
                 }
-                send(&self.producer, record)?;
+                member.unapplied.extend(writes);
             }
-            slot.unapplied.extend(writes);
         }
         let result = self.finish_transaction(consumer);
         if let Err(e) = result {
-            metrics().errors.with_label_values(&[name, "commit"]).inc();
-            tracing::warn!(processor = name, error = %format!("{e:#}"), "transaction failed; aborting and rewinding");
+            metrics().errors.with_label_values(&[&name, "commit"]).inc();
+            tracing::warn!(sub_topology = %name, error = %format!("{e:#}"), "transaction failed; aborting and rewinding");
             self.abort_and_rewind(consumer)?;
             return Ok(());
         }
         let written = std::mem::take(&mut *self.producer.context().written.lock().unwrap_or_else(|p| p.into_inner()));
         for (p, slot) in self.tasks.iter_mut() {
-            let checkpoints: BTreeMap<String, i64> = written
-                .iter()
-                .filter(|((topic, part), _)| part == p && topic.starts_with("chorus-") && topic.ends_with("-changelog"))
-                .map(|((topic, _), offset)| (topic.clone(), offset + 1))
-                .collect();
-            let writes = std::mem::take(&mut slot.unapplied);
-            slot.state
-                .db()
-                .apply(&writes, &checkpoints)
-                .with_context(|| format!("{name}[{p}]: cannot apply committed writes"))?;
+            for member in &mut slot.members {
+                let checkpoints: BTreeMap<String, i64> = written
+                    .iter()
+                    .filter(|((topic, part), _)| {
+                        part == p && is_changelog_of(&self.config.topology.logical_topic(topic), member.name)
+                    })
+                    .map(|((topic, _), offset)| (topic.clone(), offset + 1))
+                    .collect();
+                let writes = std::mem::take(&mut member.unapplied);
+                member
+                    .state
+                    .db()
+                    .apply(&writes, &checkpoints)
+                    .with_context(|| format!("{}[{p}]: cannot apply committed writes", member.name))?;
+            }
         }
         self.offsets.clear();
-        self.txn_open = false;
-        metrics().commit_seconds.with_label_values(&[name]).observe(started.elapsed().as_secs_f64());
+        self.txn_open = None;
+        // The effects are readable now (reads see committed state).
+        let now = now_ms();
+        for (stage, at) in std::mem::take(&mut self.visible) {
+            metrics().end_to_end_seconds.with_label_values(&[stage]).observe(((now - at).max(0)) as f64 / 1000.0);
+        }
+        metrics().commit_seconds.with_label_values(&[&name]).observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Wait until the broker acknowledged every record of the transaction, serving
+    /// delivery reports as they come.
+    fn await_deliveries(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.producer.in_flight_count() > 0 {
+            if Instant::now() >= deadline {
+                return Err(anyhow!("{} records not acknowledged within 30 s", self.producer.in_flight_count()));
+            }
+            self.producer.poll(Duration::from_millis(1));
+        }
         Ok(())
     }
 
     fn finish_transaction<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> Result<()> {
-        self.producer.flush(Duration::from_secs(30)).map_err(|e| anyhow!("flush: {e}"))?;
+        self.await_deliveries()?;
         let failures = std::mem::take(&mut *self.producer.context().failures.lock().unwrap_or_else(|p| p.into_inner()));
         if !failures.is_empty() {
             return Err(anyhow!("deliveries failed: {}", failures.join("; ")));
@@ -498,7 +601,7 @@ impl EngineState {
                 // a later offset; until then its new owner could replay from the last
                 // stored one (docs/runtime.md).
                 if let Err(e) = consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync) {
-                    tracing::warn!(processor = self.spec.name, error = %e, "offsets not stored on the embedded broker");
+                    tracing::warn!(sub_topology = self.name(), error = %e, "offsets not stored on the embedded broker");
                 }
             }
         } else if tpl.count() > 0 {
@@ -520,9 +623,12 @@ impl EngineState {
         }
         self.producer.context().written.lock().unwrap_or_else(|p| p.into_inner()).clear();
         for slot in self.tasks.values_mut() {
-            slot.state.discard_pending();
-            slot.unapplied.clear();
+            for member in &mut slot.members {
+                member.state.discard_pending();
+                member.unapplied.clear();
+            }
         }
+        self.visible.clear();
         let assignment = consumer.assignment().map_err(|e| anyhow!("assignment: {e}"))?;
         let committed = consumer
             .committed_offsets(assignment, Duration::from_secs(10))
@@ -537,8 +643,9 @@ impl EngineState {
             }
         }
         self.offsets.clear();
-        self.txn_open = false;
-        // Reopen tasks so their in-memory stream time matches the rewound input.
+        self.txn_open = None;
+        // Reopen tasks so that what their processors keep in memory matches the rewound
+        // input (stream time comes back from the stores).
         let partitions: BTreeSet<i32> = self.tasks.keys().copied().collect();
         self.close_partitions(&partitions);
         for p in partitions {
@@ -551,31 +658,51 @@ impl EngineState {
         if self.tasks.contains_key(&partition) {
             return Ok(());
         }
-        let name = self.spec.name;
-        let stores = self.spec.all_stores();
-        let path = self.config.data_dir.join("state").join(name).join(partition.to_string());
-        std::fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        let db = TaskDb::open(&path, &stores, &self.config.shared)
-            .with_context(|| format!("{name}[{partition}]: cannot open state"))?;
-        let started = Instant::now();
-        let restored = crate::restore::restore_task(&self.config, name, partition, &stores, &db)?;
-        tracing::info!(processor = name, partition, restored, ms = started.elapsed().as_millis() as u64, "task ready");
-        let state = TaskState::new(db, &stores);
-        self.config.local.register(name, partition as u32, state.db_handle());
-        let task = Task::new(&self.spec, &self.config.topology, partition as u32);
-        let labels = [name, &partition.to_string()];
-        let records_in = metrics().records_in.with_label_values(&labels);
-        let processing_seconds = metrics().processing_seconds.with_label_values(&labels);
-        self.tasks.insert(partition, TaskSlot { task, state, records_in, processing_seconds, unapplied: Vec::new() });
+        let mut members = Vec::new();
+        for spec in &self.sub.members {
+            let name = spec.name;
+            let stores = spec.all_stores();
+            let path = self.config.data_dir.join("state").join(name).join(partition.to_string());
+            std::fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
+            let db = TaskDb::open(&path, &stores, &self.config.shared)
+                .with_context(|| format!("{name}[{partition}]: cannot open state"))?;
+            let started = Instant::now();
+            let restored = crate::restore::restore_task(&self.config, name, partition, &stores, &db)?;
+            tracing::info!(
+                processor = name,
+                partition,
+                restored,
+                ms = started.elapsed().as_millis() as u64,
+                "store ready"
+            );
+            let state = TaskState::new(db, &stores);
+            let labels = [name, &partition.to_string()];
+            members.push(MemberSlot {
+                name,
+                state,
+                records_in: metrics().records_in.with_label_values(&labels),
+                processing_seconds: metrics().processing_seconds.with_label_values(&labels),
+                unapplied: Vec::new(),
+            });
+        }
+        // Served only once every member is restored.
+        for member in &members {
+            self.config.local.register(member.name, partition as u32, member.state.db_handle());
+        }
+        let task = Task::new(&self.sub, &self.config.topology, partition as u32);
+        tracing::info!(sub_topology = self.name(), partition, "task ready");
+        self.tasks.insert(partition, TaskSlot { task, members });
         Ok(())
     }
 
     fn close_partitions(&mut self, partitions: &BTreeSet<i32>) {
         for p in partitions {
             if let Some(slot) = self.tasks.remove(p) {
-                self.config.local.unregister(self.spec.name, *p as u32);
-                if let Err(e) = slot.state.db().flush() {
-                    tracing::warn!(processor = self.spec.name, partition = p, error = %e, "flush on close failed");
+                for member in &slot.members {
+                    self.config.local.unregister(member.name, *p as u32);
+                    if let Err(e) = member.state.db().flush() {
+                        tracing::warn!(processor = member.name, partition = p, error = %e, "flush on close failed");
+                    }
                 }
             }
         }
@@ -585,6 +712,26 @@ impl EngineState {
         let all: BTreeSet<i32> = self.tasks.keys().copied().collect();
         self.close_partitions(&all);
     }
+}
+
+/// Per-stage records and CPU time of one step.
+fn observe(members: &mut [MemberSlot], out: &TaskOutput, meter: &CpuMeter) {
+    for member in members {
+        if let Some((_, n)) = out.handled.iter().find(|(s, _)| *s == member.name) {
+            member.records_in.inc_by(*n as u64);
+        }
+        if let Some((_, secs)) = meter.spent.iter().find(|(s, _)| *s == member.name) {
+            member.processing_seconds.observe(*secs);
+        }
+    }
+}
+
+/// Whether `topic` is one of `processor`'s changelogs.
+fn is_changelog_of(topic: &str, processor: &str) -> bool {
+    topic
+        .strip_prefix("chorus-")
+        .and_then(|rest| rest.strip_prefix(processor))
+        .is_some_and(|rest| rest.starts_with('-') && rest.ends_with("-changelog"))
 }
 
 fn task_failure(name: &str, partition: i32, e: ProcessError) -> anyhow::Error {

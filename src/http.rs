@@ -38,6 +38,7 @@ impl ApiState {
             .set("enable.idempotence", "true")
             .set("linger.ms", "2")
             .set("message.timeout.ms", "10000")
+            .set("message.max.bytes", topology.limits.max_message_bytes().to_string())
             .create()
             .context("cannot create the HTTP intake producer")?;
         Ok(ApiState { topology, query, producer })
@@ -484,7 +485,8 @@ async fn unlink(state: &ApiState, body: &[u8]) -> Result<Value, ApiError> {
         Lookup::Unavailable(why) => return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_available", why)),
     };
     let (key, payload) = identity::unlink_message(&id, now_ms());
-    let record = FutureRecord::to(IDENTITY_REPARTITION).key(&key).payload(&payload).timestamp(now_ms());
+    let topic = state.topology.physical_topic(IDENTITY_REPARTITION);
+    let record = FutureRecord::to(&topic).key(&key).payload(&payload).timestamp(now_ms());
     state.producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -514,6 +516,9 @@ async fn get_metrics(State(state): State<ApiState>) -> Response {
 }
 
 async fn readyz(State(state): State<ApiState>) -> Response {
+    if let Some(why) = state.query.local.failure() {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "task_failed", why).into_response();
+    }
     if state.query.local.open_tasks() > 0 {
         (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
     } else {

@@ -9,9 +9,48 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
 use std::time::Duration;
 
-/// Settings every client of chorus uses.
+/// The topology's `kafka:` settings, with environment variables expanded; set once when
+/// the topology is loaded, applied to every client.
+static SETTINGS: OnceLock<BTreeMap<String, String>> = OnceLock::new();
+
+/// Use the topology's `kafka:` section for every client of this process. Values may
+/// name environment variables (`${SASL_PASSWORD}`); a missing one is an error. Only
+/// the keys are logged, never the values.
+pub fn use_settings(settings: &BTreeMap<String, String>) -> Result<()> {
+    let mut expanded = BTreeMap::new();
+    for (key, value) in settings {
+        expanded.insert(key.clone(), expand_env(value).with_context(|| format!("kafka.{key}"))?);
+    }
+    if !expanded.is_empty() {
+        tracing::info!(keys = ?expanded.keys().collect::<Vec<_>>(), "kafka settings from the topology");
+    }
+    // A second topology in one process (tests) keeps the first one's settings.
+    let _ = SETTINGS.set(expanded);
+    Ok(())
+}
+
+/// `${VAR}` replaced by the variable's value.
+fn expand_env(value: &str) -> Result<String> {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or_else(|| anyhow!("unterminated ${{ in a value"))?;
+        let name = &after[..end];
+        let var = std::env::var(name).map_err(|_| anyhow!("environment variable {name} is not set"))?;
+        out.push_str(&var);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Settings every client of chorus uses, then the topology's `kafka:` section.
 pub fn client_config(brokers: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
@@ -19,6 +58,9 @@ pub fn client_config(brokers: &str) -> ClientConfig {
         .set("broker.address.family", "v4")
         .set("socket.connection.setup.timeout.ms", "10000")
         .set("log_level", "3");
+    for (key, value) in SETTINGS.get().into_iter().flatten() {
+        config.set(key, value);
+    }
     config
 }
 
@@ -41,6 +83,9 @@ pub fn all_topics(topology: &Topology) -> Vec<TopicToCreate> {
         topics.extend(changelog_topics(&spec, topology));
     }
     topics.push(TopicToCreate { name: crate::directory::INSTANCES_TOPIC.into(), partitions: 1, compacted: true });
+    for t in &mut topics {
+        t.name = topology.physical_topic(&t.name).into_owned();
+    }
     topics
 }
 
@@ -63,18 +108,22 @@ pub fn check_reachable(brokers: &str, timeout: Duration) -> Result<()> {
 /// Create every topic (existing ones are left as they are; a partition count that
 /// differs from the topology is an error, since keys would land elsewhere).
 pub async fn create_topics(brokers: &str, topology: &Topology) -> Result<Vec<String>> {
-    create_topic_list(brokers, &all_topics(topology), topology.topics.replication_factor).await
+    create_topic_list(brokers, &all_topics(topology), topology).await
 }
 
-/// Create these topics (existing ones are checked, not changed).
-pub async fn create_topic_list(brokers: &str, topics: &[TopicToCreate], replication: i32) -> Result<Vec<String>> {
+/// Create these topics (existing ones are checked, not changed), each accepting the
+/// largest record chorus writes (`limits.max_message_bytes`).
+pub async fn create_topic_list(brokers: &str, topics: &[TopicToCreate], topology: &Topology) -> Result<Vec<String>> {
     check_reachable(brokers, Duration::from_secs(10))?;
     let admin: AdminClient<DefaultClientContext> =
         client_config(brokers).create().context("cannot create a Kafka admin client")?;
+    let replication = topology.topics.replication_factor;
+    let max_message_bytes = topology.limits.max_message_bytes().to_string();
     let new_topics: Vec<NewTopic> = topics
         .iter()
         .map(|t| {
-            let topic = NewTopic::new(&t.name, t.partitions as i32, TopicReplication::Fixed(replication));
+            let topic = NewTopic::new(&t.name, t.partitions as i32, TopicReplication::Fixed(replication))
+                .set("max.message.bytes", &max_message_bytes);
             if t.compacted {
                 topic.set("cleanup.policy", "compact")
             } else {

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub store_entries: IntGaugeVec,
     pub store_bytes: IntGaugeVec,
     pub restored_records: IntCounterVec,
+    /// Changelog records a restoring store still has to replay (0 once ready).
+    pub restore_remaining: IntGaugeVec,
     pub business: IntCounterVec,
     pub http_requests: IntCounterVec,
     pub identity: IdentityMetrics,
@@ -156,6 +158,13 @@ pub fn metrics() -> &'static Metrics {
             store_entries: gauge(&registry, "store_entries", "Approximate entries per store and partition", &["processor", "store", "partition"]),
             store_bytes: gauge(&registry, "store_bytes", "Approximate bytes per store and partition (live SST data and memtables)", &["processor", "store", "partition"]),
             restored_records: counter(&registry, "restored_records_total", "Changelog records replayed into stores", &["processor", "store"]),
+            restore_remaining: register(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new("restore_remaining_records", "Changelog records a restoring store still has to replay"),
+                    &["processor", "store", "partition"],
+                ),
+            ),
             business: counter(
                 &registry,
                 "events_total",

@@ -33,6 +33,9 @@ type TaskDbs = BTreeMap<(String, u32), Arc<TaskDb>>;
 #[derive(Clone, Default)]
 pub struct LocalStores {
     tasks: Arc<RwLock<TaskDbs>>,
+    /// Why a sub-topology of this process stopped, once one has: the process is going
+    /// down and must not report ready.
+    failed: Arc<RwLock<Option<String>>>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -56,6 +59,15 @@ impl LocalStores {
 
     fn db(&self, processor: &str, partition: u32) -> Option<Arc<TaskDb>> {
         self.tasks.read().unwrap_or_else(|p| p.into_inner()).get(&(processor.to_owned(), partition)).cloned()
+    }
+
+    /// Record that a sub-topology failed (its tasks stop being served).
+    pub fn set_failed(&self, why: String) {
+        self.failed.write().unwrap_or_else(|p| p.into_inner()).get_or_insert(why);
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        self.failed.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn open_tasks(&self) -> usize {

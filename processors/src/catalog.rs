@@ -26,6 +26,8 @@ pub fn spec(topology: &Topology) -> ProcessorSpec {
         inputs: vec![CONTENT.into(), CAMPAIGNS.into()],
         stores: vec![],
         outputs: vec![RESOLVED_TOPIC.into()],
+        forwards: vec![],
+        sub_topology: crate::subtopology::CATALOG,
         factory: Box::new(move || Box::new(Catalog { topology: topology.clone() })),
     }
 }

@@ -25,6 +25,8 @@ pub fn spec(topology: &Topology) -> ProcessorSpec {
         inputs: vec![RESOLVED_TOPIC.into()],
         stores: vec![STORE],
         outputs: vec![TOPIC.into(), RESOLVED_TOPIC.into()],
+        forwards: vec![TOPIC.into()],
+        sub_topology: crate::subtopology::CUSTOMER,
         factory: Box::new(move || Box::new(ContextStage { config: config.clone() })),
     }
 }
@@ -44,6 +46,29 @@ pub struct Session {
     /// Categories viewed in this session, most recent first (recommendations boost them).
     #[serde(default)]
     pub categories: Vec<String>,
+}
+
+/// Units of one product a cart line holds at most: a larger `quantity` is taken as
+/// this many (the arithmetic never overflows, whatever a producer sends).
+pub const MAX_QUANTITY: i64 = 1_000_000;
+
+/// Units an add or remove event moves: at least one, at most [`MAX_QUANTITY`].
+fn line_quantity(quantity: Option<f64>) -> i64 {
+    match quantity {
+        Some(q) if q.is_finite() => (q as i64).clamp(1, MAX_QUANTITY),
+        _ => 1,
+    }
+}
+
+/// Cart value rounded to cents; a price so large that the total is not finite counts
+/// as zero rather than writing a value JSON cannot hold.
+fn cart_value(items: &BTreeMap<String, CartItem>) -> f64 {
+    let total = (items.values().map(|i| i.price * i.quantity as f64).sum::<f64>() * 100.0).round() / 100.0;
+    if total.is_finite() {
+        total
+    } else {
+        0.0
+    }
 }
 
 /// Open offers kept per customer.
@@ -316,7 +341,7 @@ impl CustomerContext {
     fn update_cart(&mut self, event: &Event, config: &ContextConfig) {
         let at = event.timestamp_ms;
         let Some(product_id) = event.payload_str("product_id") else { return };
-        let quantity = event.payload_f64("quantity").unwrap_or(1.0).max(0.0) as i64;
+        let quantity = line_quantity(event.payload_f64("quantity"));
         let cart = self.cart.get_or_insert_with(|| Cart {
             items: BTreeMap::new(),
             value: 0.0,
@@ -331,12 +356,12 @@ impl CustomerContext {
                 price: event.payload_f64("price").unwrap_or(0.0),
                 quantity: 0,
             });
-            item.quantity += quantity.max(1);
+            item.quantity = item.quantity.saturating_add(quantity).min(MAX_QUANTITY);
             if let Some(price) = event.payload_f64("price") {
                 item.price = price;
             }
         } else if let Some(item) = cart.items.get_mut(product_id) {
-            item.quantity -= quantity.max(1);
+            item.quantity = item.quantity.saturating_sub(quantity);
             if item.quantity <= 0 {
                 cart.items.remove(product_id);
             }
@@ -344,7 +369,7 @@ impl CustomerContext {
         cart.channel = event.channel.clone().or(cart.channel.take());
         cart.updated_at = cart.updated_at.max(at);
         cart.expires_at = cart.updated_at.saturating_add(config.cart_ttl.ms());
-        cart.value = (cart.items.values().map(|i| i.price * i.quantity as f64).sum::<f64>() * 100.0).round() / 100.0;
+        cart.value = cart_value(&cart.items);
         if cart.items.is_empty() {
             self.cart = None;
         }
@@ -362,12 +387,14 @@ impl CustomerContext {
                 None => self.cart = Some(theirs),
                 Some(mine) => {
                     for (id, item) in theirs.items {
-                        mine.items.entry(id).and_modify(|i| i.quantity += item.quantity).or_insert(item);
+                        mine.items
+                            .entry(id)
+                            .and_modify(|i| i.quantity = i.quantity.saturating_add(item.quantity).min(MAX_QUANTITY))
+                            .or_insert(item);
                     }
                     mine.updated_at = mine.updated_at.max(theirs.updated_at);
                     mine.expires_at = mine.updated_at.saturating_add(config.cart_ttl.ms());
-                    mine.value =
-                        (mine.items.values().map(|i| i.price * i.quantity as f64).sum::<f64>() * 100.0).round() / 100.0;
+                    mine.value = cart_value(&mine.items);
                 }
             }
         }

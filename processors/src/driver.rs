@@ -1,14 +1,16 @@
 //! The TestDriver runs a whole topology in memory, in the spirit of Kafka Streams'
 //! TopologyTestDriver, but with partitions: every topic has its configured number of
-//! partitions (keys placed by Kafka's murmur2), every processor has one task per
-//! partition with its own stores, and which pending record is processed next is chosen
-//! by a seeded RNG. The same seed gives the same run; many seeds explore many
+//! partitions (keys placed by Kafka's murmur2), every sub-topology has one task per
+//! partition with its own stores (the same [`Task`] the runtime runs, so records pass
+//! between a task's processors in memory as they do there), and which pending record
+//! is processed next is chosen by a seeded RNG. The same seed gives the same run; many seeds explore many
 //! interleavings, so invariants can be property-tested across partition counts.
 
 use crate::partition::partition_for;
 use crate::processor::{Counter, Output, ProcessError, Record};
 use crate::store::{MemStoreSet, StoreSet};
-use crate::task::{ProcessorSpec, Task};
+use crate::subtopology::SubTopology;
+use crate::task::{NoMeter, ProcessorSpec, Task};
 use crate::topology::Topology;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -37,15 +39,18 @@ impl LoggedRecord {
 
 struct DriverTask {
     task: Task,
-    stores: MemStoreSet,
+    /// One store set per member.
+    stores: Vec<MemStoreSet>,
 }
 
-/// Index into `specs` and partition.
+/// Index into `subs` and partition.
 type TaskId = (usize, u32);
 
 pub struct TestDriver {
     topology: Topology,
-    specs: Vec<ProcessorSpec>,
+    subs: Vec<SubTopology>,
+    /// Topics each sub-topology reads from the log.
+    inputs: Vec<Vec<String>>,
     tasks: BTreeMap<TaskId, DriverTask>,
     /// Pending input per task and input topic, in log order.
     queues: BTreeMap<(TaskId, String), VecDeque<Record>>,
@@ -62,18 +67,21 @@ impl TestDriver {
         TestDriver::with_specs(topology, specs, seed)
     }
 
+    /// A driver for these processors, grouped into their sub-topologies.
     pub fn with_specs(topology: Topology, specs: Vec<ProcessorSpec>, seed: u64) -> TestDriver {
+        let subs = crate::subtopology::group(specs);
         let mut tasks = BTreeMap::new();
-        for (i, spec) in specs.iter().enumerate() {
-            let partitions = spec.inputs.iter().map(|t| topology.partitions_of(t)).max().unwrap_or(1);
-            for p in 0..partitions {
-                let stores = MemStoreSet::with_stores(spec.all_stores());
-                tasks.insert((i, p), DriverTask { task: Task::new(spec, &topology, p), stores });
+        for (i, sub) in subs.iter().enumerate() {
+            for p in 0..sub.partitions(&topology) {
+                let stores = sub.members.iter().map(|m| MemStoreSet::with_stores(m.all_stores())).collect();
+                tasks.insert((i, p), DriverTask { task: Task::new(sub, &topology, p), stores });
             }
         }
+        let inputs = subs.iter().map(SubTopology::kafka_inputs).collect();
         TestDriver {
             topology,
-            specs,
+            subs,
+            inputs,
             tasks,
             queues: BTreeMap::new(),
             logs: BTreeMap::new(),
@@ -92,7 +100,7 @@ impl TestDriver {
     /// their timers kept.
     pub fn restart(&mut self) {
         for ((i, p), task) in self.tasks.iter_mut() {
-            task.task = Task::new(&self.specs[*i], &self.topology, *p);
+            task.task = Task::new(&self.subs[*i], &self.topology, *p);
         }
     }
 
@@ -135,8 +143,8 @@ impl TestDriver {
             value: out.value.clone(),
             timestamp: out.timestamp,
         });
-        for (i, spec) in self.specs.iter().enumerate() {
-            if spec.inputs.contains(&out.topic) {
+        for (i, inputs) in self.inputs.iter().enumerate() {
+            if inputs.contains(&out.topic) {
                 let record = Record {
                     topic: out.topic.clone(),
                     partition,
@@ -165,9 +173,9 @@ impl TestDriver {
             let (task_id, _) = pick;
             let wall_now = self.wall_now;
             let entry = self.tasks.get_mut(&task_id).expect("every queue belongs to a task");
-            let out = entry.task.process(&mut entry.stores, &record, wall_now)?;
+            let out = entry.task.process(&mut entry.stores, &record, wall_now, &mut NoMeter)?;
             // The driver commits after every record.
-            let flushed = entry.task.flush(&mut entry.stores, wall_now)?;
+            let flushed = entry.task.flush(&mut entry.stores, wall_now, &mut NoMeter)?;
             self.absorb(out);
             self.absorb(flushed);
             processed += 1;
@@ -180,14 +188,14 @@ impl TestDriver {
         for id in ids {
             let wall_now = self.wall_now;
             let entry = self.tasks.get_mut(&id).expect("listed task");
-            let out = entry.task.punctuate(&mut entry.stores, wall_now)?;
+            let out = entry.task.punctuate(&mut entry.stores, wall_now, &mut NoMeter)?;
             self.absorb(out);
         }
         self.run()
     }
 
     fn absorb(&mut self, out: crate::task::TaskOutput) {
-        for c in out.counters {
+        for (_, c) in out.counters {
             *self.counters.entry(c).or_default() += 1;
         }
         for o in out.outputs {
@@ -223,23 +231,23 @@ impl TestDriver {
     /// A stored value of a processor's store, looked up in the partition owning `key`
     /// under `topic`'s partitioning; decoded from its expiry header.
     pub fn store_get(&mut self, processor: &str, store: &str, partition: u32, key: &str) -> Option<Vec<u8>> {
-        let i = self.specs.iter().position(|s| s.name == processor)?;
+        let (i, m) = self.member(processor)?;
         let entry = self.tasks.get_mut(&(i, partition))?;
-        let stored = entry.stores.store(store).ok()?.get(key.as_bytes()).ok()??;
+        let stored = entry.stores[m].store(store).ok()?.get(key.as_bytes()).ok()??;
         crate::store::decode_value(key.as_bytes(), &stored).ok().map(|(_, v)| v)
     }
 
     /// Every live entry of a store whose key starts with `prefix`, across partitions:
     /// `(partition, key, value)`.
     pub fn store_scan(&mut self, processor: &str, store: &str, prefix: &str) -> Vec<(u32, String, Vec<u8>)> {
-        let Some(i) = self.specs.iter().position(|s| s.name == processor) else { return Vec::new() };
+        let Some((i, m)) = self.member(processor) else { return Vec::new() };
         let end = crate::store::prefix_end(prefix.as_bytes());
         let mut out = Vec::new();
         for ((s, p), t) in self.tasks.iter_mut() {
             if *s != i {
                 continue;
             }
-            let Ok(st) = t.stores.store(store) else { continue };
+            let Ok(st) = t.stores[m].store(store) else { continue };
             for (k, v) in st.range(prefix.as_bytes(), &end, usize::MAX).unwrap_or_default() {
                 if let Ok((_, value)) = crate::store::decode_value(&k, &v) {
                     out.push((*p, String::from_utf8_lossy(&k).into_owned(), value));
@@ -251,11 +259,19 @@ impl TestDriver {
 
     /// Total entries of a store across partitions.
     pub fn store_len(&mut self, processor: &str, store: &str) -> u64 {
-        let Some(i) = self.specs.iter().position(|s| s.name == processor) else { return 0 };
+        let Some((i, m)) = self.member(processor) else { return 0 };
         self.tasks
             .iter_mut()
             .filter(|((s, _), _)| *s == i)
-            .filter_map(|(_, t)| t.stores.store(store).ok().map(|s| s.approximate_len()))
+            .filter_map(|(_, t)| t.stores[m].store(store).ok().map(|s| s.approximate_len()))
             .sum()
+    }
+
+    /// (sub-topology index, member index) of a processor.
+    fn member(&self, processor: &str) -> Option<(usize, usize)> {
+        self.subs
+            .iter()
+            .enumerate()
+            .find_map(|(i, sub)| sub.members.iter().position(|m| m.name == processor).map(|m| (i, m)))
     }
 }

@@ -21,6 +21,7 @@ pub mod resolved;
 pub mod rules;
 pub mod segments;
 pub mod store;
+pub mod subtopology;
 pub mod task;
 pub mod time;
 pub mod topology;
@@ -28,18 +29,36 @@ pub mod topology;
 pub use driver::TestDriver;
 pub use processor::{Counter, Ctx, Output, ProcessError, Processor, Record};
 pub use store::{MemStore, Store, StoreError, StoreSet};
+pub use subtopology::SubTopology;
 pub use task::{ProcessorSpec, Task};
 pub use topology::{ConfigError, Topology};
+
+/// Every processor of the pipeline with its sub-topology, in pipeline order (the order
+/// a record visits the members of a task).
+pub const PROCESSORS: [(&str, &str); 7] = [
+    (identity::NAME, subtopology::IDENTITY),
+    (catalog::NAME, subtopology::CATALOG),
+    (profile::NAME, subtopology::CUSTOMER),
+    (context::NAME, subtopology::CUSTOMER),
+    (orchestrator::NAME, subtopology::CUSTOMER),
+    (journeys::NAME, subtopology::CUSTOMER),
+    (campaigns::NAME, subtopology::CUSTOMER),
+];
+
+/// The sub-topologies of the pipeline, each with every member.
+pub fn sub_topologies(topology: &Topology) -> Vec<SubTopology> {
+    subtopology::group(processor_specs(topology))
+}
 
 /// The processors of the pipeline, in pipeline order.
 pub fn processor_specs(topology: &Topology) -> Vec<ProcessorSpec> {
     vec![
         identity::spec(topology),
+        catalog::spec(topology),
         profile::spec(topology),
         context::spec(topology),
         orchestrator::spec(topology),
         journeys::spec(topology),
-        catalog::spec(topology),
         campaigns::spec(topology),
     ]
 }

@@ -107,10 +107,20 @@ impl<'de> Deserialize<'de> for Duration {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Topology {
+    /// Prefixes consumer groups, transactional ids and internal topics (changelogs, the
+    /// identity repartition topic, the instance directory), as Kafka Streams'
+    /// `application.id`: two deployments with different ids share one cluster.
+    pub application_id: String,
+    /// librdkafka settings for every Kafka client (`security.protocol`, `sasl.*`,
+    /// `ssl.*`, tuning); `${VAR}` in a value is read from the environment.
+    pub kafka: BTreeMap<String, String>,
     pub clock: Clock,
     pub processing: Processing,
     /// How often a task commits its transaction (Kafka Streams' commit.interval.ms).
     pub commit_interval: Duration,
+    /// A task also commits as soon as its oldest uncommitted record has waited this
+    /// long, so a record's effects are not held back a whole interval.
+    pub commit_latency_budget: Duration,
     pub topics: TopicsConfig,
     pub limits: Limits,
     pub dedupe: DedupeConfig,
@@ -192,6 +202,10 @@ pub struct StateConfig {
     pub write_buffer_mb: usize,
 }
 
+/// The `application_id` of a topology that names none; internal topic names are
+/// spelled with it inside the processors and renamed at the Kafka boundary.
+pub const DEFAULT_APPLICATION_ID: &str = "chorus";
+
 pub const DEFAULT_EVENT_TYPES: &[&str] = &[
     "identify",
     "alias",
@@ -222,9 +236,12 @@ pub const DEFAULT_EVENT_TYPES: &[&str] = &[
 impl Default for Topology {
     fn default() -> Self {
         Topology {
+            application_id: DEFAULT_APPLICATION_ID.to_owned(),
+            kafka: BTreeMap::new(),
             clock: Clock::Wall,
             processing: Processing::ExactlyOnce,
             commit_interval: Duration(100),
+            commit_latency_budget: Duration(50),
             topics: TopicsConfig::default(),
             limits: Limits::default(),
             dedupe: DedupeConfig::default(),
@@ -247,6 +264,15 @@ impl Default for Topology {
 impl Default for TopicsConfig {
     fn default() -> Self {
         TopicsConfig { default_partitions: 8, replication_factor: 1, partitions: BTreeMap::new() }
+    }
+}
+
+impl Limits {
+    /// The largest record chorus writes, and so the producers' `message.max.bytes` and
+    /// the topics' `max.message.bytes`: an input of `max_record_bytes` wrapped in an
+    /// `events.resolved` record, with room to spare. Dead letters stay far below it.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_record_bytes.saturating_mul(2).saturating_add(64 * 1024)
     }
 }
 
@@ -350,6 +376,32 @@ impl Topology {
         let mut errors = Vec::new();
         if self.commit_interval.ms() <= 0 {
             errors.push(err("commit_interval", "must be positive"));
+        }
+        let id = &self.application_id;
+        if id.is_empty()
+            || id.len() > 100
+            || !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            errors.push(err(
+                "application_id",
+                "must be 1 to 100 characters of letters, digits, `-`, `_` and `.` (it prefixes topic names)",
+            ));
+        }
+        for key in self.kafka.keys() {
+            if matches!(
+                key.as_str(),
+                "bootstrap.servers"
+                    | "group.id"
+                    | "transactional.id"
+                    | "enable.auto.commit"
+                    | "isolation.level"
+                    | "enable.idempotence"
+            ) {
+                errors.push(err(format!("kafka.{key}"), "is set by chorus itself and cannot be overridden"));
+            }
+        }
+        if self.commit_latency_budget.ms() <= 0 {
+            errors.push(err("commit_latency_budget", "must be positive"));
         }
         if self.topics.default_partitions == 0 {
             errors.push(err("topics.default_partitions", "must be at least 1"));
@@ -498,6 +550,34 @@ impl Topology {
     }
 
     /// Topic → partition count, for processors that address partitions directly.
+    /// The name a topic has on the cluster: internal topics (spelled `chorus-...` in the
+    /// processors) carry the `application_id` instead.
+    pub fn physical_topic<'a>(&self, logical: &'a str) -> std::borrow::Cow<'a, str> {
+        match logical.strip_prefix("chorus-") {
+            Some(rest) if self.application_id != DEFAULT_APPLICATION_ID => {
+                std::borrow::Cow::Owned(format!("{}-{rest}", self.application_id))
+            }
+            _ => std::borrow::Cow::Borrowed(logical),
+        }
+    }
+
+    /// The processors' name of a topic read from the cluster (the inverse of
+    /// [`Topology::physical_topic`]).
+    pub fn logical_topic<'a>(&self, physical: &'a str) -> std::borrow::Cow<'a, str> {
+        if self.application_id == DEFAULT_APPLICATION_ID {
+            return std::borrow::Cow::Borrowed(physical);
+        }
+        match physical.strip_prefix(self.application_id.as_str()).and_then(|r| r.strip_prefix('-')) {
+            Some(rest) => std::borrow::Cow::Owned(format!("chorus-{rest}")),
+            None => std::borrow::Cow::Borrowed(physical),
+        }
+    }
+
+    /// A consumer group, transactional id or client id of this deployment.
+    pub fn client_name(&self, name: &str) -> String {
+        format!("{}-{name}", self.application_id)
+    }
+
     pub fn partition_map(&self) -> BTreeMap<String, u32> {
         self.topic_specs().into_iter().map(|t| (t.name, t.partitions)).collect()
     }
@@ -542,6 +622,11 @@ mod tests {
         let shipped = Topology::from_yaml_str(text).unwrap_or_else(|errors| panic!("{errors:?}"));
         // The shipped file spells out the built-in defaults.
         let defaults = Topology::default();
+        assert_eq!(
+            (shipped.commit_interval, shipped.commit_latency_budget),
+            (defaults.commit_interval, defaults.commit_latency_budget)
+        );
+        assert_eq!((&shipped.application_id, &shipped.kafka), (&defaults.application_id, &defaults.kafka));
         assert_eq!(shipped.identity.types, defaults.identity.types);
         assert_eq!(shipped.identity.blocked_values, defaults.identity.blocked_values);
         assert_eq!(shipped.identity.probabilistic.fields, defaults.identity.probabilistic.fields);
@@ -562,6 +647,23 @@ mod tests {
         assert_eq!(shipped.journeys, defaults.journeys);
         assert_eq!(shipped.content, defaults.content);
         assert_eq!(shipped.campaigns, defaults.campaigns);
+    }
+
+    #[test]
+    fn application_id_renames_internal_topics_only() {
+        let mut t = Topology::default();
+        assert_eq!(t.physical_topic("chorus-identity-repartition"), "chorus-identity-repartition");
+        t.application_id = "staging".into();
+        assert_eq!(t.physical_topic("chorus-profile-profiles-changelog"), "staging-profile-profiles-changelog");
+        assert_eq!(t.physical_topic("events.raw"), "events.raw");
+        assert_eq!(t.logical_topic("staging-identity-repartition"), "chorus-identity-repartition");
+        assert_eq!(t.logical_topic("profiles"), "profiles");
+        assert_eq!(t.client_name("customer"), "staging-customer");
+        assert!(t.validate().is_empty());
+        t.application_id = "no spaces".into();
+        t.kafka.insert("group.id".into(), "x".into());
+        let paths: Vec<String> = t.validate().into_iter().map(|e| e.path).collect();
+        assert_eq!(paths, vec!["application_id".to_owned(), "kafka.group.id".to_owned()]);
     }
 
     #[test]

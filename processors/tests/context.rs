@@ -200,3 +200,23 @@ proptest! {
         }
     }
 }
+
+/// A producer's absurd `quantity` (or price) neither overflows the cart arithmetic nor
+/// writes a value JSON cannot hold: the line is capped and the task keeps going.
+#[test]
+fn huge_quantity_caps_the_cart_line_instead_of_overflowing() {
+    let mut d = TestDriver::new(context_topology(2), 3);
+    let huge = json!({"product_id": "tent", "category": "outdoor", "price": 1e303, "quantity": 1e30});
+    send(&mut d, &event("e1", "cart.item_added", T0, customer(), huge.clone()));
+    send(&mut d, &event("e2", "cart.item_added", T0 + 1, customer(), huge));
+    d.run().unwrap();
+    let ctx = context(&d).unwrap();
+    let line = &ctx["cart"]["items"][0];
+    assert_eq!(line["product_id"], "tent");
+    assert_eq!(line["quantity"], chorus_processors::context::MAX_QUANTITY);
+    assert_eq!(ctx["cart"]["value"], 0.0, "a total that is not finite counts as zero");
+    let remove = json!({"product_id": "tent", "quantity": 1e30});
+    send(&mut d, &event("e3", "cart.item_removed", T0 + 2, customer(), remove));
+    d.run().unwrap();
+    assert_eq!(context(&d).unwrap()["cart"], Value::Null, "removing more than the line holds empties it");
+}

@@ -552,3 +552,61 @@ fn bad_identifiers_are_refused_counted_and_explained() {
     assert!(d.read("identity.merges").is_empty());
     assert!(GraphView::read(&mut d).check_converged().is_ok());
 }
+
+/// Two anonymous ids on one event (`anonymous_id` and `identifiers.anonymous_id`), and a
+/// second event naming the same two the other way round: both anchor on the same value
+/// (ties of one type break by value, not input order), so neither waits for the other;
+/// both resolve, to one customer.
+#[test]
+fn two_values_of_one_type_in_either_order_resolve_to_one_customer() {
+    for partitions in [1, 2, 4, 8] {
+        for seed in 0..8 {
+            let mut d = TestDriver::new(topology(partitions, true), seed);
+            identify(
+                &mut d,
+                "e1",
+                T0,
+                json!({"anonymous_id": "zed", "identifiers": {"anonymous_id": "amy"}}),
+                json!({}),
+            );
+            identify(
+                &mut d,
+                "e2",
+                T0 + 1,
+                json!({"anonymous_id": "amy", "identifiers": {"anonymous_id": "zed"}}),
+                json!({}),
+            );
+            d.run().unwrap();
+            let resolved: Vec<Value> =
+                d.read("events.resolved").iter().filter_map(|r| r.json()).filter(|r| r["kind"] == "event").collect();
+            assert_eq!(resolved.len(), 2, "partitions {partitions}, seed {seed}: {resolved:?}");
+            assert_eq!(resolved[0]["canonical_id"], resolved[1]["canonical_id"], "partitions {partitions}");
+            let a = identity_of(&mut d, "anonymous_id:amy");
+            let z = identity_of(&mut d, "anonymous_id:zed");
+            assert_eq!(a.canonical_id, z.canonical_id);
+        }
+    }
+}
+
+/// `POST /v1/identity/unlink` stamps the API's wall clock; under `clock: event` the
+/// unlink happens at the task's event time and does not move it (a stream replaying
+/// 2024 must not jump to the day the operator unlinked).
+#[test]
+fn an_unlink_does_not_move_event_time() {
+    let mut d = TestDriver::new(topology(1, true), 4);
+    identify(&mut d, "e1", T0, json!({"customer_id": "bob", "identifiers": {"email": "shared@x.com"}}), json!({}));
+    d.run().unwrap();
+    let wall_clock = T0 + 3 * 365 * 86_400_000;
+    let (key, value) =
+        chorus_processors::identity::unlink_message(&Identifier::raw("email", "shared@x.com"), wall_clock);
+    d.pipe("chorus-identity-repartition", key.as_bytes(), Some(value), 0);
+    d.run().unwrap();
+    let unlink = d.read("identity.merges").last().unwrap().json().unwrap();
+    assert_eq!(unlink["rule"], "unlink");
+    assert_eq!(unlink["at"], T0, "the unlink happened at the stream's time");
+    // The next event's time is still the stream's: a record at T0 + 1 s is not late.
+    identify(&mut d, "e2", T0 + 1_000, json!({"customer_id": "ann"}), json!({}));
+    d.run().unwrap();
+    let resolved: Vec<Value> = d.read("events.resolved").iter().filter_map(|r| r.json()).collect();
+    assert!(resolved.iter().all(|r| r["at"].as_i64().unwrap() < wall_clock), "{resolved:?}");
+}

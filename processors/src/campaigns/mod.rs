@@ -46,6 +46,8 @@ pub fn spec(topology: &Topology) -> ProcessorSpec {
         inputs: vec![RESOLVED_TOPIC.into(), SEGMENTS.into()],
         stores: vec![STORE],
         outputs: vec![RESOLVED_TOPIC.into()],
+        forwards: vec![],
+        sub_topology: crate::subtopology::CUSTOMER,
         factory: Box::new(move || {
             Box::new(CampaignStage { topology: topology.clone(), campaigns: None, conditions: BTreeMap::new() })
         }),

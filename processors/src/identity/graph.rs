@@ -343,8 +343,15 @@ pub struct Graph<'c> {
 impl Graph<'_> {
     /// Handle one message from the internal topic.
     pub fn handle(&self, ctx: &mut Ctx<'_>, env: Envelope) -> Result<(), ProcessError> {
-        ctx.observe_event_time(env.at);
-        let at = env.at;
+        // An unlink is an operator's command, stamped with the wall clock of the API
+        // that took it: it happens at the task's time and must not move event time
+        // (under `clock: event` a replay of last year would jump to today).
+        let at = if matches!(env.msg, Msg::Unlink { .. }) {
+            ctx.now
+        } else {
+            ctx.observe_event_time(env.at);
+            env.at
+        };
         match env.msg {
             Msg::Resolve(r) => self.on_resolve(ctx, at, *r),
             Msg::Link { id, canonical, evidence } => self.on_link(ctx, at, id, canonical, evidence),

@@ -50,6 +50,8 @@ pub fn spec(topology: &Topology) -> ProcessorSpec {
             IDENTITY_REPARTITION.into(),
             "events.dlq".into(),
         ],
+        forwards: vec![],
+        sub_topology: crate::subtopology::IDENTITY,
         factory: Box::new(move || Box::new(Identity { topology: topology.clone() })),
     }
 }
@@ -163,7 +165,7 @@ impl Identity {
                 }
             }
         }
-        out.identifiers.sort_by_key(|id| config.rank(&id.kind));
+        out.identifiers.sort_by(|a, b| anchor_order(config, a, b));
         out
     }
 
@@ -350,8 +352,15 @@ pub fn partition_key(config: &config::IdentityConfig, event: &Event) -> Option<S
     raw_identifiers(event)
         .into_iter()
         .filter_map(|(kind, value)| Identifier::parse(config, kind, value).ok())
-        .min_by_key(|id| config.rank(&id.kind))
+        .min_by(|a, b| anchor_order(config, a, b))
         .map(|id| id.label())
+}
+
+/// Most specific type first; two values of one type by value, never by input order:
+/// two events naming the same pair in opposite orders must anchor on the same
+/// identifier, or each can wait for the other forever.
+fn anchor_order(config: &config::IdentityConfig, a: &Identifier, b: &Identifier) -> std::cmp::Ordering {
+    config.rank(&a.kind).cmp(&config.rank(&b.kind)).then_with(|| a.value.cmp(&b.value))
 }
 
 /// [`partition_key`] for message requests and consent changes.
@@ -363,7 +372,7 @@ pub fn named_partition_key(
     named(customer_id, identifiers)
         .into_iter()
         .filter_map(|(kind, value)| Identifier::parse(config, kind, value).ok())
-        .min_by_key(|id| config.rank(&id.kind))
+        .min_by(|a, b| anchor_order(config, a, b))
         .map(|id| id.label())
 }
 

@@ -39,6 +39,8 @@ pub fn spec(topology: &Topology) -> ProcessorSpec {
         inputs: vec![RESOLVED_TOPIC.into(), CONTEXT_TOPIC.into()],
         stores: vec![STORE],
         outputs: vec![TOPIC.into(), RESOLVED_TOPIC.into()],
+        forwards: vec![TOPIC.into()],
+        sub_topology: crate::subtopology::CUSTOMER,
         factory: Box::new(move || Box::new(JourneyStage { journeys: journeys.clone() })),
     }
 }

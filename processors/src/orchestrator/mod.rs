@@ -57,6 +57,8 @@ pub fn spec(topology: &Topology) -> ProcessorSpec {
         inputs: vec![RESOLVED_TOPIC.into(), PROFILES.into()],
         stores: vec![CONSENT_STORE, REQUESTS_STORE, CUSTOMERS_STORE, CONTENT_STORE],
         outputs,
+        forwards: vec![],
+        sub_topology: crate::subtopology::CUSTOMER,
         factory: Box::new(move || Box::new(Orchestrator { topology: topology.clone() })),
     }
 }

@@ -49,6 +49,8 @@ pub fn spec(topology: &Topology) -> ProcessorSpec {
         inputs: vec![RESOLVED_TOPIC.into(), RECOMMENDATIONS_TOPIC.into()],
         stores: vec![STORE],
         outputs: vec![TOPIC.into(), SEGMENTS_TOPIC.into(), RESOLVED_TOPIC.into()],
+        forwards: vec![TOPIC.into(), SEGMENTS_TOPIC.into()],
+        sub_topology: crate::subtopology::CUSTOMER,
         factory: Box::new(move || {
             Box::new(ProfileStage {
                 segments: segments.clone(),
