@@ -497,10 +497,10 @@ pub async fn bench_identity(args: IdentityBenchArgs) -> Result<()> {
     for r in &records {
         let event = chorus_schemas::Event::from_json(&r.event).map_err(|e| anyhow!("invalid event: {e}"))?;
         // Keyed by its most specific identifier, as `POST /v1/events` keys it.
-        let anchor = chorus_processors::identity::partition_key(&topology.identity, &event)
+        let anchor = chorus_processors::identity::anchor(&topology.identity, &event)
             .ok_or_else(|| anyhow!("event {} has no usable identifier", event.event_id))?;
-        entity_of.insert(anchor.clone(), r.entity.clone());
-        events.push((anchor, r.event.to_string().into_bytes()));
+        entity_of.insert(anchor.label(), r.entity.clone());
+        events.push((anchor.owner_key().to_owned(), r.event.to_string().into_bytes()));
     }
     let pass_rate = passthrough_rate(&producer, &config, args.partitions, events.clone().into_iter()).await?;
     produce_all(&producer, EVENTS_RAW, events.into_iter()).await?;

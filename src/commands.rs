@@ -475,6 +475,7 @@ pub async fn produce(topic: &str, brokers: &str, topology: &Path, no_validate: b
         .set("partitioner", "murmur2_random")
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
+        .set("message.max.bytes", topology.limits.max_message_bytes().to_string())
         .create()
         .context("cannot create a producer")?;
     let partitions = topology.partitions_of(topic) as i32;

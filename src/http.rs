@@ -61,8 +61,34 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
-        .layer(DefaultBodyLimit::max(4 << 20))
+        .layer(axum::middleware::map_response(json_body_limit))
+        .layer(DefaultBodyLimit::max(body_limit(&state.topology)))
         .with_state(state)
+}
+
+/// The largest request body: a batch of events up to the intake's own limits, and at
+/// least one record of `limits.max_record_bytes` with room for its envelope.
+fn body_limit(topology: &Topology) -> usize {
+    topology.limits.max_message_bytes().max(4 << 20)
+}
+
+/// Bodies over the limit are refused by axum with a plain-text 413; every error of this
+/// API is JSON, so that one is too.
+async fn json_body_limit(response: Response) -> Response {
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_json {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "request body exceeds the size limit",
+        )
+        .into_response();
+    }
+    response
 }
 
 pub struct ApiError {

@@ -218,7 +218,8 @@ impl Query {
         owner_key: &str,
         store_key: &str,
     ) -> Result<Option<T>, Unavailable> {
-        let partition = partition_for(owner_key.as_bytes(), self.topology.partitions_of(IDENTITY_REPARTITION));
+        let route = identity::owner_key(owner_key);
+        let partition = partition_for(route.as_bytes(), self.topology.partitions_of(IDENTITY_REPARTITION));
         self.read_json(identity::NAME, partition, identity::STORE, store_key).await
     }
 

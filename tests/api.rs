@@ -221,6 +221,12 @@ fn every_customer_endpoint_answers_on_the_embedded_broker() {
     ] {
         assert!(metrics.contains(series), "{series} missing from /metrics");
     }
+    // A body over the limit is refused with the API's JSON error, like every other.
+    let huge = format!("{{\"batch\": [\"{}\"]}}", "x".repeat(5 << 20));
+    let r = reqwest::blocking::Client::new().post(format!("{http}/v1/events")).body(huge).send().unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    let e: Value = r.json().unwrap();
+    assert_eq!(e["error"]["code"], "payload_too_large", "{e}");
     chorus.stop();
 }
 

@@ -261,3 +261,41 @@ fn a_pending_journey_timer_survives_kill_9_on_real_kafka() {
     assert_eq!(steps.len(), 1, "the reminder step ran once: {steps:?}");
     second.stop();
 }
+
+/// A rejected record of nearly a megabyte: its dead letter (cut to 64 KiB with the
+/// record's size and digest) is accepted by the broker, so the task neither aborts nor
+/// stalls, and the events after it are processed.
+#[test]
+fn a_large_rejected_record_does_not_stall_the_pipeline() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let (kafka, topology) = setup(dir.path());
+    let big = json!({"event_id": "big-1", "event_type": "no.such.type", "timestamp": ts(T0), "customer_id": "c1",
+        "payload": {"blob": "y".repeat(900 * 1024)}});
+    let next = json!({"event_id": "after-1", "event_type": "page.viewed", "timestamp": ts(T0 + 1), "customer_id": "c1",
+        "payload": {"url": "/"}});
+    let mut produce = Command::new(bin())
+        .args(["produce", "events.raw", "--no-validate", "--brokers", &kafka.bootstrap, "--topology"])
+        .arg(&topology)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    produce.stdin.take().unwrap().write_all(format!("{big}\n{next}\n").as_bytes()).unwrap();
+    let out = produce.wait_with_output().unwrap();
+    assert!(out.status.success(), "produce failed: {}", String::from_utf8_lossy(&out.stderr));
+    let member = run_member(&kafka.bootstrap, &topology, &dir.path().join("data"), "a");
+    eventually(90, "the event after the large one to be processed", || {
+        let (s, p) = get_json(&format!("{}/v1/profiles/c1", member.http()));
+        (s == 200 && p["metrics"]["event_count"].as_i64() == Some(1)).then_some(())
+    });
+    let letters = tail(&kafka.bootstrap, "events.dlq", 3_000);
+    assert_eq!(letters.len(), 1, "{} letters", letters.len());
+    let letter = &letters[0]["value"];
+    assert_eq!(letter["reason"], "unknown_event_type");
+    assert_eq!(letter["original_truncated"], true);
+    assert!(letter["original_bytes"].as_i64().unwrap() > 900 * 1024);
+    assert!(letter["original_base64"].as_str().unwrap().len() < 100 * 1024);
+    member.stop();
+}

@@ -610,3 +610,30 @@ fn an_unlink_does_not_move_event_time() {
     let resolved: Vec<Value> = d.read("events.resolved").iter().filter_map(|r| r.json()).collect();
     assert!(resolved.iter().all(|r| r["at"].as_i64().unwrap() < wall_clock), "{resolved:?}");
 }
+
+/// An event keyed by the plain customer id (what producers and `chorus produce` do) is
+/// already on the partition that owns `customer_id:<id>`: a known customer's events
+/// resolve without a single record through the internal topic.
+#[test]
+fn events_keyed_by_their_plain_id_resolve_without_a_hop() {
+    for partitions in [1, 3, 8] {
+        let mut d = TestDriver::new(topology(partitions, true), 11);
+        let event = |i: usize, c: usize| {
+            json!({"event_id": format!("e{i}-{c}"), "event_type": "page.viewed", "timestamp": ts(T0 + i as i64),
+                "customer_id": format!("c{c}"), "payload": {"url": "/"}})
+        };
+        for c in 0..20 {
+            d.pipe_json("events.raw", &format!("c{c}"), &event(0, c), 0);
+        }
+        d.run().unwrap();
+        let before = d.read("chorus-identity-repartition").len();
+        for c in 0..20 {
+            d.pipe_json("events.raw", &format!("c{c}"), &event(1, c), 0);
+        }
+        d.run().unwrap();
+        assert_eq!(d.read("chorus-identity-repartition").len(), before, "partitions {partitions}");
+        let resolved =
+            d.read("events.resolved").iter().filter(|r| r.json().is_some_and(|v| v["kind"] == "event")).count();
+        assert_eq!(resolved, 40);
+    }
+}

@@ -295,13 +295,13 @@ pub struct Envelope {
 /// The owner key (and so partition) of a message.
 pub fn route(msg: &Msg) -> String {
     match msg {
-        Msg::Resolve(r) => r.identifiers.get(r.probe).map(Identifier::label).unwrap_or_default(),
+        Msg::Resolve(r) => r.identifiers.get(r.probe).map(|id| id.owner_key().to_owned()).unwrap_or_default(),
         Msg::Link { id, .. }
         | Msg::Joined { id, .. }
         | Msg::JoinRefused { id, .. }
         | Msg::Repoint { id, .. }
         | Msg::Unlink { id }
-        | Msg::Removed { id, .. } => id.label(),
+        | Msg::Removed { id, .. } => id.owner_key().to_owned(),
         Msg::Join { canonical, .. } | Msg::Remove { canonical, .. } => canonical.clone(),
         Msg::MergeRequest { from, .. } | Msg::Accepted { from, .. } | Msg::Refused { from, .. } => from.clone(),
         Msg::Propose { into, .. } => into.clone(),

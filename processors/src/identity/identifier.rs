@@ -66,6 +66,13 @@ impl Identifier {
         format!("{}:{}", self.kind, self.value)
     }
 
+    /// What the identifier's messages are partitioned by: its plain value, which is
+    /// what producers naturally key an event by (`cust_123`, not `customer_id:cust_123`),
+    /// so such an event is already on its owner's partition and resolves without a hop.
+    pub fn owner_key(&self) -> &str {
+        &self.value
+    }
+
     pub fn from_label(label: &str) -> Option<Identifier> {
         let (kind, value) = label.split_once(':')?;
         Some(Identifier::raw(kind, value))
@@ -155,4 +162,11 @@ mod tests {
         assert_eq!(parse("customer_id", "a\u{0}b").unwrap_err().label(), "invalid_shape");
         assert_eq!(parse("device_id", " ABC-1 ").unwrap(), "abc-1");
     }
+}
+
+/// The partitioning key of an identity actor named by an identifier label (`type:value`
+/// → `value`, see [`Identifier::owner_key`]) or a canonical id (itself; canonical ids
+/// hold no `:`).
+pub fn owner_key(label_or_canonical: &str) -> &str {
+    label_or_canonical.split_once(':').map_or(label_or_canonical, |(_, value)| value)
 }

@@ -24,7 +24,7 @@ use crate::topology::{Topology, CONSENT, EVENTS_RAW, IDENTITY_REPARTITION, MESSA
 use chorus_schemas::{decode_avro, ConsentChange, Event, MessageRequest, AVRO_MAGIC};
 pub use graph::{Component, IdState, LinkedIdentifier, MergeRecord};
 use graph::{Envelope, Graph, Msg, ResolveMsg};
-pub use identifier::{normalise, Identifier, Refusal};
+pub use identifier::{normalise, owner_key, Identifier, Refusal};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -96,7 +96,7 @@ pub fn identifier_key(label: &str) -> String {
 /// on the internal topic.
 pub fn unlink_message(id: &Identifier, at: i64) -> (String, Vec<u8>) {
     let env = Envelope { at, msg: Msg::Unlink { id: id.clone() } };
-    (id.label(), serde_json::to_vec(&env).unwrap_or_default())
+    (id.owner_key().to_owned(), serde_json::to_vec(&env).unwrap_or_default())
 }
 
 impl Processor for Identity {
@@ -345,15 +345,20 @@ pub fn raw_identifiers(event: &Event) -> Vec<(&str, &str)> {
     raw
 }
 
-/// The key to produce an event under: the label of its most specific usable
-/// identifier. Keyed so, it lands on the partition that owns that identifier and is
-/// resolved without a hop through the internal topic.
+/// The key to produce an event under: the plain (normalised) value of its most specific
+/// usable identifier — what producers naturally key by. Keyed so, it lands on the
+/// partition that owns that identifier and is resolved without a hop through the
+/// internal topic.
 pub fn partition_key(config: &config::IdentityConfig, event: &Event) -> Option<String> {
+    anchor(config, event).map(|id| id.owner_key().to_owned())
+}
+
+/// The identifier an event resolves through: its most specific usable one.
+pub fn anchor(config: &config::IdentityConfig, event: &Event) -> Option<Identifier> {
     raw_identifiers(event)
         .into_iter()
         .filter_map(|(kind, value)| Identifier::parse(config, kind, value).ok())
         .min_by(|a, b| anchor_order(config, a, b))
-        .map(|id| id.label())
 }
 
 /// Most specific type first; two values of one type by value, never by input order:
@@ -373,7 +378,7 @@ pub fn named_partition_key(
         .into_iter()
         .filter_map(|(kind, value)| Identifier::parse(config, kind, value).ok())
         .min_by(|a, b| anchor_order(config, a, b))
-        .map(|id| id.label())
+        .map(|id| id.owner_key().to_owned())
 }
 
 fn named<'a>(customer_id: Option<&'a str>, map: &'a BTreeMap<String, String>) -> Vec<(&'a str, &'a str)> {
