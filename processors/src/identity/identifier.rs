@@ -126,6 +126,13 @@ pub fn normalise(kind: &str, raw: &str) -> Option<String> {
     (!value.is_empty()).then_some(value)
 }
 
+/// The partitioning key of an identity actor named by an identifier label (`type:value`
+/// → `value`, see [`Identifier::owner_key`]) or a canonical id (itself; canonical ids
+/// hold no `:`).
+pub fn owner_key(label_or_canonical: &str) -> &str {
+    label_or_canonical.split_once(':').map_or(label_or_canonical, |(_, value)| value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,11 +169,4 @@ mod tests {
         assert_eq!(parse("customer_id", "a\u{0}b").unwrap_err().label(), "invalid_shape");
         assert_eq!(parse("device_id", " ABC-1 ").unwrap(), "abc-1");
     }
-}
-
-/// The partitioning key of an identity actor named by an identifier label (`type:value`
-/// → `value`, see [`Identifier::owner_key`]) or a canonical id (itself; canonical ids
-/// hold no `:`).
-pub fn owner_key(label_or_canonical: &str) -> &str {
-    label_or_canonical.split_once(':').map_or(label_or_canonical, |(_, value)| value)
 }
