@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# chorus container image: build the release binary, ship it on a slim Debian.
+# chorus container image: build the binary (release profile with fat LTO, `dist`), ship
+# it on a slim Debian.
 #   docker build -t chorus:dev .
 # (docker-compose.yml builds it for the `topics`, `chorus-1` and `chorus-2` services.)
 
@@ -15,8 +16,8 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p chorus \
- && install -D -m 0755 target/release/chorus /out/chorus
+    cargo build --profile dist --locked -p chorus \
+ && install -D -m 0755 target/dist/chorus /out/chorus
 
 FROM debian:bookworm-slim
 RUN apt-get update \

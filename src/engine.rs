@@ -25,10 +25,11 @@ use crate::kafka::{client_config, now_ms};
 use crate::metrics::metrics;
 use crate::query::LocalStores;
 use anyhow::{anyhow, Context as _, Result};
+use chorus_processors::cache::StateCache;
 use chorus_processors::task::{Meter, TaskOutput};
 use chorus_processors::topology::Processing;
 use chorus_processors::{ProcessError, Record, SubTopology, Task, Topology};
-use chorus_state::{changelog_topic, SharedResources, StoreWrite, TaskDb, TaskState};
+use chorus_state::{changelog_topic, LiveStore, MemberState, SharedResources, StoreWrite, TaskDb, TaskState};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
@@ -79,7 +80,6 @@ pub fn run_sub_topology(sub: SubTopology, config: EngineConfig) -> Result<()> {
             offsets: BTreeMap::new(),
             failed: None,
             records_out: BTreeMap::new(),
-            visible: Vec::new(),
         }),
     };
     let consumer: BaseConsumer<EngineContext> = client_config(&config.brokers)
@@ -316,10 +316,11 @@ impl ConsumerContext for EngineContext {
     }
 }
 
-/// One member's share of a task: its stores and their metrics.
+/// One member's share of a task: its stores (shared with interactive queries) and
+/// their metrics.
 struct MemberSlot {
     name: &'static str,
-    state: TaskState,
+    live: Arc<LiveStore>,
     records_in: prometheus::IntCounter,
     processing_seconds: prometheus::Histogram,
     /// Store writes produced to the changelog in the open transaction.
@@ -332,13 +333,19 @@ struct TaskSlot {
     members: Vec<MemberSlot>,
 }
 
-/// The member store sets of a task, as the processors' `Task` sees them.
-struct SlotStores<'a>(&'a mut [MemberSlot]);
+/// The member store sets of a task, as the processors' `Task` sees them: locked for
+/// one step, so interactive queries read between steps, never inside one.
+struct SlotStores<'a>(Vec<MutexGuard<'a, MemberState>>);
 
 impl chorus_processors::task::TaskStores for SlotStores<'_> {
-    fn member(&mut self, index: usize) -> &mut dyn chorus_processors::StoreSet {
-        &mut self.0[index].state
+    fn member(&mut self, index: usize) -> (&mut dyn chorus_processors::StoreSet, &mut StateCache) {
+        let MemberState { state, cache } = &mut *self.0[index];
+        (state, cache)
     }
+}
+
+fn lock_all(members: &[MemberSlot]) -> SlotStores<'_> {
+    SlotStores(members.iter().map(|m| m.live.lock()).collect())
 }
 
 /// Thread CPU time per stage within one step: what a stage costs, without the time the
@@ -389,9 +396,6 @@ struct EngineState {
     failed: Option<anyhow::Error>,
     /// Output counters by topic, looked up once rather than per record.
     records_out: BTreeMap<String, prometheus::IntCounter>,
-    /// Event times (by stage) whose effects become readable when the open transaction
-    /// commits: the end-to-end latency is recorded then.
-    visible: Vec<(&'static str, i64)>,
 }
 
 impl EngineState {
@@ -429,7 +433,7 @@ impl EngineState {
             timestamp: message.timestamp().to_millis().unwrap_or_else(now_ms),
         };
         let mut meter = CpuMeter::default();
-        let out = slot.task.process(&mut SlotStores(&mut slot.members), &record, now_ms(), &mut meter);
+        let out = slot.task.process(&mut lock_all(&slot.members), &record, now_ms(), &mut meter);
         let out = out.map_err(|e| task_failure(&self.sub.name, partition, e))?;
         observe(&mut slot.members, &out, &meter);
         self.send_outputs(out)?;
@@ -448,9 +452,9 @@ impl EngineState {
             let mut meter = CpuMeter::default();
             let out = slot
                 .task
-                .punctuate(&mut SlotStores(&mut slot.members), now, &mut meter)
+                .punctuate(&mut lock_all(&slot.members), now, &mut meter)
                 .map_err(|e| task_failure(&self.sub.name, *p, e))?;
-            wrote |= slot.members.iter().any(|m| m.state.has_pending());
+            wrote |= slot.members.iter().any(|m| m.live.lock().state.has_pending());
             fired.push(out);
         }
         if wrote || fired.iter().any(|out| !out.outputs.is_empty()) {
@@ -469,8 +473,12 @@ impl EngineState {
             }
             metrics().business(stage, c.name, &c.label);
         }
-        self.visible.extend(out.visible);
         let now = now_ms();
+        // Reads answer from the task's live state, so an effect is readable as soon as
+        // its step is done (now); `?consistency=committed` readers see it at the commit.
+        for (stage, at) in &out.visible {
+            metrics().end_to_end_seconds.with_label_values(&[stage]).observe(((now - at).max(0)) as f64 / 1000.0);
+        }
         for o in &out.outputs {
             // The record timestamp is when chorus wrote it, not the event time (which
             // travels in the body): brokers apply time-based retention to record
@@ -505,7 +513,7 @@ impl EngineState {
             let mut meter = CpuMeter::default();
             let out = slot
                 .task
-                .flush(&mut SlotStores(&mut slot.members), now_ms(), &mut meter)
+                .flush(&mut lock_all(&slot.members), now_ms(), &mut meter)
                 .map_err(|e| task_failure(&name, *p, e))?;
             flushed.push(out);
         }
@@ -514,7 +522,8 @@ impl EngineState {
         }
         for (p, slot) in self.tasks.iter_mut() {
             for member in &mut slot.members {
-                let writes = member.state.take_pending();
+                // Kept in the overlay until applied, so live reads never miss them.
+                let writes = member.live.lock().state.pending_writes();
                 for w in &writes {
                     let topic =
                         self.config.topology.physical_topic(&changelog_topic(member.name, &w.store)).into_owned();
@@ -546,20 +555,16 @@ impl EngineState {
                     .map(|((topic, _), offset)| (topic.clone(), offset + 1))
                     .collect();
                 let writes = std::mem::take(&mut member.unapplied);
-                member
-                    .state
+                let mut live = member.live.lock();
+                live.state
                     .db()
                     .apply(&writes, &checkpoints)
                     .with_context(|| format!("{}[{p}]: cannot apply committed writes", member.name))?;
+                live.state.discard_pending();
             }
         }
         self.offsets.clear();
         self.txn_open = None;
-        // The effects are readable now (reads see committed state).
-        let now = now_ms();
-        for (stage, at) in std::mem::take(&mut self.visible) {
-            metrics().end_to_end_seconds.with_label_values(&[stage]).observe(((now - at).max(0)) as f64 / 1000.0);
-        }
         metrics().commit_seconds.with_label_values(&[&name]).observe(started.elapsed().as_secs_f64());
         Ok(())
     }
@@ -624,11 +629,10 @@ impl EngineState {
         self.producer.context().written.lock().unwrap_or_else(|p| p.into_inner()).clear();
         for slot in self.tasks.values_mut() {
             for member in &mut slot.members {
-                member.state.discard_pending();
+                member.live.lock().state.discard_pending();
                 member.unapplied.clear();
             }
         }
-        self.visible.clear();
         let assignment = consumer.assignment().map_err(|e| anyhow!("assignment: {e}"))?;
         let committed = consumer
             .committed_offsets(assignment, Duration::from_secs(10))
@@ -675,11 +679,12 @@ impl EngineState {
                 ms = started.elapsed().as_millis() as u64,
                 "store ready"
             );
-            let state = TaskState::new(db, &stores);
+            let cache = StateCache::new(self.config.topology.state.task_cache_bytes() / self.sub.members.len().max(1));
+            let live = LiveStore::new(TaskState::new(db, &stores), cache);
             let labels = [name, &partition.to_string()];
             members.push(MemberSlot {
                 name,
-                state,
+                live,
                 records_in: metrics().records_in.with_label_values(&labels),
                 processing_seconds: metrics().processing_seconds.with_label_values(&labels),
                 unapplied: Vec::new(),
@@ -687,7 +692,7 @@ impl EngineState {
         }
         // Served only once every member is restored.
         for member in &members {
-            self.config.local.register(member.name, partition as u32, member.state.db_handle());
+            self.config.local.register(member.name, partition as u32, member.live.clone());
         }
         let task = Task::new(&self.sub, &self.config.topology, partition as u32);
         tracing::info!(sub_topology = self.name(), partition, "task ready");
@@ -700,7 +705,7 @@ impl EngineState {
             if let Some(slot) = self.tasks.remove(p) {
                 for member in &slot.members {
                     self.config.local.unregister(member.name, *p as u32);
-                    if let Err(e) = member.state.db().flush() {
+                    if let Err(e) = member.live.db().flush() {
                         tracing::warn!(processor = member.name, partition = p, error = %e, "flush on close failed");
                     }
                 }

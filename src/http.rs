@@ -4,7 +4,7 @@
 
 use crate::kafka::{client_config, now_ms};
 use crate::metrics::{metrics, render};
-use crate::query::{Lookup, PreviewError, Query};
+use crate::query::{Consistency, Lookup, PreviewError, Query};
 use anyhow::{Context as _, Result};
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
@@ -233,23 +233,71 @@ fn read_clock(state: &ApiState) -> Option<i64> {
     (state.topology.clock == Clock::Wall).then(now_ms)
 }
 
-async fn get_profile(State(state): State<ApiState>, Path(identifier): Path<String>) -> Response {
-    let lookup = state.query.profile(&identifier, read_clock(&state)).await;
+/// `?consistency=live` (the default: the serving task's current state) or `committed`.
+#[derive(serde::Deserialize)]
+struct ReadParams {
+    #[serde(default)]
+    consistency: Consistency,
+}
+
+/// The queries a read asks for, or its JSON 400.
+fn reader(state: &ApiState, params: Result<Params<ReadParams>, QueryRejection>) -> Result<Query, ApiError> {
+    let Params(p) = params.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("{} (consistency is `live` or `committed`)", e.body_text()),
+        )
+    })?;
+    Ok(state.query.with_consistency(p.consistency))
+}
+
+/// An error answer, counted for its route.
+fn counted(route: &str, e: ApiError) -> Response {
+    let response = e.into_response();
+    count(route, response.status());
+    response
+}
+
+type ReadQuery = Result<Params<ReadParams>, QueryRejection>;
+
+async fn get_profile(State(state): State<ApiState>, Path(identifier): Path<String>, params: ReadQuery) -> Response {
+    let query = match reader(&state, params) {
+        Ok(q) => q,
+        Err(e) => return counted("/v1/profiles", e),
+    };
+    let lookup = query.profile(&identifier, read_clock(&state)).await;
     lookup_response("/v1/profiles", "profile", &identifier, lookup)
 }
 
-async fn get_context(State(state): State<ApiState>, Path(identifier): Path<String>) -> Response {
-    let lookup = state.query.context(&identifier, read_clock(&state)).await;
+async fn get_context(State(state): State<ApiState>, Path(identifier): Path<String>, params: ReadQuery) -> Response {
+    let query = match reader(&state, params) {
+        Ok(q) => q,
+        Err(e) => return counted("/v1/context", e),
+    };
+    let lookup = query.context(&identifier, read_clock(&state)).await;
     lookup_response("/v1/context", "context", &identifier, lookup)
 }
 
-async fn get_recommendations(State(state): State<ApiState>, Path(identifier): Path<String>) -> Response {
-    let lookup = state.query.recommendations(&identifier, read_clock(&state)).await;
+async fn get_recommendations(
+    State(state): State<ApiState>,
+    Path(identifier): Path<String>,
+    params: ReadQuery,
+) -> Response {
+    let query = match reader(&state, params) {
+        Ok(q) => q,
+        Err(e) => return counted("/v1/recommendations", e),
+    };
+    let lookup = query.recommendations(&identifier, read_clock(&state)).await;
     lookup_response("/v1/recommendations", "recommendations", &identifier, lookup)
 }
 
-async fn get_consent(State(state): State<ApiState>, Path(identifier): Path<String>) -> Response {
-    let lookup = state.query.consent(&identifier).await;
+async fn get_consent(State(state): State<ApiState>, Path(identifier): Path<String>, params: ReadQuery) -> Response {
+    let query = match reader(&state, params) {
+        Ok(q) => q,
+        Err(e) => return counted("/v1/consent", e),
+    };
+    let lookup = query.consent(&identifier).await;
     lookup_response("/v1/consent", "consent", &identifier, lookup)
 }
 
@@ -427,10 +475,13 @@ async fn get_instances(State(state): State<ApiState>) -> Response {
 #[derive(serde::Deserialize)]
 struct KeyParam {
     key: Option<String>,
+    #[serde(default)]
+    consistency: Consistency,
 }
 
-/// Instance-to-instance read of one committed store value: 200 with the value, 204
-/// when the key is absent, 503 when the task is not open here (the caller retries).
+/// Instance-to-instance read of one store value (live or committed, as asked): 200
+/// with the value, 204 when the key is absent, 503 when the task is not open here (the
+/// caller retries).
 async fn get_store_value(
     State(state): State<ApiState>,
     Path((processor, partition, store)): Path<(String, String, String)>,
@@ -442,11 +493,13 @@ async fn get_store_value(
         }
         (_, None) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "the `key` query parameter is required")
             .into_response(),
-        (Ok(partition), Some(key)) => match state.query.local.read(&processor, partition, &store, &key) {
-            Ok(Some(value)) => ([(header::CONTENT_TYPE, "application/json")], value).into_response(),
-            Ok(None) => StatusCode::NO_CONTENT.into_response(),
-            Err(()) => unavailable(format!("{processor}[{partition}] is not served by this instance")),
-        },
+        (Ok(partition), Some(key)) => {
+            match state.query.local.read(&processor, partition, &store, &key, param.consistency) {
+                Ok(Some(value)) => ([(header::CONTENT_TYPE, "application/json")], value).into_response(),
+                Ok(None) => StatusCode::NO_CONTENT.into_response(),
+                Err(()) => unavailable(format!("{processor}[{partition}] is not served by this instance")),
+            }
+        }
     };
     count("/internal/v1/stores", response.status());
     response
@@ -458,7 +511,15 @@ fn parse_identifier(topology: &Topology, kind: &str, value: &str) -> Result<Iden
         .map_err(|refusal| ApiError::new(StatusCode::BAD_REQUEST, "invalid_identifier", refusal.explain(kind, value)))
 }
 
-async fn get_identity(State(state): State<ApiState>, Path((kind, value)): Path<(String, String)>) -> Response {
+async fn get_identity(
+    State(state): State<ApiState>,
+    Path((kind, value)): Path<(String, String)>,
+    params: ReadQuery,
+) -> Response {
+    let query = match reader(&state, params) {
+        Ok(q) => q,
+        Err(e) => return counted("/v1/identity", e),
+    };
     let id = match parse_identifier(&state.topology, &kind, &value) {
         Ok(id) => id,
         Err(e) => {
@@ -467,7 +528,7 @@ async fn get_identity(State(state): State<ApiState>, Path((kind, value)): Path<(
             return response;
         }
     };
-    let lookup = state.query.identity(&id.label()).await;
+    let lookup = query.identity(&id.label()).await;
     lookup_response("/v1/identity", "customer", &id.label(), lookup)
 }
 

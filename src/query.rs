@@ -20,22 +20,44 @@ use chorus_processors::resolved::RESOLVED_TOPIC;
 use chorus_processors::store::decode_value;
 use chorus_processors::topology::IDENTITY_REPARTITION;
 use chorus_processors::Topology;
-use chorus_state::TaskDb;
+use chorus_state::LiveStore;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-type TaskDbs = BTreeMap<(String, u32), Arc<TaskDb>>;
+type TaskDbs = BTreeMap<(String, u32), Arc<LiveStore>>;
 
-/// The task databases open in this process, by processor and partition.
+/// The task stores open in this process, by processor and partition.
 #[derive(Clone, Default)]
 pub struct LocalStores {
     tasks: Arc<RwLock<TaskDbs>>,
     /// Why a sub-topology of this process stopped, once one has: the process is going
     /// down and must not report ready.
     failed: Arc<RwLock<Option<String>>>,
+}
+
+/// Which state a read answers from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Consistency {
+    /// The serving task's current state, uncommitted writes included (the default, as
+    /// Kafka Streams' interactive queries): an event's effect shows as soon as it is
+    /// processed. A transaction that aborts takes it back.
+    #[default]
+    Live,
+    /// State as of the task's last committed transaction.
+    Committed,
+}
+
+impl Consistency {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::Live => "live",
+            Consistency::Committed => "committed",
+        }
+    }
 }
 
 #[derive(Debug, PartialEq)]
@@ -49,7 +71,7 @@ pub enum Lookup<T> {
 }
 
 impl LocalStores {
-    pub fn register(&self, processor: &str, partition: u32, db: Arc<TaskDb>) {
+    pub fn register(&self, processor: &str, partition: u32, db: Arc<LiveStore>) {
         self.tasks.write().unwrap_or_else(|p| p.into_inner()).insert((processor.to_owned(), partition), db);
     }
 
@@ -57,7 +79,7 @@ impl LocalStores {
         self.tasks.write().unwrap_or_else(|p| p.into_inner()).remove(&(processor.to_owned(), partition));
     }
 
-    fn db(&self, processor: &str, partition: u32) -> Option<Arc<TaskDb>> {
+    fn db(&self, processor: &str, partition: u32) -> Option<Arc<LiveStore>> {
         self.tasks.read().unwrap_or_else(|p| p.into_inner()).get(&(processor.to_owned(), partition)).cloned()
     }
 
@@ -84,8 +106,8 @@ impl LocalStores {
                     processor.clone(),
                     store.to_owned(),
                     *partition,
-                    db.approximate_len(store),
-                    db.approximate_bytes(store),
+                    db.db().approximate_len(store),
+                    db.db().approximate_bytes(store),
                 ));
             }
         }
@@ -105,10 +127,22 @@ impl LocalStores {
         out
     }
 
-    /// A committed value of a store of an open task; `Err` when the task is not open here.
-    pub fn read(&self, processor: &str, partition: u32, store: &str, key: &str) -> Result<Option<Vec<u8>>, ()> {
+    /// A value of a store of an open task, in the store's encoding: as the task holds
+    /// it now, or as of its last commit. `Err` when the task is not open here.
+    pub fn read(
+        &self,
+        processor: &str,
+        partition: u32,
+        store: &str,
+        key: &str,
+        consistency: Consistency,
+    ) -> Result<Option<Vec<u8>>, ()> {
         let db = self.db(processor, partition).ok_or(())?;
-        let Some(stored) = db.get(store, key.as_bytes()).ok().flatten() else { return Ok(None) };
+        let stored = match consistency {
+            Consistency::Live => db.read_live(store, key.as_bytes()).ok().flatten(),
+            Consistency::Committed => db.read_committed(store, key.as_bytes()).ok().flatten(),
+        };
+        let Some(stored) = stored else { return Ok(None) };
         // Stores read here hold no expiring entries; context expiry is applied by the
         // caller with the topology's clock.
         Ok(decode_value(key.as_bytes(), &stored).ok().map(|(_, value)| value))
@@ -124,6 +158,8 @@ pub struct Query {
     pub directory: Directory,
     personaliser: Arc<Personaliser>,
     client: reqwest::Client,
+    /// Which state reads answer from.
+    pub consistency: Consistency,
 }
 
 /// Why an answer cannot be given right now.
@@ -165,10 +201,15 @@ impl Query {
             .connect_timeout(Duration::from_secs(2))
             .build()
             .unwrap_or_default();
-        Query { topology, local, directory, personaliser, client }
+        Query { topology, local, directory, personaliser, client, consistency: Consistency::Live }
     }
 
-    /// One committed store value, from wherever its task is served.
+    /// The same queries, answered from `consistency`'s state.
+    pub fn with_consistency(&self, consistency: Consistency) -> Query {
+        Query { consistency, ..self.clone() }
+    }
+
+    /// One store value, from wherever its task is served.
     async fn read(
         &self,
         processor: &str,
@@ -177,15 +218,16 @@ impl Query {
         key: &str,
     ) -> Result<Option<Vec<u8>>, Unavailable> {
         match self.directory.owner(processor, partition) {
-            Owner::Local => {
-                self.local.read(processor, partition, store, key).map_err(|()| moving(processor, partition))
-            }
+            Owner::Local => self
+                .local
+                .read(processor, partition, store, key, self.consistency)
+                .map_err(|()| moving(processor, partition)),
             Owner::Nobody => Err(moving(processor, partition)),
             Owner::Remote(url) => {
                 let response = self
                     .client
                     .get(format!("{url}/internal/v1/stores/{processor}/{partition}/{store}"))
-                    .query(&[("key", key)])
+                    .query(&[("key", key), ("consistency", self.consistency.as_str())])
                     .send()
                     .await
                     .map_err(|e| format!("{processor}[{partition}] is served by {url}, which did not answer: {e}"))?;
@@ -209,7 +251,7 @@ impl Query {
         store: &str,
         key: &str,
     ) -> Result<Option<T>, Unavailable> {
-        Ok(self.read(processor, partition, store, key).await?.and_then(|v| serde_json::from_slice(&v).ok()))
+        Ok(self.read(processor, partition, store, key).await?.and_then(|v| chorus_processors::cache::decode(&v).ok()))
     }
 
     /// An identity store value of the actor `owner_key` (identifier label or canonical id).
@@ -401,7 +443,7 @@ impl Query {
         // As the orchestrator: a stored item wins over topology.yaml, one that does not
         // parse is no item.
         let item = match stored {
-            Some(bytes) => serde_json::from_slice::<ContentItem>(&bytes).ok(),
+            Some(bytes) => chorus_processors::cache::decode::<ContentItem>(&bytes).ok(),
             None => self.topology.content.item(content_id).cloned(),
         };
         let item = item.ok_or(PreviewError::UnknownContent)?;

@@ -6,11 +6,12 @@
 //! is processed next is chosen by a seeded RNG. The same seed gives the same run; many seeds explore many
 //! interleavings, so invariants can be property-tested across partition counts.
 
+use crate::cache::StateCache;
 use crate::partition::partition_for;
 use crate::processor::{Counter, Output, ProcessError, Record};
 use crate::store::{MemStoreSet, StoreSet};
 use crate::subtopology::SubTopology;
-use crate::task::{NoMeter, ProcessorSpec, Task};
+use crate::task::{MemberStores, NoMeter, ProcessorSpec, Task};
 use crate::topology::Topology;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -39,8 +40,8 @@ impl LoggedRecord {
 
 struct DriverTask {
     task: Task,
-    /// One store set per member.
-    stores: Vec<MemStoreSet>,
+    /// One store set (and cache of decoded values) per member.
+    stores: Vec<MemberStores<MemStoreSet>>,
 }
 
 /// Index into `subs` and partition.
@@ -73,7 +74,7 @@ impl TestDriver {
         let mut tasks = BTreeMap::new();
         for (i, sub) in subs.iter().enumerate() {
             for p in 0..sub.partitions(&topology) {
-                let stores = sub.members.iter().map(|m| MemStoreSet::with_stores(m.all_stores())).collect();
+                let stores = sub.members.iter().map(|m| member_stores(m, &topology)).collect();
                 tasks.insert((i, p), DriverTask { task: Task::new(sub, &topology, p), stores });
             }
         }
@@ -101,6 +102,11 @@ impl TestDriver {
     pub fn restart(&mut self) {
         for ((i, p), task) in self.tasks.iter_mut() {
             task.task = Task::new(&self.subs[*i], &self.topology, *p);
+            // A new process has no decoded values: drop the caches (every write was
+            // written back by the commit after each record).
+            for m in &mut task.stores {
+                m.cache = StateCache::new(m.cache.limit());
+            }
         }
     }
 
@@ -233,7 +239,7 @@ impl TestDriver {
     pub fn store_get(&mut self, processor: &str, store: &str, partition: u32, key: &str) -> Option<Vec<u8>> {
         let (i, m) = self.member(processor)?;
         let entry = self.tasks.get_mut(&(i, partition))?;
-        let stored = entry.stores[m].store(store).ok()?.get(key.as_bytes()).ok()??;
+        let stored = entry.stores[m].stores.store(store).ok()?.get(key.as_bytes()).ok()??;
         crate::store::decode_value(key.as_bytes(), &stored).ok().map(|(_, v)| v)
     }
 
@@ -247,7 +253,7 @@ impl TestDriver {
             if *s != i {
                 continue;
             }
-            let Ok(st) = t.stores[m].store(store) else { continue };
+            let Ok(st) = t.stores[m].stores.store(store) else { continue };
             for (k, v) in st.range(prefix.as_bytes(), &end, usize::MAX).unwrap_or_default() {
                 if let Ok((_, value)) = crate::store::decode_value(&k, &v) {
                     out.push((*p, String::from_utf8_lossy(&k).into_owned(), value));
@@ -263,7 +269,7 @@ impl TestDriver {
         self.tasks
             .iter_mut()
             .filter(|((s, _), _)| *s == i)
-            .filter_map(|(_, t)| t.stores[m].store(store).ok().map(|s| s.approximate_len()))
+            .filter_map(|(_, t)| t.stores[m].stores.store(store).ok().map(|s| s.approximate_len()))
             .sum()
     }
 
@@ -273,5 +279,12 @@ impl TestDriver {
             .iter()
             .enumerate()
             .find_map(|(i, sub)| sub.members.iter().position(|m| m.name == processor).map(|m| (i, m)))
+    }
+}
+
+fn member_stores(spec: &ProcessorSpec, topology: &Topology) -> MemberStores<MemStoreSet> {
+    MemberStores {
+        stores: MemStoreSet::with_stores(spec.all_stores()),
+        cache: StateCache::new(topology.state.task_cache_bytes()),
     }
 }

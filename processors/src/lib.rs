@@ -4,6 +4,7 @@
 //! of partitions and any interleaving. The Kafka runtime (`src/`) drives the very same
 //! [`Task`] code with RocksDB-backed stores.
 
+pub mod cache;
 pub mod campaigns;
 pub mod catalog;
 pub mod content;

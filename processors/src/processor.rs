@@ -2,6 +2,7 @@
 //! writes the named stores handed to it, emits records to output topics and schedules
 //! timers — all through [`Ctx`], with `now` given, never read from a clock.
 
+use crate::cache::StateCache;
 use crate::store::{decode_value, encode_value, prefix_end, StoreError, StoreSet};
 use crate::topology::Clock;
 use serde::de::DeserializeOwned;
@@ -69,6 +70,7 @@ pub struct Ctx<'a> {
     clock: Clock,
     pub partition: u32,
     stores: &'a mut dyn StoreSet,
+    cache: &'a mut StateCache,
     partitions: &'a BTreeMap<String, u32>,
     pub(crate) outputs: Vec<Output>,
     pub(crate) counters: Vec<Counter>,
@@ -81,6 +83,7 @@ impl<'a> Ctx<'a> {
         clock: Clock,
         partition: u32,
         stores: &'a mut dyn StoreSet,
+        cache: &'a mut StateCache,
         partitions: &'a BTreeMap<String, u32>,
     ) -> Self {
         Ctx {
@@ -88,6 +91,7 @@ impl<'a> Ctx<'a> {
             clock,
             partition,
             stores,
+            cache,
             partitions,
             outputs: Vec::new(),
             counters: Vec::new(),
@@ -108,21 +112,24 @@ impl<'a> Ctx<'a> {
         self.partitions.get(topic).copied().unwrap_or(1)
     }
 
-    /// Raw value of a live (unexpired) entry.
+    /// Raw value of a live (unexpired) entry, in the store's encoding (decode it with
+    /// [`crate::cache::decode`]).
     pub fn get_bytes(&mut self, store: &str, key: &[u8]) -> Result<Option<Vec<u8>>, ProcessError> {
         let now = self.now;
+        self.cache.write_back_key(self.stores, store, key)?;
         let Some(stored) = self.stores.store(store)?.get(key)? else { return Ok(None) };
         let (expires_at, value) = decode_value(key, &stored)?;
         Ok((expires_at == 0 || expires_at > now).then_some(value))
     }
 
-    pub fn get_json<T: DeserializeOwned>(&mut self, store: &str, key: &str) -> Result<Option<T>, ProcessError> {
-        match self.get_bytes(store, key.as_bytes())? {
-            None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| ProcessError::Store(StoreError::Corrupt { key: key.to_owned(), message: e.to_string() })),
-        }
+    /// A stored value, decoded: kept decoded in the task's cache across records and
+    /// commits, so a customer's document is parsed once, not once per event.
+    pub fn get_json<T: DeserializeOwned + Serialize + Clone + Send + 'static>(
+        &mut self,
+        store: &str,
+        key: &str,
+    ) -> Result<Option<T>, ProcessError> {
+        Ok(self.cache.get(self.stores, store, key.as_bytes(), self.now)?)
     }
 
     pub fn put_bytes(
@@ -132,6 +139,7 @@ impl<'a> Ctx<'a> {
         value: &[u8],
         expires_at: Option<i64>,
     ) -> Result<(), ProcessError> {
+        self.cache.forget(store, key);
         let expires_at = expires_at.unwrap_or(0);
         self.stores.store(store)?.put(key, encode_value(expires_at, value))?;
         if expires_at > 0 {
@@ -144,9 +152,15 @@ impl<'a> Ctx<'a> {
         Ok(())
     }
 
-    pub fn put_json<T: Serialize>(&mut self, store: &str, key: &str, value: &T) -> Result<(), ProcessError> {
-        let bytes = to_json_bytes(value, store)?;
-        self.put_bytes(store, key.as_bytes(), &bytes, None)
+    /// Store a value; it stays decoded in the cache and is encoded once, when the task
+    /// commits (or when something reads the store's bytes).
+    pub fn put_json<T: Serialize + Clone + Send + 'static>(
+        &mut self,
+        store: &str,
+        key: &str,
+        value: &T,
+    ) -> Result<(), ProcessError> {
+        Ok(self.cache.put(self.stores, store, key.as_bytes(), value.clone())?)
     }
 
     /// Store a value that disappears at `expires_at` (event or wall time, as `now`).
@@ -157,11 +171,13 @@ impl<'a> Ctx<'a> {
         value: &T,
         expires_at: i64,
     ) -> Result<(), ProcessError> {
-        let bytes = to_json_bytes(value, store)?;
+        let bytes =
+            crate::cache::encode(value).map_err(|message| ProcessError::Encode { what: store.to_owned(), message })?;
         self.put_bytes(store, key.as_bytes(), &bytes, Some(expires_at))
     }
 
     pub fn delete(&mut self, store: &str, key: &str) -> Result<(), ProcessError> {
+        self.cache.forget(store, key.as_bytes());
         self.stores.store(store)?.delete(key.as_bytes())?;
         Ok(())
     }
@@ -181,6 +197,7 @@ impl<'a> Ctx<'a> {
             None => prefix.as_bytes().to_vec(),
         };
         let now = self.now;
+        self.cache.write_back_store(self.stores, store)?;
         let rows = self.stores.store(store)?.range(&from, &prefix_end(prefix.as_bytes()), limit)?;
         let mut out = Vec::with_capacity(rows.len());
         for (k, stored) in rows {
@@ -239,8 +256,26 @@ impl<'a> Ctx<'a> {
         self.visible.push(event_at);
     }
 
-    pub(crate) fn stores(&mut self) -> &mut dyn StoreSet {
-        self.stores
+    /// The expiry sweep: delete the entry if it has expired by now; true if it did.
+    pub(crate) fn sweep_if_expired(&mut self, store: &str, key: &[u8]) -> Result<bool, ProcessError> {
+        self.cache.write_back_key(self.stores, store, key)?;
+        let expired = match self.stores.store(store)?.get(key)? {
+            Some(stored) => {
+                let (expires_at, _) = decode_value(key, &stored)?;
+                expires_at != 0 && expires_at <= self.now
+            }
+            None => false,
+        };
+        if expired {
+            self.cache.forget(store, key);
+            self.stores.store(store)?.delete(key)?;
+        }
+        Ok(expired)
+    }
+
+    /// Write every decoded value this member changed to its stores (before a commit).
+    pub(crate) fn write_back(&mut self) -> Result<usize, ProcessError> {
+        Ok(self.cache.write_back(self.stores)?)
     }
 }
 

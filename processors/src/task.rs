@@ -4,6 +4,7 @@
 //! `events.dlq` records, and handing records between its processors in memory — so
 //! processors only hold business rules.
 
+use crate::cache::StateCache;
 use crate::partition::partition_for;
 use crate::processor::{timer_key, Counter, Ctx, Output, ProcessError, Processor, Record, EXPIRY_STORE, TIMERS_STORE};
 use crate::store::{decode_value, encode_value, StoreSet};
@@ -67,15 +68,35 @@ pub trait Meter {
 pub struct NoMeter;
 impl Meter for NoMeter {}
 
-/// The stores of a task, one set per member, in member order.
+/// The stores of a task, one set per member in member order, each with the cache of
+/// its decoded values.
 pub trait TaskStores {
-    fn member(&mut self, index: usize) -> &mut dyn StoreSet;
+    fn member(&mut self, index: usize) -> (&mut dyn StoreSet, &mut StateCache);
 }
 
-impl<S: StoreSet> TaskStores for Vec<S> {
-    fn member(&mut self, index: usize) -> &mut dyn StoreSet {
-        &mut self[index]
+/// One member's stores and cache, as the TestDriver holds them.
+pub struct MemberStores<S> {
+    pub stores: S,
+    pub cache: StateCache,
+}
+
+impl<S: StoreSet> TaskStores for Vec<MemberStores<S>> {
+    fn member(&mut self, index: usize) -> (&mut dyn StoreSet, &mut StateCache) {
+        let m = &mut self[index];
+        (&mut m.stores, &mut m.cache)
     }
+}
+
+fn member_ctx<'a>(
+    stores: &'a mut dyn TaskStores,
+    member: usize,
+    now: i64,
+    clock: Clock,
+    partition: u32,
+    partitions: &'a BTreeMap<String, u32>,
+) -> Ctx<'a> {
+    let (set, cache) = stores.member(member);
+    Ctx::new(now, clock, partition, set, cache, partitions)
 }
 
 struct Member {
@@ -178,7 +199,7 @@ impl Task {
             self.fire_due(stores, &mut step, meter)?;
             if !self.members.is_empty() {
                 let stored = encode_value(0, &self.stream_time.to_be_bytes());
-                stores.member(0).store(TIMERS_STORE)?.put(STREAM_TIME_KEY, stored)?;
+                stores.member(0).0.store(TIMERS_STORE)?.put(STREAM_TIME_KEY, stored)?;
             }
         }
         Ok(step.out)
@@ -198,8 +219,9 @@ impl Task {
             let handed_before = step.in_memory;
             for i in 0..self.members.len() {
                 meter.start();
-                let mut ctx = Ctx::new(step.now, self.clock, self.partition, stores.member(i), &self.partitions);
+                let mut ctx = member_ctx(stores, i, step.now, self.clock, self.partition, &self.partitions);
                 self.members[i].processor.flush(&mut ctx)?;
+                ctx.write_back()?;
                 let name = self.members[i].name;
                 self.absorb(ctx, name, &mut step);
                 meter.stop(name);
@@ -236,7 +258,7 @@ impl Task {
         }
         if self.clock == Clock::Event && !self.members.is_empty() {
             // Resume where the task's time stood before a restart, an abort or a move.
-            if let Some(stored) = stores.member(0).store(TIMERS_STORE)?.get(STREAM_TIME_KEY)? {
+            if let Some(stored) = stores.member(0).0.store(TIMERS_STORE)?.get(STREAM_TIME_KEY)? {
                 let (_, bytes) = decode_value(STREAM_TIME_KEY, &stored)?;
                 if let Ok(at) = <[u8; 8]>::try_from(bytes.as_slice()) {
                     self.stream_time = self.stream_time.max(i64::from_be_bytes(at));
@@ -246,7 +268,7 @@ impl Task {
         }
         for i in 0..self.members.len() {
             meter.start();
-            let mut ctx = Ctx::new(step.now, self.clock, self.partition, stores.member(i), &self.partitions);
+            let mut ctx = member_ctx(stores, i, step.now, self.clock, self.partition, &self.partitions);
             self.members[i].processor.init(&mut ctx)?;
             let name = self.members[i].name;
             self.absorb(ctx, name, step);
@@ -271,7 +293,7 @@ impl Task {
             let name = self.members[i].name;
             meter.start();
             let start = step.now;
-            let mut ctx = Ctx::new(start, self.clock, self.partition, stores.member(i), &self.partitions);
+            let mut ctx = member_ctx(stores, i, start, self.clock, self.partition, &self.partitions);
             let result = self.members[i].processor.process(&mut ctx, record);
             match result {
                 Ok(()) => {
@@ -285,7 +307,7 @@ impl Task {
                     // A processor rejects before it writes, so dropping its outputs loses
                     // nothing; the input itself is kept on the DLQ.
                     drop(ctx);
-                    let mut ctx = Ctx::new(start, self.clock, self.partition, stores.member(i), &self.partitions);
+                    let mut ctx = member_ctx(stores, i, start, self.clock, self.partition, &self.partitions);
                     ctx.count("dlq", reason);
                     let letter = dead_letter(name, record, reason, &detail, start);
                     ctx.emit(DLQ_TOPIC, record.key.as_deref().unwrap_or_default(), Some(letter), None);
@@ -366,15 +388,15 @@ impl Task {
         let name = self.members[i].name;
         let until = timer_key(now.saturating_add(1), &[]);
         for _ in 0..MAX_TIMER_ROUNDS {
-            let due = stores.member(i).store(TIMERS_STORE)?.range(&[0u8; 8], &until, 64)?;
+            let due = stores.member(i).0.store(TIMERS_STORE)?.range(&[0u8; 8], &until, 64)?;
             if due.is_empty() {
                 break;
             }
             for (key, stored) in due {
                 meter.start();
-                stores.member(i).store(TIMERS_STORE)?.delete(&key)?;
+                stores.member(i).0.store(TIMERS_STORE)?.delete(&key)?;
                 let (_, payload) = decode_value(&key, &stored)?;
-                let mut ctx = Ctx::new(now, self.clock, self.partition, stores.member(i), &self.partitions);
+                let mut ctx = member_ctx(stores, i, now, self.clock, self.partition, &self.partitions);
                 self.members[i].processor.on_timer(&mut ctx, &key[8..], &payload)?;
                 self.absorb(ctx, name, step);
                 meter.stop(name);
@@ -382,27 +404,19 @@ impl Task {
             }
         }
         for _ in 0..MAX_TIMER_ROUNDS {
-            let due = stores.member(i).store(EXPIRY_STORE)?.range(&[0u8; 8], &until, 256)?;
+            let due = stores.member(i).0.store(EXPIRY_STORE)?.range(&[0u8; 8], &until, 256)?;
             if due.is_empty() {
                 break;
             }
             for (index_key, _) in due {
                 meter.start();
-                stores.member(i).store(EXPIRY_STORE)?.delete(&index_key)?;
+                stores.member(i).0.store(EXPIRY_STORE)?.delete(&index_key)?;
                 let rest = &index_key[8..];
                 let Some(sep) = rest.iter().position(|b| *b == 0) else { continue };
                 let store = String::from_utf8_lossy(&rest[..sep]).into_owned();
                 let key = &rest[sep + 1..];
-                let mut ctx = Ctx::new(now, self.clock, self.partition, stores.member(i), &self.partitions);
-                let expired = match ctx.stores().store(&store)?.get(key)? {
-                    Some(stored) => {
-                        let (expires_at, _) = decode_value(key, &stored)?;
-                        expires_at != 0 && expires_at <= now
-                    }
-                    None => false,
-                };
-                if expired {
-                    ctx.stores().store(&store)?.delete(key)?;
+                let mut ctx = member_ctx(stores, i, now, self.clock, self.partition, &self.partitions);
+                if ctx.sweep_if_expired(&store, key)? {
                     self.members[i].processor.on_expired(&mut ctx, &store, key)?;
                 }
                 self.absorb(ctx, name, step);
@@ -512,7 +526,10 @@ mod tests {
         let sub = sub(|| Box::new(Refuse));
         let topology = Topology::default();
         let mut task = Task::new(&sub, &topology, 0);
-        let mut stores = vec![MemStoreSet::with_stores(sub.members[0].all_stores())];
+        let mut stores = vec![MemberStores {
+            stores: MemStoreSet::with_stores(sub.members[0].all_stores()),
+            cache: StateCache::new(1 << 20),
+        }];
         let big = vec![b'a'; 1_000_000];
         let out = task.process(&mut stores, &record(1, big), 0, &mut NoMeter).unwrap();
         let letter = &out.outputs[0];
@@ -530,7 +547,10 @@ mod tests {
     fn stream_time_survives_a_restart_of_the_task() {
         let sub = sub(|| Box::new(Clocked));
         let topology = Topology { clock: Clock::Event, ..Topology::default() };
-        let mut stores = vec![MemStoreSet::with_stores(sub.members[0].all_stores())];
+        let mut stores = vec![MemberStores {
+            stores: MemStoreSet::with_stores(sub.members[0].all_stores()),
+            cache: StateCache::new(1 << 20),
+        }];
         let mut task = Task::new(&sub, &topology, 0);
         task.process(&mut stores, &record(5_000, b"a".to_vec()), 0, &mut NoMeter).unwrap();
         assert_eq!(task.stream_time(), 5_000);

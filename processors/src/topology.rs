@@ -200,6 +200,15 @@ pub struct StateConfig {
     pub block_cache_mb: usize,
     /// Total memtable memory of every RocksDB store of the process.
     pub write_buffer_mb: usize,
+    /// Decoded values each task keeps between commits (measured by their encoded
+    /// size), shared by the task's processors.
+    pub task_cache_mb: usize,
+}
+
+impl StateConfig {
+    pub fn task_cache_bytes(&self) -> usize {
+        self.task_cache_mb << 20
+    }
 }
 
 /// The `application_id` of a topology that names none; internal topic names are
@@ -318,7 +327,7 @@ impl Default for ConsentConfig {
 
 impl Default for StateConfig {
     fn default() -> Self {
-        StateConfig { block_cache_mb: 64, write_buffer_mb: 64 }
+        StateConfig { block_cache_mb: 64, write_buffer_mb: 64, task_cache_mb: 16 }
     }
 }
 

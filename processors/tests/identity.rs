@@ -132,7 +132,7 @@ struct GraphView {
 
 impl GraphView {
     fn read(d: &mut TestDriver) -> GraphView {
-        let json = |b: &[u8]| serde_json::from_slice::<Value>(b).unwrap();
+        let json = |b: &[u8]| chorus_processors::cache::decode::<Value>(b).unwrap();
         let comps = d
             .store_scan("identity", "identity", "comp:")
             .into_iter()

@@ -320,7 +320,7 @@ fn events_of(stream: &[Sent], customer: usize) -> Vec<&Sent> {
 fn stored_profile(d: &mut TestDriver, canonical_id: &str) -> Profile {
     let rows = d.store_scan("profile", "profiles", canonical_id);
     let (_, _, bytes) = rows.iter().find(|(_, k, _)| k == canonical_id).expect("the profile is stored");
-    serde_json::from_slice(bytes).unwrap()
+    chorus_processors::cache::decode(bytes).unwrap()
 }
 
 proptest! {
@@ -591,7 +591,7 @@ fn without_analytics_consent_browsing_stays_out_of_the_profile() {
 
 fn popularity(d: &mut TestDriver, category: Option<&str>) -> Option<Popularity> {
     let key = chorus_processors::personalisation::popularity_key(category);
-    d.store_get("profile", "profiles", 0, &key).map(|b| serde_json::from_slice(&b).unwrap())
+    d.store_get("profile", "profiles", 0, &key).map(|b| chorus_processors::cache::decode(&b).unwrap())
 }
 
 fn ranked(table: &Popularity, now: i64, d: &TestDriver) -> Vec<(String, f64)> {

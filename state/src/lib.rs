@@ -7,8 +7,10 @@
 //! changelog always converges, after a clean stop or a crash.
 
 mod db;
+mod live;
 mod overlay;
 
 pub use chorus_processors::store::{MemStore, MemStoreSet};
 pub use db::{changelog_topic, SharedResources, StateError, TaskDb, CHECKPOINT_CF};
+pub use live::{LiveStore, MemberState};
 pub use overlay::{StoreWrite, TaskState};

@@ -108,7 +108,19 @@ impl TaskState {
         out
     }
 
-    /// Drop uncommitted writes (the transaction aborted).
+    /// Uncommitted writes, as [`TaskState::take_pending`] gives them, but kept: readers
+    /// go on seeing them until the commit that carries them is applied to RocksDB.
+    pub fn pending_writes(&self) -> Vec<StoreWrite> {
+        let mut out = Vec::new();
+        for store in self.stores.values() {
+            for (key, value) in &store.pending {
+                out.push(StoreWrite { store: store.name.clone(), key: key.clone(), value: value.clone() });
+            }
+        }
+        out
+    }
+
+    /// Drop uncommitted writes (the transaction aborted, or they were applied).
     pub fn discard_pending(&mut self) {
         for store in self.stores.values_mut() {
             store.pending.clear();

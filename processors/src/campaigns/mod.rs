@@ -135,7 +135,7 @@ impl Processor for CampaignStage {
             }
         }
         for (_, bytes) in ctx.scan_prefix(STORE, CAMPAIGN, usize::MAX)? {
-            let Ok(stored) = serde_json::from_slice::<Stored>(&bytes) else { continue };
+            let Ok(stored) = crate::cache::decode::<Stored>(&bytes) else { continue };
             if stored.source == Source::Topology && !declared.iter().any(|c| c.id == stored.campaign.id) {
                 self.remove(ctx, &stored)?;
             }
@@ -202,7 +202,7 @@ impl Processor for CampaignStage {
             let mut last = None;
             for (member_key, bytes) in batch {
                 let canonical = member_key[MEMBER.len()..].to_owned();
-                if let Ok(member) = serde_json::from_slice::<Member>(&bytes) {
+                if let Ok(member) = crate::cache::decode::<Member>(&bytes) {
                     self.request(ctx, &campaign, &canonical, &member, Occasion::Schedule(run.occurrence))?;
                 }
                 last = Some(member_key);
@@ -262,7 +262,7 @@ impl CampaignStage {
         }
         let mut all = Vec::new();
         for (_, bytes) in ctx.scan_prefix(STORE, CAMPAIGN, usize::MAX)? {
-            if let Ok(stored) = serde_json::from_slice::<Stored>(&bytes) {
+            if let Ok(stored) = crate::cache::decode::<Stored>(&bytes) {
                 all.push(stored.campaign);
             }
         }

@@ -414,8 +414,8 @@ impl Graph<'_> {
                 return ctx.delete(STORE, &format!("mseq:{owner}"));
             };
             ctx.delete(STORE, &key)?;
-            let env: Envelope = serde_json::from_slice(&bytes).map_err(|e| {
-                ProcessError::Store(crate::store::StoreError::Corrupt { key: key.clone(), message: e.to_string() })
+            let env: Envelope = crate::cache::decode(&bytes).map_err(|message| {
+                ProcessError::Store(crate::store::StoreError::Corrupt { key: key.clone(), message })
             })?;
             self.handle(ctx, env)?;
         }

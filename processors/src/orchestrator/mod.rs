@@ -209,7 +209,7 @@ impl Orchestrator {
                 continue;
             }
             let item = match ctx.get_bytes(CONTENT_STORE, content_id.as_bytes())? {
-                Some(bytes) => serde_json::from_slice::<ContentItem>(&bytes).ok(),
+                Some(bytes) => crate::cache::decode::<ContentItem>(&bytes).ok(),
                 None => self.topology.content.item(content_id).cloned(),
             };
             found.insert(content_id.to_owned(), item);

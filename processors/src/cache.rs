@@ -1,0 +1,318 @@
+//! Decoded store values kept between records and between commits, per task member (the
+//! typed cousin of Kafka Streams' record cache). A customer's profile is decoded once,
+//! changed in place across all of that customer's events, and encoded once per commit,
+//! into the store and so into its changelog.
+//!
+//! The cache sits in front of the task's stores and is their only writer for the values
+//! it holds: a dirty value is written back before any byte-level read, scan or commit
+//! of its store, so every other path sees it. Values are bounded by an estimate of their
+//! encoded size; clean values are evicted oldest first, dirty ones written back first.
+//!
+//! Stored values use a compact, versioned binary encoding (a version byte, then
+//! MessagePack with field names, so `serde_json::Value` fields and `#[serde(flatten)]`
+//! round-trip). Values written before it (JSON) still decode.
+
+use crate::store::{decode_value, encode_value, StoreError, StoreSet};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::any::Any;
+use std::collections::{BTreeSet, HashMap};
+
+/// First byte of a value in the binary encoding; JSON never starts with it.
+const BINARY_V1: u8 = 0x01;
+
+/// Encode a store value (the bytes under the expiry header).
+pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String> {
+    let mut out = vec![BINARY_V1];
+    rmp_serde::encode::write_named(&mut out, value).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// Decode a store value written by [`encode`] or, before it, as JSON.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    match bytes.first() {
+        Some(&BINARY_V1) => rmp_serde::from_slice(&bytes[1..]).map_err(|e| e.to_string()),
+        Some(v) if *v > BINARY_V1 && *v < b' ' => Err(format!("unknown store encoding version {v}")),
+        _ => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+    }
+}
+
+/// A decoded value the cache can hand back by type and encode when written back.
+trait CachedValue: Send {
+    fn encode(&self) -> Result<Vec<u8>, String>;
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<T: Serialize + Send + 'static> CachedValue for T {
+    fn encode(&self) -> Result<Vec<u8>, String> {
+        encode(self)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+struct Entry {
+    value: Box<dyn CachedValue>,
+    /// Not yet written to the store.
+    dirty: bool,
+    /// Encoded size last seen: the cache's measure of the entry.
+    bytes: usize,
+    last_used: u64,
+}
+
+/// Assumed size of a value put before it was ever encoded.
+const NEW_VALUE_BYTES: usize = 512;
+
+/// The decoded values of one member's stores.
+pub struct StateCache {
+    entries: HashMap<(String, Vec<u8>), Entry>,
+    /// Dirty keys per store, so a scan writes back only its own store.
+    dirty: HashMap<String, BTreeSet<Vec<u8>>>,
+    bytes: usize,
+    limit: usize,
+    clock: u64,
+}
+
+impl StateCache {
+    /// A cache holding about `limit` bytes of (encoded) values; 0 caches nothing
+    /// beyond the current step.
+    pub fn new(limit: usize) -> StateCache {
+        StateCache { entries: HashMap::new(), dirty: HashMap::new(), bytes: 0, limit, clock: 0 }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Estimated bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    /// The live value under `key`, decoded as `T`: from the cache, or read from the
+    /// store (and kept). Values stored with an expiry are not cached.
+    pub fn get<T: DeserializeOwned + Serialize + Clone + Send + 'static>(
+        &mut self,
+        stores: &mut dyn StoreSet,
+        store: &str,
+        key: &[u8],
+        now: i64,
+    ) -> Result<Option<T>, StoreError> {
+        let used = self.tick();
+        if let Some(entry) = self.entries.get_mut(&(store.to_owned(), key.to_vec())) {
+            entry.last_used = used;
+            if let Some(value) = entry.value.as_any().downcast_ref::<T>() {
+                return Ok(Some(value.clone()));
+            }
+            // Stored as another type (a stage reading state generically): convert.
+            let bytes = entry.value.encode().map_err(|e| corrupt(key, e))?;
+            return decode(&bytes).map(Some).map_err(|e| corrupt(key, e));
+        }
+        let Some(stored) = stores.store(store)?.get(key)? else { return Ok(None) };
+        let (expires_at, bytes) = decode_value(key, &stored)?;
+        if expires_at != 0 {
+            // Expiring values are read through, never kept: the sweep deletes them below.
+            if expires_at <= now {
+                return Ok(None);
+            }
+            return decode(&bytes).map(Some).map_err(|e| corrupt(key, e));
+        }
+        let value: T = decode(&bytes).map_err(|e| corrupt(key, e))?;
+        self.insert(store, key, Box::new(value.clone()), false, bytes.len());
+        Ok(Some(value))
+    }
+
+    /// The cached value under `key`, encoded, for a reader outside the task; `None` when
+    /// the cache does not hold it (the store has what there is).
+    pub fn peek_encoded(&self, store: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.entries.get(&(store.to_owned(), key.to_vec())) {
+            Some(entry) => entry.value.encode().map(Some).map_err(|e| corrupt(key, e)),
+            None => Ok(None),
+        }
+    }
+
+    /// Keep `value` under `key`; it reaches the store at the next write-back.
+    pub fn put<T: Serialize + Send + 'static>(
+        &mut self,
+        stores: &mut dyn StoreSet,
+        store: &str,
+        key: &[u8],
+        value: T,
+    ) -> Result<(), StoreError> {
+        let bytes = self.entries.get(&(store.to_owned(), key.to_vec())).map_or(NEW_VALUE_BYTES, |e| e.bytes);
+        self.insert(store, key, Box::new(value), true, bytes);
+        self.evict(stores)
+    }
+
+    fn insert(&mut self, store: &str, key: &[u8], value: Box<dyn CachedValue>, dirty: bool, bytes: usize) {
+        let last_used = self.tick();
+        let id = (store.to_owned(), key.to_vec());
+        if let Some(old) = self.entries.insert(id, Entry { value, dirty, bytes, last_used }) {
+            self.bytes -= old.bytes;
+        }
+        self.bytes += bytes;
+        if dirty {
+            self.dirty.entry(store.to_owned()).or_default().insert(key.to_vec());
+        }
+    }
+
+    /// Forget `key` (it is about to be written or deleted below the cache). A dirty
+    /// value is dropped: the caller's write supersedes it.
+    pub fn forget(&mut self, store: &str, key: &[u8]) {
+        if let Some(old) = self.entries.remove(&(store.to_owned(), key.to_vec())) {
+            self.bytes -= old.bytes;
+            if old.dirty {
+                if let Some(keys) = self.dirty.get_mut(store) {
+                    keys.remove(key);
+                }
+            }
+        }
+    }
+
+    /// Write `key`'s dirty value to the store now (before a byte-level read of it).
+    pub fn write_back_key(&mut self, stores: &mut dyn StoreSet, store: &str, key: &[u8]) -> Result<(), StoreError> {
+        let dirty = self.dirty.get_mut(store).is_some_and(|keys| keys.remove(key));
+        if dirty {
+            self.write_entry(stores, store, key)?;
+        }
+        Ok(())
+    }
+
+    /// Write every dirty value of `store` (before a scan of it).
+    pub fn write_back_store(&mut self, stores: &mut dyn StoreSet, store: &str) -> Result<(), StoreError> {
+        let keys = self.dirty.remove(store).unwrap_or_default();
+        for key in keys {
+            self.write_entry(stores, store, &key)?;
+        }
+        Ok(())
+    }
+
+    /// Write every dirty value (before a commit). Returns how many were written.
+    pub fn write_back(&mut self, stores: &mut dyn StoreSet) -> Result<usize, StoreError> {
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut n = 0;
+        for (store, keys) in dirty {
+            for key in keys {
+                self.write_entry(stores, &store, &key)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn write_entry(&mut self, stores: &mut dyn StoreSet, store: &str, key: &[u8]) -> Result<(), StoreError> {
+        let Some(entry) = self.entries.get_mut(&(store.to_owned(), key.to_vec())) else { return Ok(()) };
+        let bytes = entry.value.encode().map_err(|e| corrupt(key, e))?;
+        self.bytes = self.bytes - entry.bytes + bytes.len();
+        entry.bytes = bytes.len();
+        entry.dirty = false;
+        stores.store(store)?.put(key, encode_value(0, &bytes))
+    }
+
+    /// Keep the cache within its limit: oldest entries go first, dirty ones written
+    /// back before they go.
+    fn evict(&mut self, stores: &mut dyn StoreSet) -> Result<(), StoreError> {
+        if self.bytes <= self.limit {
+            return Ok(());
+        }
+        // Evict down to three quarters of the limit at once, so the sort is amortised.
+        let target = self.limit / 4 * 3;
+        let mut by_age: Vec<(u64, String, Vec<u8>)> =
+            self.entries.iter().map(|((s, k), e)| (e.last_used, s.clone(), k.clone())).collect();
+        by_age.sort_unstable();
+        for (_, store, key) in by_age {
+            if self.bytes <= target {
+                break;
+            }
+            self.write_back_key(stores, &store, &key)?;
+            self.forget(&store, &key);
+        }
+        Ok(())
+    }
+}
+
+fn corrupt(key: &[u8], message: String) -> StoreError {
+    StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemStoreSet;
+    use serde::Deserialize;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct Doc {
+        n: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
+        extra: serde_json::Value,
+    }
+
+    fn doc(n: u32) -> Doc {
+        Doc { n, note: None, extra: serde_json::json!({"a": [1, 2.5, "x"], "b": null}) }
+    }
+
+    #[test]
+    fn values_round_trip_through_the_binary_encoding_and_json_still_decodes() {
+        let bytes = encode(&doc(3)).unwrap();
+        assert_eq!(bytes[0], BINARY_V1);
+        assert_eq!(decode::<Doc>(&bytes).unwrap(), doc(3));
+        let json = serde_json::to_vec(&doc(4)).unwrap();
+        assert_eq!(decode::<Doc>(&json).unwrap(), doc(4));
+        assert!(decode::<Doc>(&[0x07, 1, 2]).is_err());
+    }
+
+    #[test]
+    fn a_value_is_written_once_per_write_back_whatever_the_number_of_puts() {
+        let mut stores = MemStoreSet::with_stores(["s"]);
+        let mut cache = StateCache::new(1 << 20);
+        for n in 0..10 {
+            cache.put(&mut stores, "s", b"k", doc(n)).unwrap();
+        }
+        assert!(stores.stores["s"].entries().is_empty(), "nothing written before the write-back");
+        assert_eq!(cache.get::<Doc>(&mut stores, "s", b"k", 0).unwrap(), Some(doc(9)));
+        assert_eq!(cache.write_back(&mut stores).unwrap(), 1);
+        assert_eq!(cache.write_back(&mut stores).unwrap(), 0, "clean values are not written again");
+        let stored = stores.store("s").unwrap().get(b"k").unwrap().unwrap();
+        let (_, bytes) = decode_value(b"k", &stored).unwrap();
+        assert_eq!(decode::<Doc>(&bytes).unwrap(), doc(9));
+    }
+
+    #[test]
+    fn eviction_keeps_the_limit_and_loses_no_write() {
+        let mut stores = MemStoreSet::with_stores(["s"]);
+        let mut cache = StateCache::new(8 * NEW_VALUE_BYTES);
+        for n in 0..100u32 {
+            cache.put(&mut stores, "s", format!("k{n}").as_bytes(), doc(n)).unwrap();
+            assert!(cache.bytes() <= 8 * NEW_VALUE_BYTES);
+        }
+        cache.write_back(&mut stores).unwrap();
+        for n in 0..100u32 {
+            assert_eq!(cache.get::<Doc>(&mut stores, "s", format!("k{n}").as_bytes(), 0).unwrap(), Some(doc(n)));
+        }
+    }
+
+    #[test]
+    fn a_value_read_as_another_type_is_converted() {
+        let mut stores = MemStoreSet::with_stores(["s"]);
+        let mut cache = StateCache::new(1 << 20);
+        cache.put(&mut stores, "s", b"k", doc(1)).unwrap();
+        let generic: serde_json::Value = cache.get(&mut stores, "s", b"k", 0).unwrap().unwrap();
+        assert_eq!(generic["n"], 1);
+    }
+}
