@@ -114,7 +114,13 @@ pub fn run_sub_topology(sub: SubTopology, config: EngineConfig) -> Result<()> {
             Some(Err(e)) => tracing::warn!(sub_topology = %name, error = %e, "consumer error"),
             None => {
                 if config.drain.requested() && last_drain_check.elapsed() >= Duration::from_millis(100) {
-                    let idle = consumer.context().lock().txn_open.is_none() && caught_up(&consumer);
+                    // Stopping: once everything is read, commit it now rather than wait
+                    // for the interval.
+                    let caught_up = caught_up(&consumer);
+                    if caught_up {
+                        consumer.context().lock().commit(&consumer)?;
+                    }
+                    let idle = consumer.context().lock().txn_open.is_none() && caught_up;
                     config.drain.set_idle(&name, idle);
                     last_drain_check = Instant::now();
                 }

@@ -328,3 +328,41 @@ fn campaigns_and_content_arrive_at_run_time() {
     assert!(metrics.contains(r#"chorus_catalog_changes_total{catalog="content",change="changed"} 1"#));
     chorus.stop();
 }
+
+/// Reads answer from the serving task's current state: with commits an hour apart
+/// (at-least-once, so the identity stage's output is readable at once), a profile is
+/// served as soon as its event is processed, while `?consistency=committed` still sees
+/// nothing; after a clean stop (which commits) and a restart, committed reads see it.
+#[test]
+fn reads_see_processed_events_before_their_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let topology = test_topology(dir.path());
+    let text = std::fs::read_to_string(&topology)
+        .unwrap()
+        .replace("processing: exactly_once", "processing: at_least_once")
+        .replace("commit_interval: 100ms", "commit_interval: 1h")
+        .replace("commit_latency_budget: 50ms", "commit_latency_budget: 1h");
+    std::fs::write(&topology, text).unwrap();
+    let data = dir.path().join("data");
+    let chorus = Chorus::up(&data, &topology);
+    let (events, _) = workload(20, 1);
+    produce(chorus.bootstrap(), "events.raw", &events);
+    let http = chorus.http().to_owned();
+    let live = eventually(60, "the live profile", || {
+        let (status, p) = get_json(&format!("{http}/v1/profiles/c0"));
+        (status == 200 && p["metrics"]["event_count"] == 20).then_some(p)
+    });
+    assert_eq!(live["customer_id"], "c0", "{live}");
+    let (status, e) = get_json(&format!("{http}/v1/profiles/c0?consistency=committed"));
+    assert_eq!((status, e["error"]["code"].as_str()), (404, Some("not_found")), "{e}");
+    let (status, e) = get_json(&format!("{http}/v1/profiles/c0?consistency=sometimes"));
+    assert_eq!((status, e["error"]["code"].as_str()), (400, Some("invalid_request")), "{e}");
+    chorus.stop();
+    let again = Chorus::up(&data, &topology);
+    let url = format!("{}/v1/profiles/c0?consistency=committed", again.http());
+    eventually(60, "the committed profile after the restart", || {
+        let (status, p) = get_json(&url);
+        (status == 200 && p["metrics"]["event_count"] == 20).then_some(())
+    });
+    again.stop();
+}
