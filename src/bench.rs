@@ -17,8 +17,9 @@ use crate::kafka::{changelog_topics, client_config, create_topic_list, create_to
 use crate::metrics::metrics;
 use crate::query::LocalStores;
 use anyhow::{anyhow, bail, Context as _, Result};
-use chorus_processors::subtopology::group;
+use chorus_processors::subtopology::{group, select};
 use chorus_processors::topology::{Clock, EVENTS_RAW};
+use chorus_processors::{context, profile};
 use chorus_processors::{processor_specs, Ctx, ProcessError, Processor, ProcessorSpec, Record, SubTopology, Topology};
 use chorus_state::SharedResources;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -38,6 +39,10 @@ pub struct BenchArgs {
     pub seconds: u64,
     pub commit_interval: Option<String>,
     pub topology: PathBuf,
+    /// Sub-topologies or processors to run (`all`, `identity,profile`, ...).
+    pub processors: String,
+    /// Write the report as JSON here too.
+    pub json: Option<PathBuf>,
 }
 
 const BENCH_IN: &str = "bench.in";
@@ -161,7 +166,7 @@ async fn passthrough_rate(
     produce_all(producer, BENCH_IN, records).await?;
     let running = Running::start(group(vec![passthrough_spec()]), config)?;
     let took =
-        wait_for("the passthrough", Duration::from_secs(1800), || processed("passthrough", partitions) >= n as u64)
+        first_to_last("the passthrough", Duration::from_secs(1800), n as u64, || processed("passthrough", partitions))
             .await?;
     running.stop()?;
     Ok(n as f64 / took.as_secs_f64())
@@ -345,104 +350,190 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         }
     }
     let (config, data, producer) = bench_runtime(&brokers, &topology, embedded.is_some())?;
+    let subs = select(processor_specs(&topology), &args.processors)?;
+    let members: Vec<&'static str> = subs.iter().flat_map(|s| s.member_names()).collect();
+    // The pipeline is done with an event when every customer-facing stage run has it.
+    let done_stages: Vec<&'static str> =
+        [profile::NAME, context::NAME].into_iter().filter(|s| members.contains(s)).collect();
+    if done_stages.is_empty() {
+        bail!("--processors must include profile or context (the stages whose output the benchmark waits for)");
+    }
     let n = args.events;
     let limit = Duration::from_secs(1800);
     let where_ = if embedded.is_some() { "embedded broker".to_owned() } else { format!("Kafka at {brokers}") };
+    let sub_names: Vec<String> = subs.iter().map(|s| s.name.clone()).collect();
     println!(
-        "chorus bench: {n} events, {} customers, {} partitions, commit interval {} ms, {where_}",
+        "chorus bench: {n} events, {} customers, {} partitions, commit interval {} ms, latency budget {} ms, {where_}",
         args.customers,
         args.partitions,
-        topology.commit_interval.ms()
+        topology.commit_interval.ms(),
+        topology.commit_latency_budget.ms()
     );
+    println!("sub-topologies: {}", sub_names.join(", "));
+    println!("(every rate is timed from the first record processed to the last)");
 
     let pass_rate =
         passthrough_rate(&producer, &config, args.partitions, (0..n).map(|i| event(i, args.customers))).await?;
     println!("passthrough (consume→produce, same transactions):  {pass_rate:>10.0} events/s");
 
     produce_all(&producer, EVENTS_RAW, (0..n).map(|i| event(i, args.customers))).await?;
-    let running = Running::start(group(processor_specs(&topology)), &config)?;
-    let slice_time = wait_for("the full slice", limit, || {
-        processed("profile", args.partitions) >= n as u64 && processed("context", args.partitions) >= n as u64
+    let running = Running::start(subs, &config)?;
+    let pipeline = first_to_last("the pipeline", limit, n as u64, || {
+        done_stages.iter().map(|s| processed(s, args.partitions)).min().unwrap_or(0)
     })
     .await?;
-    let slice_rate = n as f64 / slice_time.as_secs_f64();
-    println!("full slice (identity → profile, context, orch.):   {slice_rate:>10.0} events/s");
-    println!("ratio full slice / passthrough:                    {:>10.2}", slice_rate / pass_rate);
-    let per_record: Vec<String> = processor_specs(&topology)
+    let slice_rate = n as f64 / pipeline.as_secs_f64();
+    println!(
+        "pipeline ({}):{:>width$.0} events/s",
+        members.join(", "),
+        slice_rate,
+        width = 40usize.saturating_sub(members.join(", ").len()).max(1) + 10
+    );
+    println!("ratio pipeline / passthrough:                      {:>10.2}", slice_rate / pass_rate);
+    let cpu: Vec<(String, f64)> =
+        members.iter().map(|m| (m.to_string(), mean_processing_us(m, args.partitions))).collect();
+    let cpu_text: Vec<String> = cpu.iter().map(|(m, us)| format!("{m} {us:.1} µs")).collect();
+    println!("thread CPU time per record and stage:              {}", cpu_text.join(", "));
+    let commits: Vec<(String, f64, u64)> = sub_names
         .iter()
-        .map(|s| format!("{} {:.0} µs", s.name, mean_processing_us(s.name, args.partitions)))
-        .collect();
-    println!("mean processing time per record:                   {}", per_record.join(", "));
-    let per_commit: Vec<String> = chorus_processors::sub_topologies(&topology)
-        .iter()
-        .map(|s| {
-            let h = metrics().commit_seconds.with_label_values(&[&s.name]);
-            format!(
-                "{} {:.1} ms × {}",
-                s.name,
-                h.get_sample_sum() / h.get_sample_count().max(1) as f64 * 1e3,
-                h.get_sample_count()
-            )
+        .map(|name| {
+            let h = metrics().commit_seconds.with_label_values(&[name]);
+            (name.clone(), h.get_sample_sum() / h.get_sample_count().max(1) as f64 * 1e3, h.get_sample_count())
         })
         .collect();
-    println!("mean transaction commit time:                      {}", per_commit.join(", "));
+    let commit_text: Vec<String> = commits.iter().map(|(n, ms, c)| format!("{n} {ms:.1} ms × {c}")).collect();
+    println!("mean transaction commit time:                      {}", commit_text.join(", "));
 
-    let before = (latency_buckets("profile"), latency_buckets("context"));
-    let offered = args.rate as usize * args.seconds as usize;
-    let started = Instant::now();
-    let interval = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
-    let mut sends = Vec::with_capacity(offered);
-    for i in 0..offered {
-        let due = started + interval * i as u32;
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            tokio::time::sleep(wait).await;
+    let mut latency = serde_json::Map::new();
+    if args.rate > 0 && args.seconds > 0 {
+        let before: Vec<Vec<(f64, u64)>> = done_stages.iter().map(|s| latency_buckets(s)).collect();
+        let offered = args.rate as usize * args.seconds as usize;
+        let started = Instant::now();
+        let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
+        let mut sends = Vec::with_capacity(offered);
+        for i in 0..offered {
+            let due = started + interval * i as u32;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                tokio::time::sleep(wait).await;
+            }
+            let (key, value) = event(n + i, args.customers);
+            let producer = producer.clone();
+            sends.push(tokio::spawn(async move {
+                producer
+                    .send(
+                        FutureRecord::to(EVENTS_RAW).key(&key).payload(&value).timestamp(now_ms()),
+                        Duration::from_secs(60),
+                    )
+                    .await
+                    .map(|_| ())
+            }));
         }
-        let (key, value) = event(n + i, args.customers);
-        let producer = producer.clone();
-        sends.push(tokio::spawn(async move {
-            producer
-                .send(
-                    FutureRecord::to(EVENTS_RAW).key(&key).payload(&value).timestamp(now_ms()),
-                    Duration::from_secs(60),
-                )
-                .await
-                .map(|_| ())
-        }));
+        for s in sends {
+            s.await?.map_err(|(e, _)| anyhow!("produce: {e}"))?;
+        }
+        wait_for("the offered load to be processed", limit, || {
+            done_stages.iter().all(|s| processed(s, args.partitions) >= (n + offered) as u64)
+        })
+        .await?;
+        let ms = |v: Option<f64>| v.map(|s| format!("{:.1} ms", s * 1000.0)).unwrap_or_else(|| "n/a".into());
+        for (stage, before) in done_stages.iter().zip(&before) {
+            let after = latency_buckets(stage);
+            let (p50, p99) = (quantile(before, &after, 0.5), quantile(before, &after, 0.99));
+            println!(
+                "event→{stage} readable at {} events/s offered:{:>width$} p50 {}, p99 {}",
+                args.rate,
+                "",
+                ms(p50),
+                ms(p99),
+                width = 12usize.saturating_sub(stage.len())
+            );
+            latency.insert(stage.to_string(), json!({"p50_ms": p50.map(|s| s * 1e3), "p99_ms": p99.map(|s| s * 1e3)}));
+        }
     }
-    for s in sends {
-        s.await?.map_err(|(e, _)| anyhow!("produce: {e}"))?;
-    }
-    wait_for("the offered load to be processed", limit, || {
-        processed("profile", args.partitions) >= (n + offered) as u64
-            && processed("context", args.partitions) >= (n + offered) as u64
-    })
-    .await?;
-    let after = (latency_buckets("profile"), latency_buckets("context"));
-    let ms = |v: Option<f64>| v.map(|s| format!("{:.1} ms", s * 1000.0)).unwrap_or_else(|| "n/a".into());
-    println!(
-        "event→profile at {} events/s offered:             p50 {}, p99 {}",
-        args.rate,
-        ms(quantile(&before.0, &after.0, 0.5)),
-        ms(quantile(&before.0, &after.0, 0.99))
-    );
-    println!(
-        "event→context at {} events/s offered:             p50 {}, p99 {}",
-        args.rate,
-        ms(quantile(&before.1, &after.1, 0.5)),
-        ms(quantile(&before.1, &after.1, 0.99))
-    );
     running.stop()?;
     let (rss, disk) = (rss_mb(), dir_size_mb(&data));
     let per_million = 1_000_000.0 / args.customers as f64;
     println!("peak RSS of this process (processors + client):    {rss:>10.0} MB");
     println!("RocksDB state on disk for {} customers:           {disk:>10.1} MB", args.customers);
     println!("RocksDB on disk per million customers:             {:>10.0} MB", disk * per_million);
+
+    // Restore: a new member without local state rebuilds every store from the changelogs.
+    let restore = if embedded.is_some() {
+        println!("changelog restore:                                        n/a (the embedded broker starts empty; local stores are the state)");
+        serde_json::Value::Null
+    } else {
+        let (records, seconds) = restore_rate(&config, &topology, &args.processors).await?;
+        println!(
+            "changelog restore (fresh member, every store):     {:>10.0} records/s ({records} records in {seconds:.2} s)",
+            records as f64 / seconds.max(1e-9)
+        );
+        json!({"records": records, "seconds": seconds, "records_per_s": records as f64 / seconds.max(1e-9)})
+    };
+    if let Some(path) = &args.json {
+        let report = json!({
+            "broker": if embedded.is_some() { "embedded" } else { "kafka" },
+            "events": n, "customers": args.customers, "partitions": args.partitions,
+            "processors": args.processors, "sub_topologies": sub_names,
+            "commit_interval_ms": topology.commit_interval.ms(),
+            "commit_latency_budget_ms": topology.commit_latency_budget.ms(),
+            "passthrough_events_per_s": pass_rate,
+            "pipeline_events_per_s": slice_rate,
+            "ratio": slice_rate / pass_rate,
+            "cpu_us_per_record": cpu.iter().map(|(m, us)| (m.clone(), json!(us))).collect::<serde_json::Map<_, _>>(),
+            "commit_ms": commits.iter().map(|(n, ms, c)| (n.clone(), json!({"mean": ms, "count": c}))).collect::<serde_json::Map<_, _>>(),
+            "offered_events_per_s": args.rate, "latency": latency,
+            "restore": restore,
+            "peak_rss_mb": rss, "disk_mb": disk, "disk_per_million_customers_mb": disk * per_million,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("report written to {}", path.display());
+    }
     let _ = std::fs::remove_dir_all(&data);
     // Clients first, so none of them reports the embedded broker going away.
     drop(producer);
     drop(probe);
     drop(embedded);
     Ok(())
+}
+
+/// Start the same sub-topologies on an empty data dir and time the restore of every
+/// store from its changelog: (records, seconds spent replaying).
+async fn restore_rate(config: &EngineConfig, topology: &Topology, processors: &str) -> Result<(u64, f64)> {
+    let subs = select(processor_specs(topology), processors)?;
+    let expected: usize = subs.iter().map(|s| s.members.len() * s.partitions(topology) as usize).sum();
+    let mut fresh = config.clone();
+    fresh.data_dir = tempfile_dir()?;
+    fresh.local = LocalStores::default();
+    fresh.instance_id = format!("{}-restore", config.instance_id);
+    let records_before = crate::restore::restored_total();
+    let seconds_before = crate::restore::restore_seconds_total();
+    let local = fresh.local.clone();
+    let running = Running::start(subs, &fresh)?;
+    wait_for("every task to restore", Duration::from_secs(1800), || local.open_tasks() >= expected).await?;
+    running.stop()?;
+    let _ = std::fs::remove_dir_all(&fresh.data_dir);
+    Ok((crate::restore::restored_total() - records_before, crate::restore::restore_seconds_total() - seconds_before))
+}
+
+/// Wait until `count()` reaches `n`; the time from the first record counted to the
+/// last (start-up and group join excluded, as every system is timed).
+async fn first_to_last(what: &str, limit: Duration, n: u64, count: impl Fn() -> u64) -> Result<Duration> {
+    let started = Instant::now();
+    let mut first: Option<Instant> = None;
+    loop {
+        let c = count();
+        if c > 0 && first.is_none() {
+            first = Some(Instant::now());
+        }
+        if c >= n {
+            return Ok(first.map(|f| f.elapsed()).unwrap_or_default().max(Duration::from_millis(1)));
+        }
+        if started.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 fn tempfile_dir() -> Result<PathBuf> {

@@ -127,6 +127,12 @@ enum Command {
         commit_interval: Option<String>,
         #[arg(long, default_value = "topology.yaml")]
         topology: PathBuf,
+        /// Sub-topologies or processors to run, as `chorus run --processors`.
+        #[arg(long, default_value = "all")]
+        processors: String,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Check a topology file and print every error with its YAML path.
     Validate {
@@ -252,9 +258,21 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             seconds,
             commit_interval,
             topology,
+            processors,
+            json,
         } => {
-            let args =
-                bench::BenchArgs { brokers, events, customers, partitions, rate, seconds, commit_interval, topology };
+            let args = bench::BenchArgs {
+                brokers,
+                events,
+                customers,
+                partitions,
+                rate,
+                seconds,
+                commit_interval,
+                topology,
+                processors,
+                json,
+            };
             bench::bench(args).await
         }
     }

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub store_entries: IntGaugeVec,
     pub store_bytes: IntGaugeVec,
     pub restored_records: IntCounterVec,
+    /// Seconds spent replaying changelogs.
+    pub restore_seconds: prometheus::Counter,
     /// Changelog records a restoring store still has to replay (0 once ready).
     pub restore_remaining: IntGaugeVec,
     pub business: IntCounterVec,
@@ -158,6 +160,10 @@ pub fn metrics() -> &'static Metrics {
             store_entries: gauge(&registry, "store_entries", "Approximate entries per store and partition", &["processor", "store", "partition"]),
             store_bytes: gauge(&registry, "store_bytes", "Approximate bytes per store and partition (live SST data and memtables)", &["processor", "store", "partition"]),
             restored_records: counter(&registry, "restored_records_total", "Changelog records replayed into stores", &["processor", "store"]),
+            restore_seconds: register(
+                &registry,
+                prometheus::Counter::new("restore_seconds_total", "Seconds spent replaying changelogs into stores"),
+            ),
             restore_remaining: register(
                 &registry,
                 IntGaugeVec::new(
@@ -244,4 +250,10 @@ pub fn render() -> String {
     m.journeys.cross_channel_rate.set(cross.0 / cross.1.max(1.0));
     let families = m.registry.gather();
     TextEncoder::new().encode_to_string(&families).unwrap_or_default()
+}
+
+/// The sum of every series of a counter family.
+pub fn counter_total(family: &IntCounterVec) -> u64 {
+    use prometheus::core::Collector;
+    family.collect().iter().flat_map(|f| f.get_metric().iter().map(|m| m.get_counter().get_value() as u64)).sum()
 }

@@ -21,6 +21,16 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 const BATCH: usize = 2_000;
+
+/// Changelog records replayed by this process so far.
+pub fn restored_total() -> u64 {
+    crate::metrics::counter_total(&metrics().restored_records)
+}
+
+/// Seconds this process has spent replaying changelogs.
+pub fn restore_seconds_total() -> f64 {
+    metrics().restore_seconds.get()
+}
 /// A restore that has received nothing for this long while short of its end offset
 /// fails the task (which the runtime reports), rather than serve partial state.
 const STALL_LIMIT: Duration = Duration::from_secs(300);
@@ -163,6 +173,7 @@ fn replay(
     remaining.set(0);
     consumer.unassign().ok();
     let secs = started.elapsed().as_secs_f64();
+    metrics().restore_seconds.inc_by(secs);
     tracing::info!(%topic, partition, records = total, secs, per_second = (total as f64 / secs.max(1e-9)) as u64, "restored");
     Ok(total)
 }
