@@ -403,6 +403,32 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         .collect();
     let commit_text: Vec<String> = commits.iter().map(|(n, ms, c)| format!("{n} {ms:.1} ms × {c}")).collect();
     println!("mean transaction commit time:                      {}", commit_text.join(", "));
+    let mut phases = serde_json::Map::new();
+    for name in &sub_names {
+        let parts: Vec<(String, f64)> = ["deliveries", "offsets", "commit"]
+            .iter()
+            .map(|phase| {
+                let h = metrics().commit_phase_seconds.with_label_values(&[name, phase]);
+                (phase.to_string(), h.get_sample_sum() / h.get_sample_count().max(1) as f64 * 1e3)
+            })
+            .collect();
+        let text: Vec<String> = parts.iter().map(|(p, ms)| format!("{p} {ms:.1}")).collect();
+        println!(
+            "  {name} commit, mean ms per part:{:>width$}{}",
+            "",
+            text.join(", "),
+            width = 18usize.saturating_sub(name.len())
+        );
+        phases.insert(
+            name.clone(),
+            json!(parts
+                .into_iter()
+                .collect::<serde_json::Map<_, _>>()
+                .into_iter()
+                .map(|(k, v)| (k, json!(v)))
+                .collect::<serde_json::Map<_, _>>()),
+        );
+    }
 
     let mut latency = serde_json::Map::new();
     if args.rate > 0 && args.seconds > 0 {
@@ -481,6 +507,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
             "ratio": slice_rate / pass_rate,
             "cpu_us_per_record": cpu.iter().map(|(m, us)| (m.clone(), json!(us))).collect::<serde_json::Map<_, _>>(),
             "commit_ms": commits.iter().map(|(n, ms, c)| (n.clone(), json!({"mean": ms, "count": c}))).collect::<serde_json::Map<_, _>>(),
+            "commit_phase_ms": phases,
             "offered_events_per_s": args.rate, "latency": latency,
             "restore": restore,
             "peak_rss_mb": rss, "disk_mb": disk, "disk_per_million_customers_mb": disk * per_million,

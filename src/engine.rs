@@ -589,7 +589,15 @@ impl EngineState {
     }
 
     fn finish_transaction<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> Result<()> {
+        let phase = |name: &str, since: Instant| {
+            metrics()
+                .commit_phase_seconds
+                .with_label_values(&[&self.sub.name, name])
+                .observe(since.elapsed().as_secs_f64())
+        };
+        let started = Instant::now();
         self.await_deliveries()?;
+        phase("deliveries", started);
         let failures = std::mem::take(&mut *self.producer.context().failures.lock().unwrap_or_else(|p| p.into_inner()));
         if !failures.is_empty() {
             return Err(anyhow!("deliveries failed: {}", failures.join("; ")));
@@ -601,11 +609,15 @@ impl EngineState {
         if self.eos {
             if tpl.count() > 0 {
                 let group = consumer.group_metadata().ok_or_else(|| anyhow!("consumer has no group metadata"))?;
+                let started = Instant::now();
                 self.producer
                     .send_offsets_to_transaction(&tpl, &group, Duration::from_secs(30))
                     .map_err(|e| anyhow!("send offsets: {e}"))?;
+                phase("offsets", started);
             }
+            let started = Instant::now();
             self.producer.commit_transaction(Duration::from_secs(60)).map_err(|e| anyhow!("commit: {e}"))?;
+            phase("commit", started);
             if self.config.embedded_broker && tpl.count() > 0 {
                 // The transaction is committed: a failure here (a rebalance changed the
                 // generation) must not abort it. The next commit of the partition stores

@@ -14,6 +14,10 @@ pub struct Metrics {
     pub processing_seconds: HistogramVec,
     pub end_to_end_seconds: HistogramVec,
     pub commit_seconds: HistogramVec,
+    /// Each part of a commit: `deliveries` (acknowledgements of the transaction's
+    /// records), `offsets` (send_offsets_to_transaction), `commit` (commit_transaction),
+    /// `apply` (the writes into RocksDB).
+    pub commit_phase_seconds: HistogramVec,
     pub lag: IntGaugeVec,
     pub store_entries: IntGaugeVec,
     pub store_bytes: IntGaugeVec,
@@ -156,6 +160,13 @@ pub fn metrics() -> &'static Metrics {
                 LATENCY_BUCKETS.to_vec(),
             ),
             commit_seconds: histogram(&registry, "commit_seconds", "Time to commit one transaction", &["processor"], LATENCY_BUCKETS.to_vec()),
+            commit_phase_seconds: histogram(
+                &registry,
+                "commit_phase_seconds",
+                "Time of each part of a commit",
+                &["processor", "phase"],
+                LATENCY_BUCKETS.to_vec(),
+            ),
             lag: gauge(&registry, "consumer_lag", "Records behind the end of each input partition", &["processor", "topic", "partition"]),
             store_entries: gauge(&registry, "store_entries", "Approximate entries per store and partition", &["processor", "store", "partition"]),
             store_bytes: gauge(&registry, "store_bytes", "Approximate bytes per store and partition (live SST data and memtables)", &["processor", "store", "partition"]),

@@ -27,12 +27,15 @@ pub fn spec(topology: &Topology) -> ProcessorSpec {
         outputs: vec![TOPIC.into(), RESOLVED_TOPIC.into()],
         forwards: vec![TOPIC.into()],
         sub_topology: crate::subtopology::CUSTOMER,
-        factory: Box::new(move || Box::new(ContextStage { config: config.clone() })),
+        factory: Box::new(move || Box::new(ContextStage { config: config.clone(), changed: Default::default() })),
     }
 }
 
 pub struct ContextStage {
     config: ContextConfig,
+    /// Customers whose context changed since the last commit: their `context` record
+    /// goes out once, at the commit, however many events changed it.
+    changed: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -436,6 +439,16 @@ impl CustomerContext {
 }
 
 impl Processor for ContextStage {
+    /// Publish each changed customer's context once per commit.
+    fn flush(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ProcessError> {
+        for id in std::mem::take(&mut self.changed) {
+            if let Some(context) = ctx.get_json::<CustomerContext>(STORE, &id)? {
+                ctx.emit_json(TOPIC, &id, &context.snapshot())?;
+            }
+        }
+        Ok(())
+    }
+
     fn process(&mut self, ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
         let Some(resolved) = incoming(ctx, record, NAME, STORE)? else { return Ok(()) };
         match resolved.kind {
@@ -479,13 +492,15 @@ impl ContextStage {
         Ok(ctx.get_json::<CustomerContext>(STORE, id)?.unwrap_or_else(|| CustomerContext::new(id)))
     }
 
-    /// Persist, publish, and move the expiry timer to the next expiry.
-    fn save(&self, ctx: &mut Ctx<'_>, mut context: CustomerContext) -> Result<(), ProcessError> {
+    /// Persist, mark for publishing, and move the expiry timer to the next expiry. An
+    /// emptied context is tombstoned at once (so it stays in order with what follows).
+    fn save(&mut self, ctx: &mut Ctx<'_>, mut context: CustomerContext) -> Result<(), ProcessError> {
         let id = context.canonical_id.clone();
         if let Some(old) = context.timer_at.take() {
             ctx.cancel(old, id.as_bytes())?;
         }
         if context.is_empty() {
+            self.changed.remove(&id);
             ctx.delete(STORE, &id)?;
             ctx.emit_tombstone(TOPIC, &id);
             return Ok(());
@@ -496,6 +511,7 @@ impl ContextStage {
         }
         context.updated_at = ctx.now;
         ctx.put_json(STORE, &id, &context)?;
-        ctx.emit_json(TOPIC, &id, &context.snapshot())
+        self.changed.insert(id);
+        Ok(())
     }
 }

@@ -59,6 +59,7 @@ pub fn spec(topology: &Topology) -> ProcessorSpec {
                 default_consent,
                 default_analytics,
                 popularity: BTreeMap::new(),
+                changed: BTreeMap::new(),
             })
         }),
     }
@@ -74,6 +75,10 @@ pub struct ProfileStage {
     default_analytics: bool,
     /// Popularity tables of this task, written to the store on flush (dirty ones).
     popularity: BTreeMap<String, (Popularity, bool)>,
+    /// Customers whose profile changed since the last commit, with how many of
+    /// their interactions changed it: the `profiles` snapshot (and its personalisation)
+    /// is built once per customer per commit.
+    changed: BTreeMap<String, u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -715,6 +720,11 @@ impl Processor for ProfileStage {
             ctx.put_json(STORE, key, table)?;
             *dirty = false;
         }
+        for (id, interactions) in std::mem::take(&mut self.changed) {
+            if let Some(profile) = ctx.get_json::<Profile>(STORE, &id)? {
+                self.publish(ctx, &profile, interactions)?;
+            }
+        }
         Ok(())
     }
 
@@ -841,7 +851,7 @@ impl ProfileStage {
         Ok(())
     }
 
-    fn save(&self, ctx: &mut Ctx<'_>, mut profile: Profile, interaction: bool) -> Result<(), ProcessError> {
+    fn save(&mut self, ctx: &mut Ctx<'_>, mut profile: Profile, interaction: bool) -> Result<(), ProcessError> {
         profile.updated_at = ctx.now;
         let view = profile.customer_view(ctx.now, &self.config);
         let vars = Vars::new(&[("customer", &view), ("context", &Value::Null)]);
@@ -856,20 +866,29 @@ impl ProfileStage {
             emit_segment_change(ctx, &profile, name, change)?;
         }
         profile.segments = now_in;
+        ctx.put_json(STORE, &profile.canonical_id, &profile)?;
+        *self.changed.entry(profile.canonical_id.clone()).or_default() += u32::from(interaction);
+        Ok(())
+    }
+
+    /// The `profiles` snapshot with its personalisation, once per changed customer per
+    /// commit; `interactions` events since the last one are counted for coverage.
+    fn publish(&self, ctx: &mut Ctx<'_>, profile: &Profile, interactions: u32) -> Result<(), ProcessError> {
+        let view = profile.customer_view(ctx.now, &self.config);
+        let vars = Vars::new(&[("customer", &view), ("context", &Value::Null)]);
         let consent = profile.personalisation_allowed(self.default_consent);
         let mut snapshot = profile.snapshot(ctx.now, &self.config);
         let personalised = self.personaliser.resolve_vars(&vars, &profile.segments, consent);
-        if interaction {
-            // Coverage: did this interaction's customer get personalised content?
-            let outcome = if personalised.personalised || (consent && profile.recommendations.is_some()) {
-                "personalised"
-            } else {
-                "generic"
-            };
+        // Coverage: did these interactions' customer get personalised content?
+        let outcome = if personalised.personalised || (consent && profile.recommendations.is_some()) {
+            "personalised"
+        } else {
+            "generic"
+        };
+        for _ in 0..interactions {
             ctx.count("personalisation", outcome);
         }
         snapshot["personalisation"] = serde_json::to_value(&personalised).unwrap_or(Value::Null);
-        ctx.put_json(STORE, &profile.canonical_id, &profile)?;
         ctx.emit_json(TOPIC, &profile.canonical_id, &snapshot)
     }
 }
