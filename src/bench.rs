@@ -408,7 +408,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         let parts: Vec<(String, f64)> = ["deliveries", "offsets", "commit"]
             .iter()
             .map(|phase| {
-                let h = metrics().commit_phase_seconds.with_label_values(&[name, phase]);
+                let h = metrics().commit_phase_seconds.with_label_values(&[name.as_str(), phase]);
                 (phase.to_string(), h.get_sample_sum() / h.get_sample_count().max(1) as f64 * 1e3)
             })
             .collect();
@@ -419,15 +419,9 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
             text.join(", "),
             width = 18usize.saturating_sub(name.len())
         );
-        phases.insert(
-            name.clone(),
-            json!(parts
-                .into_iter()
-                .collect::<serde_json::Map<_, _>>()
-                .into_iter()
-                .map(|(k, v)| (k, json!(v)))
-                .collect::<serde_json::Map<_, _>>()),
-        );
+        let parts: serde_json::Map<String, serde_json::Value> =
+            parts.into_iter().map(|(p, ms)| (p, json!(ms))).collect();
+        phases.insert(name.clone(), parts.into());
     }
 
     let mut latency = serde_json::Map::new();
