@@ -30,18 +30,33 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[derive(clap::Args)]
 pub struct BenchArgs {
+    /// A fresh Kafka cluster; without it the embedded broker is used.
+    #[arg(long)]
     pub brokers: Option<String>,
+    #[arg(long, default_value_t = 200_000)]
     pub events: usize,
+    #[arg(long, default_value_t = 20_000)]
     pub customers: usize,
+    #[arg(long, default_value_t = 8)]
     pub partitions: u32,
+    /// Offered load for the latency measurement, events per second (0: no latency run).
+    #[arg(long, default_value_t = 1_000)]
     pub rate: u32,
+    /// Length of the latency measurement.
+    #[arg(long, default_value_t = 10)]
     pub seconds: u64,
+    /// Override the topology's commit interval (`25ms`, ...).
+    #[arg(long)]
     pub commit_interval: Option<String>,
+    #[arg(long, default_value = "topology.yaml")]
     pub topology: PathBuf,
-    /// Sub-topologies or processors to run (`all`, `identity,profile`, ...).
+    /// Sub-topologies or processors to run, as `chorus run --processors`.
+    #[arg(long, default_value = "all")]
     pub processors: String,
-    /// Write the report as JSON here too.
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
     pub json: Option<PathBuf>,
 }
 
@@ -123,23 +138,32 @@ fn processed(name: &str, partitions: u32) -> u64 {
     (0..partitions).map(|p| metrics().records_in.with_label_values(&[name, &p.to_string()]).get()).sum()
 }
 
+/// Events whose effect a stage made readable (records handed on in memory — requests,
+/// forwarded state — are not events and are not counted).
+fn events_done(stage: &str) -> u64 {
+    metrics().end_to_end_seconds.with_label_values(&[stage]).get_sample_count()
+}
+
 struct Running {
     shutdown: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<Result<()>>>,
 }
 
 impl Running {
-    fn start(subs: Vec<SubTopology>, config: &EngineConfig) -> Result<Running> {
+    /// Run each sub-topology `make()` returns with the topology's stream threads.
+    fn start(make: impl Fn() -> Result<Vec<SubTopology>>, config: &EngineConfig) -> Result<Running> {
         let shutdown = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
-        for sub in subs {
-            let mut config = config.clone();
-            config.shutdown = shutdown.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("bench-{}", sub.name))
-                    .spawn(move || run_sub_topology(sub, config))?,
-            );
+        for thread in 0..config.topology.stream_threads {
+            for sub in make()? {
+                let mut config = config.clone();
+                config.shutdown = shutdown.clone();
+                threads.push(
+                    std::thread::Builder::new()
+                        .name(format!("bench-{}-{thread}", sub.name))
+                        .spawn(move || run_sub_topology(sub, config, thread))?,
+                );
+            }
         }
         Ok(Running { shutdown, threads })
     }
@@ -164,7 +188,7 @@ async fn passthrough_rate(
 ) -> Result<f64> {
     let n = records.len();
     produce_all(producer, BENCH_IN, records).await?;
-    let running = Running::start(group(vec![passthrough_spec()]), config)?;
+    let running = Running::start(|| Ok(group(vec![passthrough_spec()])), config)?;
     let took =
         first_to_last("the passthrough", Duration::from_secs(1800), n as u64, || processed("passthrough", partitions))
             .await?;
@@ -350,7 +374,8 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         }
     }
     let (config, data, producer) = bench_runtime(&brokers, &topology, embedded.is_some())?;
-    let subs = select(processor_specs(&topology), &args.processors)?;
+    let make = || Ok(select(processor_specs(&topology), &args.processors)?);
+    let subs = make()?;
     let members: Vec<&'static str> = subs.iter().flat_map(|s| s.member_names()).collect();
     // The pipeline is done with an event when every customer-facing stage run has it.
     let done_stages: Vec<&'static str> =
@@ -377,9 +402,9 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     println!("passthrough (consume→produce, same transactions):  {pass_rate:>10.0} events/s");
 
     produce_all(&producer, EVENTS_RAW, (0..n).map(|i| event(i, args.customers))).await?;
-    let running = Running::start(subs, &config)?;
+    let running = Running::start(make, &config)?;
     let pipeline = first_to_last("the pipeline", limit, n as u64, || {
-        done_stages.iter().map(|s| processed(s, args.partitions)).min().unwrap_or(0)
+        done_stages.iter().map(|s| events_done(s)).min().unwrap_or(0)
     })
     .await?;
     let slice_rate = n as f64 / pipeline.as_secs_f64();
@@ -452,7 +477,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
             s.await?.map_err(|(e, _)| anyhow!("produce: {e}"))?;
         }
         wait_for("the offered load to be processed", limit, || {
-            done_stages.iter().all(|s| processed(s, args.partitions) >= (n + offered) as u64)
+            done_stages.iter().all(|s| events_done(s) >= (n + offered) as u64)
         })
         .await?;
         let ms = |v: Option<f64>| v.map(|s| format!("{:.1} ms", s * 1000.0)).unwrap_or_else(|| "n/a".into());
@@ -521,7 +546,8 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
 /// Start the same sub-topologies on an empty data dir and time the restore of every
 /// store from its changelog: (records, seconds spent replaying).
 async fn restore_rate(config: &EngineConfig, topology: &Topology, processors: &str) -> Result<(u64, f64)> {
-    let subs = select(processor_specs(topology), processors)?;
+    let make = || Ok(select(processor_specs(topology), processors)?);
+    let subs = make()?;
     let expected: usize = subs.iter().map(|s| s.members.len() * s.partitions(topology) as usize).sum();
     let mut fresh = config.clone();
     fresh.data_dir = tempfile_dir()?;
@@ -530,7 +556,7 @@ async fn restore_rate(config: &EngineConfig, topology: &Topology, processors: &s
     let records_before = crate::restore::restored_total();
     let seconds_before = crate::restore::restore_seconds_total();
     let local = fresh.local.clone();
-    let running = Running::start(subs, &fresh)?;
+    let running = Running::start(make, &fresh)?;
     wait_for("every task to restore", Duration::from_secs(1800), || local.open_tasks() >= expected).await?;
     running.stop()?;
     let _ = std::fs::remove_dir_all(&fresh.data_dir);
@@ -616,13 +642,21 @@ pub async fn bench_identity(args: IdentityBenchArgs) -> Result<()> {
     }
     let pass_rate = passthrough_rate(&producer, &config, args.partitions, events.clone().into_iter()).await?;
     produce_all(&producer, EVENTS_RAW, events.into_iter()).await?;
-    let identity_spec: Vec<ProcessorSpec> =
-        processor_specs(&topology).into_iter().filter(|s| s.name == chorus_processors::identity::NAME).collect();
     let business = |name: &str, labels: &[&str]| -> u64 {
         labels.iter().map(|l| metrics().business.with_label_values(&["identity", name, l]).get()).sum()
     };
     let started = Instant::now();
-    let running = Running::start(group(identity_spec), &config)?;
+    let running = Running::start(
+        || {
+            Ok(group(
+                processor_specs(&topology)
+                    .into_iter()
+                    .filter(|s| s.name == chorus_processors::identity::NAME)
+                    .collect(),
+            ))
+        },
+        &config,
+    )?;
     let limit = Duration::from_secs(3600);
     wait_for("every record to resolve", limit, || business("resolved", &["known", "anonymous"]) >= n as u64).await?;
     // Then until the graph is quiet: no record consumed for 2 s (20 commit intervals).

@@ -272,23 +272,28 @@ impl Pipeline {
 
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(String, Result<()>)>();
         let mut threads = Vec::new();
-        for sub in subs {
-            let config = config.clone();
-            let done = done_tx.clone();
-            let name = sub.name.clone();
-            drain.register(&name);
-            let handle = std::thread::Builder::new()
-                .name(format!("chorus-{name}"))
-                .spawn(move || {
-                    let local = config.local.clone();
-                    let result = supervised(&name, || run_sub_topology(sub, config));
-                    if let Err(e) = &result {
-                        local.set_failed(format!("sub-topology {name} stopped: {e:#}"));
-                    }
-                    let _ = done.send((name, result));
-                })
-                .context("cannot start a processor thread")?;
-            threads.push(handle);
+        for index in 0..subs.len() {
+            for thread in 0..self.topology.stream_threads {
+                // Each thread has processors of its own (they hold per-task state).
+                let sub = chorus_processors::subtopology::select(processor_specs(&self.topology), &self.processors)?
+                    .swap_remove(index);
+                let config = config.clone();
+                let done = done_tx.clone();
+                let name = sub.name.clone();
+                drain.register(&format!("{name}#{thread}"));
+                let handle = std::thread::Builder::new()
+                    .name(format!("chorus-{name}-{thread}"))
+                    .spawn(move || {
+                        let local = config.local.clone();
+                        let result = supervised(&name, || run_sub_topology(sub, config, thread));
+                        if let Err(e) = &result {
+                            local.set_failed(format!("sub-topology {name} stopped: {e:#}"));
+                        }
+                        let _ = done.send((name, result));
+                    })
+                    .context("cannot start a processor thread")?;
+                threads.push(handle);
+            }
         }
         drop(done_tx);
 

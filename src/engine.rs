@@ -60,11 +60,16 @@ pub struct EngineConfig {
     pub embedded_broker: bool,
 }
 
-/// Run one sub-topology's tasks until shutdown; returns when stopped cleanly.
-pub fn run_sub_topology(sub: SubTopology, config: EngineConfig) -> Result<()> {
+/// Run one thread of a sub-topology until shutdown: a member of its consumer group with
+/// its own transactional producer, running the tasks of the partitions it is assigned
+/// (as a Kafka Streams stream thread). Returns when stopped cleanly.
+pub fn run_sub_topology(sub: SubTopology, config: EngineConfig, thread: u32) -> Result<()> {
     let name = sub.name.clone();
     let eos = config.topology.processing == Processing::ExactlyOnce;
-    let producer = create_producer(&config, &name, eos)?;
+    // Per thread, and stable across restarts, so a restarted instance fences its own.
+    let client = config.topology.client_name(&format!("{name}-{}-{thread}", config.instance_id));
+    let drain_name = format!("{name}#{thread}");
+    let producer = create_producer(&config, &client, eos)?;
     let inputs = sub.kafka_inputs();
     let assignor = if inputs.len() > 1 { "range" } else { "cooperative-sticky" };
     let context = EngineContext {
@@ -84,7 +89,7 @@ pub fn run_sub_topology(sub: SubTopology, config: EngineConfig) -> Result<()> {
     };
     let consumer: BaseConsumer<EngineContext> = client_config(&config.brokers)
         .set("group.id", config.topology.client_name(&name))
-        .set("client.id", config.topology.client_name(&format!("{name}-{}", config.instance_id)))
+        .set("client.id", &client)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
@@ -109,7 +114,7 @@ pub fn run_sub_topology(sub: SubTopology, config: EngineConfig) -> Result<()> {
         match consumer.poll(Duration::from_millis(5)) {
             Some(Ok(message)) => {
                 consumer.context().lock().process(&message)?;
-                config.drain.set_idle(&name, false);
+                config.drain.set_idle(&drain_name, false);
             }
             Some(Err(e)) => tracing::warn!(sub_topology = %name, error = %e, "consumer error"),
             None => {
@@ -121,7 +126,7 @@ pub fn run_sub_topology(sub: SubTopology, config: EngineConfig) -> Result<()> {
                         consumer.context().lock().commit(&consumer)?;
                     }
                     let idle = consumer.context().lock().txn_open.is_none() && caught_up;
-                    config.drain.set_idle(&name, idle);
+                    config.drain.set_idle(&drain_name, idle);
                     last_drain_check = Instant::now();
                 }
             }
@@ -206,27 +211,25 @@ fn caught_up<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> bool {
     })
 }
 
-fn create_producer(config: &EngineConfig, name: &str, eos: bool) -> Result<BaseProducer<DeliveryContext>> {
+fn create_producer(config: &EngineConfig, client: &str, eos: bool) -> Result<BaseProducer<DeliveryContext>> {
     let mut producer_config = client_config(&config.brokers);
     producer_config
-        .set("client.id", config.topology.client_name(&format!("{name}-{}", config.instance_id)))
+        .set("client.id", client)
         .set("partitioner", "murmur2_random")
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
         .set("message.max.bytes", config.topology.limits.max_message_bytes().to_string())
         .set("enable.idempotence", "true");
     if eos {
-        producer_config
-            .set("transactional.id", config.topology.client_name(&format!("{name}-{}", config.instance_id)))
-            .set("transaction.timeout.ms", "30000");
+        producer_config.set("transactional.id", client).set("transaction.timeout.ms", "30000");
     }
     let producer: BaseProducer<DeliveryContext> = producer_config
         .create_with_context(DeliveryContext::default())
-        .with_context(|| format!("cannot create the {name} producer"))?;
+        .with_context(|| format!("cannot create the {client} producer"))?;
     if eos {
         producer
             .init_transactions(Duration::from_secs(30))
-            .map_err(|e| anyhow!("cannot initialise transactions for {name} on {}: {e}", config.brokers))?;
+            .map_err(|e| anyhow!("cannot initialise transactions for {client} on {}: {e}", config.brokers))?;
     }
     Ok(producer)
 }

@@ -106,33 +106,8 @@ enum Command {
     Bench {
         #[command(subcommand)]
         command: Option<BenchCommand>,
-        /// A fresh Kafka cluster; without it the embedded broker is used.
-        #[arg(long)]
-        brokers: Option<String>,
-        #[arg(long, default_value_t = 200_000)]
-        events: usize,
-        #[arg(long, default_value_t = 20_000)]
-        customers: usize,
-        #[arg(long, default_value_t = 8)]
-        partitions: u32,
-        /// Offered load for the latency measurement, events per second.
-        #[arg(long, default_value_t = 2_000)]
-        rate: u32,
-        /// Length of the latency measurement.
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-        /// Override the topology's commit interval (`25ms`, ...): latency is bounded
-        /// below by two of them.
-        #[arg(long)]
-        commit_interval: Option<String>,
-        #[arg(long, default_value = "topology.yaml")]
-        topology: PathBuf,
-        /// Sub-topologies or processors to run, as `chorus run --processors`.
-        #[arg(long, default_value = "all")]
-        processors: String,
-        /// Also write the report as JSON to this file.
-        #[arg(long)]
-        json: Option<PathBuf>,
+        #[command(flatten)]
+        args: bench::BenchArgs,
     },
     /// Check a topology file and print every error with its YAML path.
     Validate {
@@ -248,32 +223,6 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Bench { command: Some(BenchCommand::Identity { file, brokers, partitions, topology }), .. } => {
             bench::bench_identity(bench::IdentityBenchArgs { file, brokers, partitions, topology }).await
         }
-        Command::Bench {
-            command: None,
-            brokers,
-            events,
-            customers,
-            partitions,
-            rate,
-            seconds,
-            commit_interval,
-            topology,
-            processors,
-            json,
-        } => {
-            let args = bench::BenchArgs {
-                brokers,
-                events,
-                customers,
-                partitions,
-                rate,
-                seconds,
-                commit_interval,
-                topology,
-                processors,
-                json,
-            };
-            bench::bench(args).await
-        }
+        Command::Bench { command: None, args } => bench::bench(args).await,
     }
 }

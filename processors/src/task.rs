@@ -218,13 +218,10 @@ impl Task {
         for _ in 0..MAX_FLUSH_ROUNDS {
             let handed_before = step.in_memory;
             for i in 0..self.members.len() {
-                meter.start();
-                let mut ctx = member_ctx(stores, i, step.now, self.clock, self.partition, &self.partitions);
-                self.members[i].processor.flush(&mut ctx)?;
-                ctx.write_back()?;
-                let name = self.members[i].name;
-                self.absorb(ctx, name, &mut step);
-                meter.stop(name);
+                self.hook(stores, i, &mut step, meter, |processor, ctx| {
+                    processor.flush(ctx)?;
+                    ctx.write_back().map(|_| ())
+                })?;
                 self.drain(stores, &mut step, meter)?;
             }
             if step.in_memory == handed_before {
@@ -267,15 +264,28 @@ impl Task {
             }
         }
         for i in 0..self.members.len() {
-            meter.start();
-            let mut ctx = member_ctx(stores, i, step.now, self.clock, self.partition, &self.partitions);
-            self.members[i].processor.init(&mut ctx)?;
-            let name = self.members[i].name;
-            self.absorb(ctx, name, step);
-            meter.stop(name);
+            self.hook(stores, i, step, meter, |processor, ctx| processor.init(ctx))?;
         }
         self.started = true;
         self.drain(stores, step, meter)
+    }
+
+    /// Run one member's hook (`init`, `flush`) at the step's time and take its outputs.
+    fn hook(
+        &mut self,
+        stores: &mut dyn TaskStores,
+        i: usize,
+        step: &mut Step,
+        meter: &mut dyn Meter,
+        run: impl FnOnce(&mut dyn Processor, &mut Ctx<'_>) -> Result<(), ProcessError>,
+    ) -> Result<(), ProcessError> {
+        meter.start();
+        let mut ctx = member_ctx(stores, i, step.now, self.clock, self.partition, &self.partitions);
+        run(self.members[i].processor.as_mut(), &mut ctx)?;
+        let name = self.members[i].name;
+        self.absorb(ctx, name, step);
+        meter.stop(name);
+        Ok(())
     }
 
     /// Hand one record to every member that reads its topic.

@@ -121,6 +121,10 @@ pub struct Topology {
     /// A task also commits as soon as its oldest uncommitted record has waited this
     /// long, so a record's effects are not held back a whole interval.
     pub commit_latency_budget: Duration,
+    /// Threads per sub-topology in each process (Kafka Streams' `num.stream.threads`):
+    /// each is a member of the sub-topology's consumer group with its own transactional
+    /// producer, so one thread processes while another waits for its commit.
+    pub stream_threads: u32,
     pub topics: TopicsConfig,
     pub limits: Limits,
     pub dedupe: DedupeConfig,
@@ -251,6 +255,7 @@ impl Default for Topology {
             processing: Processing::ExactlyOnce,
             commit_interval: Duration(100),
             commit_latency_budget: Duration(50),
+            stream_threads: 1,
             topics: TopicsConfig::default(),
             limits: Limits::default(),
             dedupe: DedupeConfig::default(),
@@ -408,6 +413,9 @@ impl Topology {
             ) {
                 errors.push(err(format!("kafka.{key}"), "is set by chorus itself and cannot be overridden"));
             }
+        }
+        if !(1..=16).contains(&self.stream_threads) {
+            errors.push(err("stream_threads", "must be between 1 and 16"));
         }
         if self.commit_latency_budget.ms() <= 0 {
             errors.push(err("commit_latency_budget", "must be positive"));
@@ -632,8 +640,8 @@ mod tests {
         // The shipped file spells out the built-in defaults.
         let defaults = Topology::default();
         assert_eq!(
-            (shipped.commit_interval, shipped.commit_latency_budget),
-            (defaults.commit_interval, defaults.commit_latency_budget)
+            (shipped.commit_interval, shipped.commit_latency_budget, shipped.stream_threads),
+            (defaults.commit_interval, defaults.commit_latency_budget, defaults.stream_threads)
         );
         assert_eq!((&shipped.application_id, &shipped.kafka), (&defaults.application_id, &defaults.kafka));
         assert_eq!(shipped.identity.types, defaults.identity.types);
