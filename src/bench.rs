@@ -430,7 +430,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     println!("mean transaction commit time:                      {}", commit_text.join(", "));
     let mut phases = serde_json::Map::new();
     for name in &sub_names {
-        let parts: Vec<(String, f64)> = ["deliveries", "offsets", "commit"]
+        let parts: Vec<(String, f64)> = ["flush", "changelog", "deliveries", "offsets", "commit", "apply"]
             .iter()
             .map(|phase| {
                 let h = metrics().commit_phase_seconds.with_label_values(&[name.as_str(), phase]);

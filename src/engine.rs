@@ -17,9 +17,12 @@
 //! - Inputs of one sub-topology are co-partitioned; the `range` assignor keeps partition
 //!   N of every input on the same member, which cooperative-sticky does not promise.
 //!   Single-input sub-topologies use cooperative-sticky.
-//! - The commit waits for every delivery report by polling the producer in 1 ms steps
-//!   (rust-rdkafka's `flush` waits in 100 ms steps, which made every commit cost a
-//!   multiple of 100 ms).
+//! - Delivery reports are served by the producer's own polling thread; the commit waits
+//!   in librdkafka's `rd_kafka_flush`, which sends what lingers at once and sleeps until
+//!   every record is acknowledged. rust-rdkafka's `flush` waits in 100 ms steps (every
+//!   commit cost a multiple of 100 ms), and its `poll(timeout)` spins through the last
+//!   millisecond of every timeout, so polling in 1 ms steps is a busy loop that takes a
+//!   core from the broker (docs/runtime.md).
 
 use crate::kafka::{client_config, now_ms};
 use crate::metrics::metrics;
@@ -33,7 +36,7 @@ use chorus_state::{changelog_topic, LiveStore, MemberState, SharedResources, Sto
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -111,6 +114,10 @@ pub fn run_sub_topology(sub: SubTopology, config: EngineConfig, thread: u32) -> 
     let mut last_commit = Instant::now();
     let mut last_drain_check = Instant::now();
     while !config.shutdown.load(Ordering::SeqCst) {
+        // Caught up when a poll finds nothing: only then does the latency budget cut a
+        // transaction short. With a backlog, commits come at the interval, so each one
+        // carries more records (as in Kafka Streams, whose interval is the only rule).
+        let mut caught_up_now = false;
         match consumer.poll(Duration::from_millis(5)) {
             Some(Ok(message)) => {
                 consumer.context().lock().process(&message)?;
@@ -118,6 +125,7 @@ pub fn run_sub_topology(sub: SubTopology, config: EngineConfig, thread: u32) -> 
             }
             Some(Err(e)) => tracing::warn!(sub_topology = %name, error = %e, "consumer error"),
             None => {
+                caught_up_now = true;
                 if config.drain.requested() && last_drain_check.elapsed() >= Duration::from_millis(100) {
                     // Stopping: once everything is read, commit it now rather than wait
                     // for the interval.
@@ -135,7 +143,7 @@ pub fn run_sub_topology(sub: SubTopology, config: EngineConfig, thread: u32) -> 
             return Err(e);
         }
         let oldest = consumer.context().lock().txn_open;
-        if last_commit.elapsed() >= interval || oldest.is_some_and(|at| at.elapsed() >= budget) {
+        if last_commit.elapsed() >= interval || (caught_up_now && oldest.is_some_and(|at| at.elapsed() >= budget)) {
             let mut state = consumer.context().lock();
             state.punctuate()?;
             state.commit(&consumer)?;
@@ -211,7 +219,7 @@ fn caught_up<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> bool {
     })
 }
 
-fn create_producer(config: &EngineConfig, client: &str, eos: bool) -> Result<BaseProducer<DeliveryContext>> {
+fn create_producer(config: &EngineConfig, client: &str, eos: bool) -> Result<ThreadedProducer<DeliveryContext>> {
     let mut producer_config = client_config(&config.brokers);
     producer_config
         .set("client.id", client)
@@ -223,9 +231,10 @@ fn create_producer(config: &EngineConfig, client: &str, eos: bool) -> Result<Bas
     if eos {
         producer_config.set("transactional.id", client).set("transaction.timeout.ms", "30000");
     }
-    let producer: BaseProducer<DeliveryContext> = producer_config
-        .create_with_context(DeliveryContext::default())
-        .with_context(|| format!("cannot create the {client} producer"))?;
+    let producer: ThreadedProducer<DeliveryContext> =
+        producer_config
+            .create_with_context(DeliveryContext::default())
+            .with_context(|| format!("cannot create the {client} producer"))?;
     if eos {
         producer
             .init_transactions(Duration::from_secs(30))
@@ -395,7 +404,7 @@ impl Meter for CpuMeter {
 struct EngineState {
     sub: SubTopology,
     config: EngineConfig,
-    producer: BaseProducer<DeliveryContext>,
+    producer: ThreadedProducer<DeliveryContext>,
     eos: bool,
     tasks: BTreeMap<i32, TaskSlot>,
     /// When the open transaction took its first record (`None`: no transaction open).
@@ -463,6 +472,7 @@ impl EngineState {
                 .task
                 .punctuate(&mut lock_all(&slot.members), now, &mut meter)
                 .map_err(|e| task_failure(&self.sub.name, *p, e))?;
+            observe(&mut slot.members, &out, &meter);
             wrote |= slot.members.iter().any(|m| m.live.lock().state.has_pending());
             fired.push(out);
         }
@@ -517,6 +527,7 @@ impl EngineState {
         }
         let started = Instant::now();
         let name = self.sub.name.clone();
+        let flush_started = Instant::now();
         let mut flushed = Vec::new();
         for (p, slot) in self.tasks.iter_mut() {
             let mut meter = CpuMeter::default();
@@ -524,11 +535,15 @@ impl EngineState {
                 .task
                 .flush(&mut lock_all(&slot.members), now_ms(), &mut meter)
                 .map_err(|e| task_failure(&name, *p, e))?;
+            // What a commit's flush costs is part of each stage's CPU time.
+            observe(&mut slot.members, &out, &meter);
             flushed.push(out);
         }
         for out in flushed {
             self.send_outputs(out)?;
         }
+        self.phase("flush", flush_started);
+        let changelog_started = Instant::now();
         for (p, slot) in self.tasks.iter_mut() {
             for member in &mut slot.members {
                 // Kept in the overlay until applied, so live reads never miss them.
@@ -546,6 +561,7 @@ impl EngineState {
                 member.unapplied.extend(writes);
             }
         }
+        self.phase("changelog", changelog_started);
         let result = self.finish_transaction(consumer);
         if let Err(e) = result {
             metrics().errors.with_label_values(&[&name, "commit"]).inc();
@@ -553,6 +569,7 @@ impl EngineState {
             self.abort_and_rewind(consumer)?;
             return Ok(());
         }
+        let apply_started = Instant::now();
         let written = std::mem::take(&mut *self.producer.context().written.lock().unwrap_or_else(|p| p.into_inner()));
         for (p, slot) in self.tasks.iter_mut() {
             for member in &mut slot.members {
@@ -572,10 +589,19 @@ impl EngineState {
                 live.state.discard_pending();
             }
         }
+        self.phase("apply", apply_started);
         self.offsets.clear();
         self.txn_open = None;
         metrics().commit_seconds.with_label_values(&[&name]).observe(started.elapsed().as_secs_f64());
         Ok(())
+    }
+
+    /// Time one part of a commit (`commit_phase_seconds`).
+    fn phase(&self, phase: &str, since: Instant) {
+        metrics()
+            .commit_phase_seconds
+            .with_label_values(&[&self.sub.name, phase])
+            .observe(since.elapsed().as_secs_f64())
     }
 
     /// Wait until the broker acknowledged every record of the transaction, serving
@@ -586,21 +612,15 @@ impl EngineState {
             if Instant::now() >= deadline {
                 return Err(anyhow!("{} records not acknowledged within 30 s", self.producer.in_flight_count()));
             }
-            self.producer.poll(Duration::from_millis(1));
+            flush_for(&self.producer, 10);
         }
         Ok(())
     }
 
     fn finish_transaction<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> Result<()> {
-        let phase = |name: &str, since: Instant| {
-            metrics()
-                .commit_phase_seconds
-                .with_label_values(&[&self.sub.name, name])
-                .observe(since.elapsed().as_secs_f64())
-        };
         let started = Instant::now();
         self.await_deliveries()?;
-        phase("deliveries", started);
+        self.phase("deliveries", started);
         let failures = std::mem::take(&mut *self.producer.context().failures.lock().unwrap_or_else(|p| p.into_inner()));
         if !failures.is_empty() {
             return Err(anyhow!("deliveries failed: {}", failures.join("; ")));
@@ -616,11 +636,11 @@ impl EngineState {
                 self.producer
                     .send_offsets_to_transaction(&tpl, &group, Duration::from_secs(30))
                     .map_err(|e| anyhow!("send offsets: {e}"))?;
-                phase("offsets", started);
+                self.phase("offsets", started);
             }
             let started = Instant::now();
             self.producer.commit_transaction(Duration::from_secs(60)).map_err(|e| anyhow!("commit: {e}"))?;
-            phase("commit", started);
+            self.phase("commit", started);
             if self.config.embedded_broker && tpl.count() > 0 {
                 // The transaction is committed: a failure here (a rebalance changed the
                 // generation) must not abort it. The next commit of the partition stores
@@ -767,7 +787,7 @@ fn task_failure(name: &str, partition: i32, e: ProcessError) -> anyhow::Error {
 
 /// Send, waiting for room in the producer queue when it is full.
 fn send<C: ProducerContext>(
-    producer: &BaseProducer<C>,
+    producer: &ThreadedProducer<C>,
     mut record: BaseRecord<'_, [u8], [u8], C::DeliveryOpaque>,
 ) -> Result<()>
 where
@@ -778,9 +798,21 @@ where
             Ok(()) => return Ok(()),
             Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
                 record = r;
-                producer.poll(Duration::from_millis(10));
+                flush_for(producer, 10);
             }
             Err((e, r)) => return Err(anyhow!("cannot produce to {}: {e}", r.topic)),
         }
+    }
+}
+
+/// Wait up to `ms` for every record to be acknowledged and its delivery report served
+/// (by the producer's polling thread), sending what lingers at once. librdkafka waits on
+/// a condition variable, so the thread sleeps instead of spinning.
+fn flush_for<C: ProducerContext>(producer: &ThreadedProducer<C>, ms: i32) {
+    // SAFETY: the pointer is the live client handle owned by `producer`; `rd_kafka_flush`
+    // is thread-safe and, with delivery reports as events, only waits for the count of
+    // outstanding messages to reach zero.
+    unsafe {
+        rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), ms);
     }
 }

@@ -14,9 +14,10 @@ pub struct Metrics {
     pub processing_seconds: HistogramVec,
     pub end_to_end_seconds: HistogramVec,
     pub commit_seconds: HistogramVec,
-    /// Each part of a commit: `deliveries` (acknowledgements of the transaction's
-    /// records), `offsets` (send_offsets_to_transaction), `commit` (commit_transaction),
-    /// `apply` (the writes into RocksDB).
+    /// Each part of a commit: `flush` (the tasks' once-per-commit outputs and cache
+    /// write-back), `changelog` (store writes produced), `deliveries` (acknowledgements
+    /// of the transaction's records), `offsets` (send_offsets_to_transaction), `commit`
+    /// (commit_transaction), `apply` (the writes into RocksDB).
     pub commit_phase_seconds: HistogramVec,
     pub lag: IntGaugeVec,
     pub store_entries: IntGaugeVec,

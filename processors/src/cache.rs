@@ -66,10 +66,12 @@ const NEW_VALUE_BYTES: usize = 512;
 
 /// The decoded values of one member's stores.
 pub struct StateCache {
-    entries: HashMap<(String, Vec<u8>), Entry>,
+    /// Store name → key → value: looked up by `&str` and `&[u8]`, without allocating.
+    entries: HashMap<String, HashMap<Vec<u8>, Entry>>,
     /// Dirty keys per store, so a scan writes back only its own store.
     dirty: HashMap<String, BTreeSet<Vec<u8>>>,
     bytes: usize,
+    len: usize,
     limit: usize,
     clock: u64,
 }
@@ -78,7 +80,7 @@ impl StateCache {
     /// A cache holding about `limit` bytes of (encoded) values; 0 caches nothing
     /// beyond the current step.
     pub fn new(limit: usize) -> StateCache {
-        StateCache { entries: HashMap::new(), dirty: HashMap::new(), bytes: 0, limit, clock: 0 }
+        StateCache { entries: HashMap::new(), dirty: HashMap::new(), bytes: 0, len: 0, limit, clock: 0 }
     }
 
     pub fn limit(&self) -> usize {
@@ -86,11 +88,11 @@ impl StateCache {
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len == 0
     }
 
     /// Estimated bytes held.
@@ -98,9 +100,12 @@ impl StateCache {
         self.bytes
     }
 
-    fn tick(&mut self) -> u64 {
-        self.clock += 1;
-        self.clock
+    fn entry(&self, store: &str, key: &[u8]) -> Option<&Entry> {
+        self.entries.get(store)?.get(key)
+    }
+
+    fn entry_mut(&mut self, store: &str, key: &[u8]) -> Option<&mut Entry> {
+        self.entries.get_mut(store)?.get_mut(key)
     }
 
     /// The live value under `key`, decoded as `T`: from the cache, or read from the
@@ -112,15 +117,30 @@ impl StateCache {
         key: &[u8],
         now: i64,
     ) -> Result<Option<T>, StoreError> {
-        let used = self.tick();
-        if let Some(entry) = self.entries.get_mut(&(store.to_owned(), key.to_vec())) {
+        self.read(stores, store, key, now, T::clone)
+    }
+
+    /// `f` of the live value under `key`, borrowed from the cache (loaded into it
+    /// first when needed): what a reader that only looks needs, without a copy.
+    pub fn read<T: DeserializeOwned + Serialize + Send + 'static, R>(
+        &mut self,
+        stores: &mut dyn StoreSet,
+        store: &str,
+        key: &[u8],
+        now: i64,
+        f: impl FnOnce(&T) -> R,
+    ) -> Result<Option<R>, StoreError> {
+        self.clock += 1;
+        let used = self.clock;
+        if let Some(entry) = self.entry_mut(store, key) {
             entry.last_used = used;
             if let Some(value) = entry.value.as_any().downcast_ref::<T>() {
-                return Ok(Some(value.clone()));
+                return Ok(Some(f(value)));
             }
             // Stored as another type (a stage reading state generically): convert.
             let bytes = entry.value.encode().map_err(|e| corrupt(key, e))?;
-            return decode(&bytes).map(Some).map_err(|e| corrupt(key, e));
+            let value: T = decode(&bytes).map_err(|e| corrupt(key, e))?;
+            return Ok(Some(f(&value)));
         }
         let Some(stored) = stores.store(store)?.get(key)? else { return Ok(None) };
         let (expires_at, bytes) = decode_value(key, &stored)?;
@@ -129,17 +149,19 @@ impl StateCache {
             if expires_at <= now {
                 return Ok(None);
             }
-            return decode(&bytes).map(Some).map_err(|e| corrupt(key, e));
+            let value: T = decode(&bytes).map_err(|e| corrupt(key, e))?;
+            return Ok(Some(f(&value)));
         }
         let value: T = decode(&bytes).map_err(|e| corrupt(key, e))?;
-        self.insert(store, key, Box::new(value.clone()), false, bytes.len());
-        Ok(Some(value))
+        let result = f(&value);
+        self.insert(store, key, Box::new(value), false, bytes.len());
+        Ok(Some(result))
     }
 
     /// The cached value under `key`, encoded, for a reader outside the task; `None` when
     /// the cache does not hold it (the store has what there is).
     pub fn peek_encoded(&self, store: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        match self.entries.get(&(store.to_owned(), key.to_vec())) {
+        match self.entry(store, key) {
             Some(entry) => entry.value.encode().map(Some).map_err(|e| corrupt(key, e)),
             None => Ok(None),
         }
@@ -153,32 +175,50 @@ impl StateCache {
         key: &[u8],
         value: T,
     ) -> Result<(), StoreError> {
-        let bytes = self.entries.get(&(store.to_owned(), key.to_vec())).map_or(NEW_VALUE_BYTES, |e| e.bytes);
+        let bytes = self.entry(store, key).map_or(NEW_VALUE_BYTES, |e| e.bytes);
         self.insert(store, key, Box::new(value), true, bytes);
         self.evict(stores)
     }
 
     fn insert(&mut self, store: &str, key: &[u8], value: Box<dyn CachedValue>, dirty: bool, bytes: usize) {
-        let last_used = self.tick();
-        let id = (store.to_owned(), key.to_vec());
-        if let Some(old) = self.entries.insert(id, Entry { value, dirty, bytes, last_used }) {
-            self.bytes -= old.bytes;
+        self.clock += 1;
+        let entry = Entry { value, dirty, bytes, last_used: self.clock };
+        let values = match self.entries.get_mut(store) {
+            Some(values) => values,
+            None => self.entries.entry(store.to_owned()).or_default(),
+        };
+        let old = match values.get_mut(key) {
+            Some(slot) => Some(std::mem::replace(slot, entry)),
+            None => {
+                values.insert(key.to_vec(), entry);
+                None
+            }
+        };
+        match old {
+            Some(old) => self.bytes -= old.bytes,
+            None => self.len += 1,
         }
         self.bytes += bytes;
         if dirty {
-            self.dirty.entry(store.to_owned()).or_default().insert(key.to_vec());
+            let keys = match self.dirty.get_mut(store) {
+                Some(keys) => keys,
+                None => self.dirty.entry(store.to_owned()).or_default(),
+            };
+            if !keys.contains(key) {
+                keys.insert(key.to_vec());
+            }
         }
     }
 
     /// Forget `key` (it is about to be written or deleted below the cache). A dirty
     /// value is dropped: the caller's write supersedes it.
     pub fn forget(&mut self, store: &str, key: &[u8]) {
-        if let Some(old) = self.entries.remove(&(store.to_owned(), key.to_vec())) {
-            self.bytes -= old.bytes;
-            if old.dirty {
-                if let Some(keys) = self.dirty.get_mut(store) {
-                    keys.remove(key);
-                }
+        let Some(old) = self.entries.get_mut(store).and_then(|values| values.remove(key)) else { return };
+        self.bytes -= old.bytes;
+        self.len -= 1;
+        if old.dirty {
+            if let Some(keys) = self.dirty.get_mut(store) {
+                keys.remove(key);
             }
         }
     }
@@ -215,7 +255,7 @@ impl StateCache {
     }
 
     fn write_entry(&mut self, stores: &mut dyn StoreSet, store: &str, key: &[u8]) -> Result<(), StoreError> {
-        let Some(entry) = self.entries.get_mut(&(store.to_owned(), key.to_vec())) else { return Ok(()) };
+        let Some(entry) = self.entries.get_mut(store).and_then(|values| values.get_mut(key)) else { return Ok(()) };
         let bytes = entry.value.encode().map_err(|e| corrupt(key, e))?;
         self.bytes = self.bytes - entry.bytes + bytes.len();
         entry.bytes = bytes.len();
@@ -231,8 +271,11 @@ impl StateCache {
         }
         // Evict down to three quarters of the limit at once, so the sort is amortised.
         let target = self.limit / 4 * 3;
-        let mut by_age: Vec<(u64, String, Vec<u8>)> =
-            self.entries.iter().map(|((s, k), e)| (e.last_used, s.clone(), k.clone())).collect();
+        let mut by_age: Vec<(u64, String, Vec<u8>)> = self
+            .entries
+            .iter()
+            .flat_map(|(s, values)| values.iter().map(move |(k, e)| (e.last_used, s.clone(), k.clone())))
+            .collect();
         by_age.sort_unstable();
         for (_, store, key) in by_age {
             if self.bytes <= target {
@@ -305,6 +348,22 @@ mod tests {
         for n in 0..100u32 {
             assert_eq!(cache.get::<Doc>(&mut stores, "s", format!("k{n}").as_bytes(), 0).unwrap(), Some(doc(n)));
         }
+    }
+
+    #[test]
+    fn a_borrowing_read_sees_the_live_value_and_keeps_what_it_loaded() {
+        let mut stores = MemStoreSet::with_stores(["s"]);
+        let mut cache = StateCache::new(1 << 20);
+        cache.put(&mut stores, "s", b"k", doc(1)).unwrap();
+        assert_eq!(cache.read(&mut stores, "s", b"k", 0, |d: &Doc| d.n).unwrap(), Some(1));
+        assert_eq!(cache.read(&mut stores, "s", b"other", 0, |d: &Doc| d.n).unwrap(), None);
+        cache.write_back(&mut stores).unwrap();
+        let mut fresh = StateCache::new(1 << 20);
+        assert_eq!(fresh.read(&mut stores, "s", b"k", 0, |d: &Doc| d.n).unwrap(), Some(1));
+        assert_eq!(fresh.len(), 1, "a value read from the store stays decoded");
+        fresh.forget("s", b"k");
+        assert!(fresh.is_empty());
+        assert_eq!(fresh.bytes(), 0);
     }
 
     #[test]

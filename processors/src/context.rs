@@ -421,29 +421,57 @@ impl CustomerContext {
 
     /// The record published on `context` and served by the API.
     pub fn snapshot(&self) -> Value {
-        serde_json::json!({
-            "canonical_id": self.canonical_id,
-            "session": self.session,
-            "cart": self.cart.as_ref().map(|c| serde_json::json!({
-                "items": c.items.values().collect::<Vec<_>>(),
-                "value": c.value,
-                "channel": c.channel,
-                "updated_at": c.updated_at,
-                "expires_at": c.expires_at,
-            })),
-            "recent_interactions": self.recent_interactions,
-            "engagements": self.engagements,
-            "updated_at": self.updated_at,
-        })
+        serde_json::to_value(self.snapshot_view()).unwrap_or(Value::Null)
     }
+
+    /// [`CustomerContext::snapshot`] borrowing from the state, serialised as it is.
+    pub fn snapshot_view(&self) -> ContextSnapshot<'_> {
+        ContextSnapshot {
+            canonical_id: &self.canonical_id,
+            session: self.session.as_ref(),
+            cart: self.cart.as_ref().map(|c| CartSnapshot {
+                items: c.items.values().collect(),
+                value: c.value,
+                channel: c.channel.as_deref(),
+                updated_at: c.updated_at,
+                expires_at: c.expires_at,
+            }),
+            recent_interactions: &self.recent_interactions,
+            engagements: &self.engagements,
+            updated_at: self.updated_at,
+        }
+    }
+}
+
+/// The `context` record as published (see [`CustomerContext::snapshot_view`]).
+#[derive(Serialize)]
+pub struct ContextSnapshot<'a> {
+    canonical_id: &'a str,
+    session: Option<&'a Session>,
+    cart: Option<CartSnapshot<'a>>,
+    recent_interactions: &'a [Interaction],
+    engagements: &'a Engagements,
+    updated_at: i64,
+}
+
+#[derive(Serialize)]
+struct CartSnapshot<'a> {
+    items: Vec<&'a CartItem>,
+    value: f64,
+    channel: Option<&'a str>,
+    updated_at: i64,
+    expires_at: i64,
 }
 
 impl Processor for ContextStage {
     /// Publish each changed customer's context once per commit.
     fn flush(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ProcessError> {
         for id in std::mem::take(&mut self.changed) {
-            if let Some(context) = ctx.get_json::<CustomerContext>(STORE, &id)? {
-                ctx.emit_json(TOPIC, &id, &context.snapshot())?;
+            let bytes = ctx.read_json(STORE, &id, |c: &CustomerContext| serde_json::to_vec(&c.snapshot_view()))?;
+            if let Some(bytes) = bytes {
+                let bytes =
+                    bytes.map_err(|e| ProcessError::Encode { what: TOPIC.to_owned(), message: e.to_string() })?;
+                ctx.emit(TOPIC, id.as_bytes(), Some(bytes), None);
             }
         }
         Ok(())
@@ -510,7 +538,7 @@ impl ContextStage {
             context.timer_at = Some(at);
         }
         context.updated_at = ctx.now;
-        ctx.put_json(STORE, &id, &context)?;
+        ctx.put_json_owned(STORE, &id, context)?;
         self.changed.insert(id);
         Ok(())
     }

@@ -132,6 +132,17 @@ impl<'a> Ctx<'a> {
         Ok(self.cache.get(self.stores, store, key.as_bytes(), self.now)?)
     }
 
+    /// `f` of a stored value, borrowed from the task's cache: for a reader that only
+    /// looks (a snapshot built from the cached document, not from a copy of it).
+    pub fn read_json<T: DeserializeOwned + Serialize + Send + 'static, R>(
+        &mut self,
+        store: &str,
+        key: &str,
+        f: impl FnOnce(&T) -> R,
+    ) -> Result<Option<R>, ProcessError> {
+        Ok(self.cache.read(self.stores, store, key.as_bytes(), self.now, f)?)
+    }
+
     pub fn put_bytes(
         &mut self,
         store: &str,
@@ -160,7 +171,17 @@ impl<'a> Ctx<'a> {
         key: &str,
         value: &T,
     ) -> Result<(), ProcessError> {
-        Ok(self.cache.put(self.stores, store, key.as_bytes(), value.clone())?)
+        self.put_json_owned(store, key, value.clone())
+    }
+
+    /// [`Ctx::put_json`] of a value the caller is done with: kept without a copy.
+    pub fn put_json_owned<T: Serialize + Send + 'static>(
+        &mut self,
+        store: &str,
+        key: &str,
+        value: T,
+    ) -> Result<(), ProcessError> {
+        Ok(self.cache.put(self.stores, store, key.as_bytes(), value)?)
     }
 
     /// Store a value that disappears at `expires_at` (event or wall time, as `now`).

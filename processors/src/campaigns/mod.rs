@@ -212,12 +212,12 @@ impl Processor for CampaignStage {
                 let at = ctx.now.saturating_add(1);
                 ctx.schedule(at, key.as_bytes(), &serde_json::to_vec(&next).unwrap_or_default())?;
                 stored.armed = Some(at);
-                return ctx.put_json(STORE, &key, &stored);
+                return ctx.put_json_owned(STORE, &key, stored);
             }
         }
         stored.last_run = Some(run.occurrence);
         arm(ctx, &mut stored)?;
-        ctx.put_json(STORE, &key, &stored)
+        ctx.put_json_owned(STORE, &key, stored)
     }
 }
 
@@ -243,7 +243,7 @@ impl CampaignStage {
         let mut stored = Stored { source, campaign, armed: None, last_run };
         arm(ctx, &mut stored)?;
         self.campaigns = None;
-        ctx.put_json(STORE, &key, &stored)
+        ctx.put_json_owned(STORE, &key, stored)
     }
 
     fn remove(&mut self, ctx: &mut Ctx<'_>, stored: &Stored) -> Result<(), ProcessError> {

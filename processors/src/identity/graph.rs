@@ -1002,7 +1002,7 @@ impl Graph<'_> {
             bucket.drain(..excess);
             ctx.count("blocking_evictions", "max_block_size");
         }
-        ctx.put_json(STORE, &store_key, &bucket)
+        ctx.put_json_owned(STORE, &store_key, bucket)
     }
 }
 

@@ -82,9 +82,10 @@ struct JourneyStage {
 /// What this stage keeps of a customer.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Customer {
-    /// Latest `context` snapshot (null when none).
+    /// Latest `context` snapshot (null when none); shared, not copied, when the
+    /// customer's state is.
     #[serde(default)]
-    pub context: Value,
+    pub context: Arc<Value>,
     /// Journey name → the customer's place in it.
     #[serde(default)]
     pub active: BTreeMap<String, Instance>,
@@ -147,7 +148,7 @@ impl Processor for JourneyStage {
                 for (name, at) in other.entered {
                     crate::time::keep_latest(&mut customer.entered, name, at);
                 }
-                ctx.put_json(STORE, &id, &customer)
+                ctx.put_json_owned(STORE, &id, customer)
             }
             Kind::Request | Kind::Consent | Kind::Tick | Kind::Recommendations | Kind::Content | Kind::Campaign => {
                 Ok(())
@@ -176,7 +177,7 @@ impl Processor for JourneyStage {
             }
             self.run(ctx, &id, &mut customer, journey)?;
         }
-        ctx.put_json(STORE, &id, &customer)
+        ctx.put_json_owned(STORE, &id, customer)
     }
 }
 
@@ -198,11 +199,11 @@ impl JourneyStage {
                 .map_err(|e| ProcessError::reject("invalid_context", format!("context record: {e}")))?,
         };
         let mut customer = self.load(ctx, &id)?;
-        customer.context = snapshot;
+        customer.context = Arc::new(snapshot);
         if customer.is_empty() {
             ctx.delete(STORE, &id)
         } else {
-            ctx.put_json(STORE, &id, &customer)
+            ctx.put_json_owned(STORE, &id, customer)
         }
     }
 
@@ -269,7 +270,7 @@ impl JourneyStage {
             self.emit(ctx, id, &journey.name, &instance, "step", None)?;
             ctx.count("journey_events", format!("{}/step/{name}", journey.name));
             let journey_view = json!({"name": journey.name, "entered_at": instance.entered_at, "step": name});
-            let vars = [("context", &customer.context), ("journey", &journey_view)];
+            let vars = [("context", &*customer.context), ("journey", &journey_view)];
             let mut next = instance.step + 1;
             if let Some(wait) = step.wait {
                 let due = ctx.now.saturating_add(wait.ms());

@@ -305,14 +305,13 @@ fn on_profile(ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
     match record.value.as_deref() {
         None => ctx.delete(CUSTOMERS_STORE, &id),
         Some(bytes) => {
-            let snapshot: Value = serde_json::from_slice(bytes)
+            let view = crate::profile::template_view_of(bytes)
                 .map_err(|e| ProcessError::reject("invalid_profile", format!("profiles record: {e}")))?;
-            let view = crate::profile::template_view(&snapshot);
             // Most events change nothing templates see: skip the write and its changelog record.
-            if ctx.get_json::<Value>(CUSTOMERS_STORE, &id)?.as_ref() == Some(&view) {
+            if ctx.read_json(CUSTOMERS_STORE, &id, |stored: &Value| *stored == view)? == Some(true) {
                 return Ok(());
             }
-            ctx.put_json(CUSTOMERS_STORE, &id, &view)
+            ctx.put_json_owned(CUSTOMERS_STORE, &id, view)
         }
     }
 }

@@ -215,8 +215,9 @@ pub struct Profile {
     pub interaction: SectionData,
     #[serde(default)]
     pub preferences: Preferences,
+    /// Shared, not copied, when the profile is: an activity never changes once kept.
     #[serde(default)]
-    pub recent_activity: Vec<Activity>,
+    pub recent_activity: Vec<Arc<Activity>>,
     /// Campaign → last interaction.
     #[serde(default)]
     pub campaigns: BTreeMap<String, i64>,
@@ -330,13 +331,13 @@ impl Profile {
                 Attribute::update(&mut self.preferences.settings, name, value, at, &source);
             }
         }
-        self.recent_activity.push(Activity {
+        self.recent_activity.push(Arc::new(Activity {
             event_type: event.event_type.clone(),
             event_id: event.event_id.clone(),
             at,
             channel: event.channel.clone(),
             details: event.payload.clone(),
-        });
+        }));
         self.trim(config);
         self.derive();
     }
@@ -552,64 +553,126 @@ impl Profile {
     /// The Customer 360 record published on `profiles` and served by the API, at `now`
     /// (churn risk and active campaigns depend on it).
     pub fn snapshot(&self, now: i64, config: &ProfileConfig) -> Value {
-        let attributes: Map<String, Value> = {
-            let mut nested = Map::new();
-            for (name, attr) in &self.attributes {
-                let parts: Vec<&str> = name.split('.').collect();
-                insert_path(&mut nested, &parts, attr.value.clone());
-            }
-            nested
-        };
-        let churn = self.churn_risk(now, config);
-        let settings: Map<String, Value> =
-            self.preferences.settings.iter().map(|(k, a)| (k.clone(), a.value.clone())).collect();
-        let recent: Vec<&Activity> = self.recent_activity.iter().rev().collect();
-        serde_json::json!({
-            "canonical_id": self.canonical_id,
-            "customer_id": self.customer_id,
-            "identity": {
-                "email": self.identity.emails.first(),
-                "phone": self.identity.phones.first(),
-                "emails": self.identity.emails,
-                "phones": self.identity.phones,
-                "linked_ids": self.identity.linked_ids,
-            },
-            "attributes": attributes,
-            "attribute_sources": self.attributes,
-            "metrics": {
-                "lifetime_value": self.metrics.lifetime_value,
-                "purchase_count": self.metrics.purchase_count,
-                "average_order_value": self.metrics.average_order_value,
-                "gross_revenue": round2(self.metrics.gross_revenue),
-                "returns_value": round2(self.metrics.returns_value),
-                "event_count": self.metrics.event_count,
-                "last_purchase_category": self.metrics.last_purchase_category,
-                "churn_risk_score": churn,
-                "churn_risk": config.churn.level(churn),
-            },
-            "behavioural": self.behavioural.view(),
-            "transactional": self.transactional.view(),
-            "interaction": self.interaction.view(),
-            "preferences": {
-                "communication": attributes.get("preferences"),
-                "timezone": settings.get("timezone"),
-                "locale": settings.get("locale"),
-                "preferred_channel": self.preferred_channel(),
-                "channel_counts": self.preferences.channel_counts,
-                "consent": self.preferences.consent,
-            },
-            "event_counts": self.event_counts,
-            "first_seen": if self.first_seen == i64::MAX { 0 } else { self.first_seen },
-            "last_seen": self.last_seen,
-            "last_channel": self.last_channel,
-            "recent_activity": recent,
-            "segments": self.segments,
-            "active_campaigns": self.active_campaigns(now, config),
-            "recommendations": self.recommendations,
-            "merged_from": self.merged_from,
-            "updated_at": self.updated_at,
-        })
+        serde_json::to_value(self.snapshot_view(now, config)).unwrap_or(Value::Null)
     }
+
+    /// [`Profile::snapshot`] as a view borrowing from the profile: serialised as it is,
+    /// without building (and dropping) a JSON tree of the whole document.
+    pub fn snapshot_view<'a>(&'a self, now: i64, config: &'a ProfileConfig) -> Snapshot<'a> {
+        let mut attributes = Map::new();
+        for (name, attr) in &self.attributes {
+            let parts: Vec<&str> = name.split('.').collect();
+            insert_path(&mut attributes, &parts, attr.value.clone());
+        }
+        let churn = self.churn_risk(now, config);
+        let setting = |name: &str| self.preferences.settings.get(name).map(|a| &a.value);
+        Snapshot {
+            canonical_id: &self.canonical_id,
+            customer_id: self.customer_id.as_deref(),
+            identity: SnapshotIdentity {
+                email: self.identity.emails.first(),
+                phone: self.identity.phones.first(),
+                emails: &self.identity.emails,
+                phones: &self.identity.phones,
+                linked_ids: &self.identity.linked_ids,
+            },
+            preferences: SnapshotPreferences {
+                communication: attributes.get("preferences").cloned(),
+                timezone: setting("timezone"),
+                locale: setting("locale"),
+                preferred_channel: self.preferred_channel(),
+                channel_counts: &self.preferences.channel_counts,
+                consent: &self.preferences.consent,
+            },
+            attributes,
+            attribute_sources: &self.attributes,
+            metrics: SnapshotMetrics {
+                lifetime_value: self.metrics.lifetime_value,
+                purchase_count: self.metrics.purchase_count,
+                average_order_value: self.metrics.average_order_value,
+                gross_revenue: round2(self.metrics.gross_revenue),
+                returns_value: round2(self.metrics.returns_value),
+                event_count: self.metrics.event_count,
+                last_purchase_category: self.metrics.last_purchase_category.as_deref(),
+                churn_risk_score: churn,
+                churn_risk: config.churn.level(churn),
+            },
+            behavioural: self.behavioural.view(),
+            transactional: self.transactional.view(),
+            interaction: self.interaction.view(),
+            event_counts: &self.event_counts,
+            first_seen: if self.first_seen == i64::MAX { 0 } else { self.first_seen },
+            last_seen: self.last_seen,
+            last_channel: self.last_channel.as_deref(),
+            recent_activity: self.recent_activity.iter().rev().map(|a| &**a).collect(),
+            segments: &self.segments,
+            active_campaigns: self.active_campaigns(now, config),
+            recommendations: self.recommendations.as_ref(),
+            merged_from: &self.merged_from,
+            updated_at: self.updated_at,
+            personalisation: None,
+        }
+    }
+}
+
+/// The Customer 360 record as published (see [`Profile::snapshot_view`]).
+#[derive(Serialize)]
+pub struct Snapshot<'a> {
+    canonical_id: &'a str,
+    customer_id: Option<&'a str>,
+    identity: SnapshotIdentity<'a>,
+    attributes: Map<String, Value>,
+    attribute_sources: &'a BTreeMap<String, Attribute>,
+    metrics: SnapshotMetrics<'a>,
+    behavioural: Value,
+    transactional: Value,
+    interaction: Value,
+    preferences: SnapshotPreferences<'a>,
+    event_counts: &'a BTreeMap<String, i64>,
+    first_seen: i64,
+    last_seen: i64,
+    last_channel: Option<&'a str>,
+    recent_activity: Vec<&'a Activity>,
+    segments: &'a [String],
+    active_campaigns: Vec<Value>,
+    recommendations: Option<&'a Precomputed>,
+    merged_from: &'a [String],
+    updated_at: i64,
+    /// Set by the profile stage when it publishes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub personalisation: Option<Value>,
+}
+
+#[derive(Serialize)]
+struct SnapshotIdentity<'a> {
+    email: Option<&'a String>,
+    phone: Option<&'a String>,
+    emails: &'a [String],
+    phones: &'a [String],
+    linked_ids: &'a [String],
+}
+
+#[derive(Serialize)]
+struct SnapshotMetrics<'a> {
+    lifetime_value: f64,
+    purchase_count: i64,
+    average_order_value: f64,
+    gross_revenue: f64,
+    returns_value: f64,
+    event_count: i64,
+    last_purchase_category: Option<&'a str>,
+    churn_risk_score: f64,
+    churn_risk: &'a str,
+}
+
+#[derive(Serialize)]
+struct SnapshotPreferences<'a> {
+    communication: Option<Value>,
+    timezone: Option<&'a Value>,
+    locale: Option<&'a Value>,
+    preferred_channel: Option<&'a String>,
+    channel_counts: &'a BTreeMap<String, i64>,
+    consent: &'a BTreeMap<String, PurposeState>,
 }
 
 /// What content templates see as `customer`, from a Customer 360 snapshot as published
@@ -619,26 +682,70 @@ impl Profile {
 /// moves with every event (`event_count`, the churn score) is left out: it says nothing
 /// a message should, and without it most events leave the view unchanged.
 pub fn template_view(snapshot: &Value) -> Value {
-    let mut view = snapshot.get("attributes").and_then(Value::as_object).cloned().unwrap_or_default();
-    if let Some(metrics) = snapshot.get("metrics").and_then(Value::as_object) {
-        let lasting = metrics.iter().filter(|(k, _)| !matches!(k.as_str(), "event_count" | "churn_risk_score"));
-        view.extend(lasting.map(|(k, v)| (k.clone(), v.clone())));
+    match TemplateSource::deserialize(snapshot) {
+        Ok(source) => source.view(),
+        Err(_) => TemplateSource::default().view(),
     }
-    let pick = |path: &[&str]| path.iter().try_fold(snapshot, |v, k| v.get(k)).cloned().unwrap_or(Value::Null);
-    let fields: [(&str, &[&str]); 8] = [
-        ("canonical_id", &["canonical_id"]),
-        ("customer_id", &["customer_id"]),
-        ("email", &["identity", "email"]),
-        ("phone", &["identity", "phone"]),
-        ("segments", &["segments"]),
-        ("preferred_channel", &["preferences", "preferred_channel"]),
-        ("timezone", &["preferences", "timezone"]),
-        ("locale", &["preferences", "locale"]),
-    ];
-    for (name, path) in fields {
-        view.insert(name.to_owned(), pick(path));
+}
+
+/// [`template_view`] of a published snapshot's bytes, reading only the parts templates
+/// see (the recent activity, sections and attribute sources are skipped, not built).
+pub fn template_view_of(bytes: &[u8]) -> Result<Value, serde_json::Error> {
+    serde_json::from_slice::<TemplateSource>(bytes).map(TemplateSource::view)
+}
+
+/// What [`template_view`] reads of a snapshot.
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct TemplateSource {
+    attributes: Option<Map<String, Value>>,
+    metrics: Option<Map<String, Value>>,
+    canonical_id: Value,
+    customer_id: Value,
+    identity: Option<TemplateIdentity>,
+    segments: Value,
+    preferences: Option<TemplatePreferences>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct TemplateIdentity {
+    email: Value,
+    phone: Value,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct TemplatePreferences {
+    preferred_channel: Value,
+    timezone: Value,
+    locale: Value,
+}
+
+impl TemplateSource {
+    fn view(self) -> Value {
+        let mut view = self.attributes.unwrap_or_default();
+        if let Some(metrics) = self.metrics {
+            let lasting =
+                metrics.into_iter().filter(|(k, _)| !matches!(k.as_str(), "event_count" | "churn_risk_score"));
+            view.extend(lasting);
+        }
+        let identity = self.identity.unwrap_or_default();
+        let preferences = self.preferences.unwrap_or_default();
+        for (name, value) in [
+            ("canonical_id", self.canonical_id),
+            ("customer_id", self.customer_id),
+            ("email", identity.email),
+            ("phone", identity.phone),
+            ("segments", self.segments),
+            ("preferred_channel", preferences.preferred_channel),
+            ("timezone", preferences.timezone),
+            ("locale", preferences.locale),
+        ] {
+            view.insert(name.to_owned(), value);
+        }
+        Value::Object(view)
     }
-    Value::Object(view)
 }
 
 impl ProfileIdentity {
@@ -721,9 +828,17 @@ impl Processor for ProfileStage {
             *dirty = false;
         }
         for (id, interactions) in std::mem::take(&mut self.changed) {
-            if let Some(profile) = ctx.get_json::<Profile>(STORE, &id)? {
-                self.publish(ctx, &profile, interactions)?;
+            let now = ctx.now;
+            let Some(publication) = ctx.read_json(STORE, &id, |profile: &Profile| self.publication(profile, now))?
+            else {
+                continue;
+            };
+            let (snapshot, outcome) = publication?;
+            // Coverage: did these interactions' customer get personalised content?
+            for _ in 0..interactions {
+                ctx.count("personalisation", outcome);
             }
+            ctx.emit(TOPIC, id.as_bytes(), Some(snapshot), None);
         }
         Ok(())
     }
@@ -866,30 +981,28 @@ impl ProfileStage {
             emit_segment_change(ctx, &profile, name, change)?;
         }
         profile.segments = now_in;
-        ctx.put_json(STORE, &profile.canonical_id, &profile)?;
         *self.changed.entry(profile.canonical_id.clone()).or_default() += u32::from(interaction);
-        Ok(())
+        let id = profile.canonical_id.clone();
+        ctx.put_json_owned(STORE, &id, profile)
     }
 
-    /// The `profiles` snapshot with its personalisation, once per changed customer per
-    /// commit; `interactions` events since the last one are counted for coverage.
-    fn publish(&self, ctx: &mut Ctx<'_>, profile: &Profile, interactions: u32) -> Result<(), ProcessError> {
-        let view = profile.customer_view(ctx.now, &self.config);
+    /// The `profiles` snapshot with its personalisation (built from the cached profile,
+    /// once per changed customer per commit), and whether it is personalised.
+    fn publication(&self, profile: &Profile, now: i64) -> Result<(Vec<u8>, &'static str), ProcessError> {
+        let view = profile.customer_view(now, &self.config);
         let vars = Vars::new(&[("customer", &view), ("context", &Value::Null)]);
         let consent = profile.personalisation_allowed(self.default_consent);
-        let mut snapshot = profile.snapshot(ctx.now, &self.config);
+        let mut snapshot = profile.snapshot_view(now, &self.config);
         let personalised = self.personaliser.resolve_vars(&vars, &profile.segments, consent);
-        // Coverage: did these interactions' customer get personalised content?
         let outcome = if personalised.personalised || (consent && profile.recommendations.is_some()) {
             "personalised"
         } else {
             "generic"
         };
-        for _ in 0..interactions {
-            ctx.count("personalisation", outcome);
-        }
-        snapshot["personalisation"] = serde_json::to_value(&personalised).unwrap_or(Value::Null);
-        ctx.emit_json(TOPIC, &profile.canonical_id, &snapshot)
+        snapshot.personalisation = Some(serde_json::to_value(&personalised).unwrap_or(Value::Null));
+        let bytes = serde_json::to_vec(&snapshot)
+            .map_err(|e| ProcessError::Encode { what: TOPIC.to_owned(), message: e.to_string() })?;
+        Ok((bytes, outcome))
     }
 }
 
@@ -905,6 +1018,17 @@ mod tests {
                "metrics": {"lifetime_value": 120.0, "event_count": event_count, "churn_risk_score": churn, "churn_risk": "low"},
                "preferences": {"timezone": "Australia/Brisbane", "locale": "en-AU", "preferred_channel": "email"},
                "segments": ["queensland"]})
+    }
+
+    #[test]
+    fn the_view_read_from_bytes_is_the_view_of_the_parsed_snapshot() {
+        let snapshot = snapshot(3, 0.1);
+        let bytes = serde_json::to_vec(&snapshot).unwrap();
+        assert_eq!(super::template_view_of(&bytes).unwrap(), template_view(&snapshot));
+        let sparse = json!({"canonical_id": "c-2", "recent_activity": [{"type": "x"}]});
+        assert_eq!(super::template_view_of(&serde_json::to_vec(&sparse).unwrap()).unwrap(), template_view(&sparse));
+        assert_eq!(template_view(&sparse)["email"], serde_json::Value::Null);
+        assert!(super::template_view_of(b"{not json").is_err());
     }
 
     #[test]
