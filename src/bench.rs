@@ -35,8 +35,10 @@ pub struct BenchArgs {
     /// A fresh Kafka cluster; without it the embedded broker is used.
     #[arg(long)]
     pub brokers: Option<String>,
-    #[arg(long, default_value_t = 200_000)]
-    pub events: usize,
+    /// Events of the throughput run [default: 200000 on Kafka, 50000 on the embedded
+    /// broker, whose partitions keep 5 MiB each].
+    #[arg(long)]
+    pub events: Option<usize>,
     #[arg(long, default_value_t = 20_000)]
     pub customers: usize,
     #[arg(long, default_value_t = 8)]
@@ -82,6 +84,29 @@ fn passthrough_spec() -> ProcessorSpec {
         sub_topology: "passthrough",
         factory: Box::new(|| Box::new(Copy)),
     }
+}
+
+/// What one partition of the embedded broker keeps (librdkafka's mock cluster drops the
+/// oldest records beyond it, like retention): 5 MiB or 100,000 records.
+const EMBEDDED_PARTITION_BYTES: usize = 5 << 20;
+const EMBEDDED_PARTITION_RECORDS: usize = 100_000;
+
+/// Refuse a workload whose input would not stay whole on the embedded broker (the
+/// benchmark would wait forever for records it dropped).
+fn fits_the_embedded_broker(events: usize, customers: usize, partitions: u32) -> Result<()> {
+    let per_partition = events.div_ceil(partitions.max(1) as usize);
+    let sample = (0..100).map(|i| event(events.saturating_sub(1 + i), customers).1.len()).max().unwrap_or(0);
+    // Headroom: `events.resolved` records are about twice the raw event, and keys do not
+    // spread evenly over partitions.
+    let bytes = per_partition * (sample + 64) * 2;
+    if bytes > EMBEDDED_PARTITION_BYTES || per_partition * 2 > EMBEDDED_PARTITION_RECORDS {
+        let most = EMBEDDED_PARTITION_BYTES / 2 / (sample + 64) * partitions as usize;
+        bail!(
+            "{events} events do not fit the embedded broker, which keeps {} MiB per partition: use --events {most} or fewer, more --partitions, or --brokers",
+            EMBEDDED_PARTITION_BYTES >> 20
+        );
+    }
+    Ok(())
 }
 
 /// One event of the benchmark workload, timestamped now.
@@ -339,8 +364,10 @@ async fn start_broker(brokers: Option<&str>, topology: &Topology) -> Result<(Opt
     }
 }
 
-pub async fn bench(args: BenchArgs) -> Result<()> {
-    if args.events == 0 || args.customers == 0 || args.partitions == 0 {
+pub async fn bench(mut args: BenchArgs) -> Result<()> {
+    let events = args.events.unwrap_or(if args.brokers.is_some() { 200_000 } else { 50_000 });
+    args.events = Some(events);
+    if events == 0 || args.customers == 0 || args.partitions == 0 {
         bail!("--events, --customers and --partitions must be positive");
     }
     let mut topology: Topology = load_topology(&args.topology)?.with_partitions(args.partitions);
@@ -352,6 +379,9 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         if topology.commit_interval.ms() <= 0 {
             bail!("--commit-interval must be positive");
         }
+    }
+    if args.brokers.is_none() {
+        fits_the_embedded_broker(events, args.customers, args.partitions)?;
     }
     let topology = Arc::new(topology);
     let (embedded, brokers) = start_broker(args.brokers.as_deref(), &topology).await?;
@@ -383,7 +413,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     if done_stages.is_empty() {
         bail!("--processors must include profile or context (the stages whose output the benchmark waits for)");
     }
-    let n = args.events;
+    let n = events;
     let limit = Duration::from_secs(1800);
     let where_ = if embedded.is_some() { "embedded broker".to_owned() } else { format!("Kafka at {brokers}") };
     let sub_names: Vec<String> = subs.iter().map(|s| s.name.clone()).collect();
