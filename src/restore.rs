@@ -130,6 +130,9 @@ fn replay(
     let mut last_seen = Instant::now();
     let mut last_log = Instant::now();
     loop {
+        // Asking for the position costs a call into librdkafka and a partition list: only
+        // when no record came (the end is then near, or past trailing markers).
+        let mut idle = false;
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 batch.push(StoreWrite {
@@ -145,26 +148,31 @@ fn replay(
                 }
             }
             Some(Err(e)) => return Err(anyhow!("restoring {topic}[{partition}]: {e}")),
-            None => {}
+            None => idle = true,
+        }
+        if next >= end {
+            break;
         }
         // Transaction markers take offsets but are never delivered: the position, not
         // the last record, tells when the end is reached.
-        let position = consumer
-            .position()
-            .ok()
-            .and_then(|p| p.find_partition(topic, partition).and_then(|e| e.offset().to_raw()))
-            .unwrap_or(next);
-        if next >= end || position >= end {
+        let position = || {
+            consumer
+                .position()
+                .ok()
+                .and_then(|p| p.find_partition(topic, partition).and_then(|e| e.offset().to_raw()))
+                .unwrap_or(next)
+        };
+        if idle && position() >= end {
             break;
         }
         if last_log.elapsed() >= PROGRESS_EVERY {
-            tracing::info!(%topic, partition, at = next.max(position), end, restored = total + batch.len() as u64, "restoring");
+            tracing::info!(%topic, partition, at = next.max(position()), end, restored = total + batch.len() as u64, "restoring");
             last_log = Instant::now();
         }
         if last_seen.elapsed() > STALL_LIMIT {
             return Err(anyhow!(
                 "restoring {topic}[{partition}] stalled at offset {} of {end}: nothing received for {STALL_LIMIT:?}",
-                next.max(position)
+                next.max(position())
             ));
         }
     }
