@@ -5,7 +5,7 @@
 //! reads at once, and a durable timer rewrites (or tombstones) the `context` record when
 //! they expire. On a merge the anonymous cart and session follow the customer.
 
-use crate::processor::{Ctx, ProcessError, Processor, Record};
+use crate::processor::{to_json_bytes, Ctx, ProcessError, Processor, Record};
 use crate::resolved::{absorbed, decode, incoming, on_merge, Kind, RESOLVED_TOPIC};
 use crate::task::ProcessorSpec;
 use crate::topology::{ContextConfig, Topology};
@@ -467,11 +467,9 @@ impl Processor for ContextStage {
     /// Publish each changed customer's context once per commit.
     fn flush(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ProcessError> {
         for id in std::mem::take(&mut self.changed) {
-            let bytes = ctx.read_json(STORE, &id, |c: &CustomerContext| serde_json::to_vec(&c.snapshot_view()))?;
+            let bytes = ctx.read_json(STORE, &id, |c: &CustomerContext| to_json_bytes(&c.snapshot_view(), TOPIC))?;
             if let Some(bytes) = bytes {
-                let bytes =
-                    bytes.map_err(|e| ProcessError::Encode { what: TOPIC.to_owned(), message: e.to_string() })?;
-                ctx.emit(TOPIC, id.as_bytes(), Some(bytes), None);
+                ctx.emit(TOPIC, id.as_bytes(), Some(bytes?), None);
             }
         }
         Ok(())

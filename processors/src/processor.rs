@@ -306,7 +306,8 @@ pub(crate) fn timer_key(at: i64, key: &[u8]) -> Vec<u8> {
     k
 }
 
-fn to_json_bytes<T: Serialize>(value: &T, what: &str) -> Result<Vec<u8>, ProcessError> {
+/// A value as JSON bytes for `what` (a topic), or the encode error naming it.
+pub(crate) fn to_json_bytes<T: Serialize>(value: &T, what: &str) -> Result<Vec<u8>, ProcessError> {
     serde_json::to_vec(value).map_err(|e| ProcessError::Encode { what: what.to_owned(), message: e.to_string() })
 }
 

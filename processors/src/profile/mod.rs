@@ -13,7 +13,7 @@ pub mod config;
 
 use crate::orchestrator::PurposeState;
 use crate::personalisation::{popularity_key, Personaliser, Popularity, Precomputed, CONSENT_PURPOSE};
-use crate::processor::{Ctx, ProcessError, Processor, Record};
+use crate::processor::{to_json_bytes, Ctx, ProcessError, Processor, Record};
 use crate::resolved::{absorbed, decode, forward_state_on_merge, incoming, Kind, MergeBody, Resolved, RESOLVED_TOPIC};
 use crate::rules::Vars;
 use crate::segments::Segments;
@@ -1000,9 +1000,7 @@ impl ProfileStage {
             "generic"
         };
         snapshot.personalisation = Some(serde_json::to_value(&personalised).unwrap_or(Value::Null));
-        let bytes = serde_json::to_vec(&snapshot)
-            .map_err(|e| ProcessError::Encode { what: TOPIC.to_owned(), message: e.to_string() })?;
-        Ok((bytes, outcome))
+        Ok((to_json_bytes(&snapshot, TOPIC)?, outcome))
     }
 }
 
