@@ -17,6 +17,7 @@ use chorus_processors::personalisation::{
 };
 use chorus_processors::profile::{self, Profile};
 use chorus_processors::resolved::RESOLVED_TOPIC;
+use chorus_processors::segments::Segments;
 use chorus_processors::store::decode_value;
 use chorus_processors::topology::IDENTITY_REPARTITION;
 use chorus_processors::Topology;
@@ -157,6 +158,7 @@ pub struct Query {
     pub local: LocalStores,
     pub directory: Directory,
     personaliser: Arc<Personaliser>,
+    segments: Arc<Segments>,
     client: reqwest::Client,
     /// Which state reads answer from.
     pub consistency: Consistency,
@@ -196,12 +198,13 @@ pub enum PreviewError {
 impl Query {
     pub fn new(topology: Arc<Topology>, local: LocalStores, directory: Directory) -> Query {
         let personaliser = Arc::new(Personaliser::compile(&topology.personalisation));
+        let segments = Arc::new(Segments::compile(&topology.segments).unwrap_or_else(|_| Segments::none()));
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .connect_timeout(Duration::from_secs(2))
             .build()
             .unwrap_or_default();
-        Query { topology, local, directory, personaliser, client, consistency: Consistency::Live }
+        Query { topology, local, directory, personaliser, segments, client, consistency: Consistency::Live }
     }
 
     /// The same queries, answered from `consistency`'s state.
@@ -509,8 +512,15 @@ impl Query {
             let mut snapshot = profile.snapshot(at, &self.topology.profile);
             let context_view = context.as_ref().map_or(Value::Null, CustomerContext::snapshot);
             let consent = profile.personalisation_allowed(self.topology.default_consent(CONSENT_PURPOSE));
-            let view = profile.customer_view(at, &self.topology.profile);
-            let personalised = self.personaliser.resolve(&view, &context_view, &profile.segments, consent);
+            let mut view = profile.customer_view(at, &self.topology.profile);
+            // The stage brings segments up to date when it commits: a live read
+            // evaluates them over what it reads.
+            let segments = self.segments.evaluate(&view);
+            if segments != profile.segments {
+                view["segments"] = serde_json::json!(segments);
+                snapshot["segments"] = serde_json::json!(segments);
+            }
+            let personalised = self.personaliser.resolve(&view, &context_view, &segments, consent);
             count_served("profile", personalised.personalised);
             snapshot["personalisation"] = serde_json::to_value(&personalised).unwrap_or(Value::Null);
             snapshot["recommendations"] = self.recommend(&profile, context.as_ref(), at).await?;

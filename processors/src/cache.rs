@@ -41,6 +41,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
 trait CachedValue: Send {
     fn encode(&self) -> Result<Vec<u8>, String>;
     fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
 impl<T: Serialize + Send + 'static> CachedValue for T {
@@ -48,6 +49,9 @@ impl<T: Serialize + Send + 'static> CachedValue for T {
         encode(self)
     }
     fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
         self
     }
 }
@@ -180,6 +184,54 @@ impl StateCache {
         self.evict(stores)
     }
 
+    /// Change the value under `key` in place (`default` when there is none) and keep
+    /// it; it reaches the store at the next write-back. For values stored without an
+    /// expiry (those are the ones the cache keeps).
+    pub fn update<T: DeserializeOwned + Serialize + Send + 'static, R>(
+        &mut self,
+        stores: &mut dyn StoreSet,
+        store: &str,
+        key: &[u8],
+        default: impl FnOnce() -> T,
+        f: impl FnOnce(&mut T) -> R,
+    ) -> Result<R, StoreError> {
+        self.clock += 1;
+        let used = self.clock;
+        if let Some(entry) = self.entry_mut(store, key) {
+            if let Some(value) = entry.value.as_any_mut().downcast_mut::<T>() {
+                entry.last_used = used;
+                entry.dirty = true;
+                let result = f(value);
+                self.mark_dirty(store, key);
+                return Ok(result);
+            }
+        }
+        let mut value = match self.entry(store, key) {
+            // Cached as another type (a stage reading state generically): convert.
+            Some(entry) => decode(&entry.value.encode().map_err(|e| corrupt(key, e))?).map_err(|e| corrupt(key, e))?,
+            None => match stores.store(store)?.get(key)? {
+                None => default(),
+                Some(stored) => match decode_value(key, &stored)? {
+                    (0, bytes) => decode(&bytes).map_err(|e| corrupt(key, e))?,
+                    (_, _) => return Err(corrupt(key, "an expiring value cannot be updated in place".into())),
+                },
+            },
+        };
+        let result = f(&mut value);
+        self.put(stores, store, key, value)?;
+        Ok(result)
+    }
+
+    fn mark_dirty(&mut self, store: &str, key: &[u8]) {
+        let keys = match self.dirty.get_mut(store) {
+            Some(keys) => keys,
+            None => self.dirty.entry(store.to_owned()).or_default(),
+        };
+        if !keys.contains(key) {
+            keys.insert(key.to_vec());
+        }
+    }
+
     fn insert(&mut self, store: &str, key: &[u8], value: Box<dyn CachedValue>, dirty: bool, bytes: usize) {
         self.clock += 1;
         let entry = Entry { value, dirty, bytes, last_used: self.clock };
@@ -200,13 +252,7 @@ impl StateCache {
         }
         self.bytes += bytes;
         if dirty {
-            let keys = match self.dirty.get_mut(store) {
-                Some(keys) => keys,
-                None => self.dirty.entry(store.to_owned()).or_default(),
-            };
-            if !keys.contains(key) {
-                keys.insert(key.to_vec());
-            }
+            self.mark_dirty(store, key);
         }
     }
 
@@ -334,6 +380,34 @@ mod tests {
         let stored = stores.store("s").unwrap().get(b"k").unwrap().unwrap();
         let (_, bytes) = decode_value(b"k", &stored).unwrap();
         assert_eq!(decode::<Doc>(&bytes).unwrap(), doc(9));
+    }
+
+    #[test]
+    fn an_update_in_place_is_written_back_and_an_expiring_value_is_refused() {
+        let mut stores = MemStoreSet::with_stores(["s"]);
+        let mut cache = StateCache::new(1 << 20);
+        let n = cache.update(
+            &mut stores,
+            "s",
+            b"k",
+            || doc(1),
+            |d: &mut Doc| {
+                d.n += 1;
+                d.n
+            },
+        );
+        assert_eq!(n.unwrap(), 2, "the default, changed");
+        cache.write_back(&mut stores).unwrap();
+        cache.update(&mut stores, "s", b"k", || doc(0), |d: &mut Doc| d.n = 7).unwrap();
+        assert_eq!(cache.write_back(&mut stores).unwrap(), 1, "changed in place, so dirty again");
+        let mut fresh = StateCache::new(1 << 20);
+        assert_eq!(fresh.get::<Doc>(&mut stores, "s", b"k", 0).unwrap(), Some(doc(7)));
+        // Not cached: loaded from the store, changed, kept.
+        let mut cold = StateCache::new(1 << 20);
+        cold.update(&mut stores, "s", b"k", || doc(0), |d: &mut Doc| d.n += 1).unwrap();
+        assert_eq!(cold.get::<Doc>(&mut stores, "s", b"k", 0).unwrap(), Some(doc(8)));
+        stores.store("s").unwrap().put(b"e", encode_value(99, &encode(&doc(5)).unwrap())).unwrap();
+        assert!(cold.update(&mut stores, "s", b"e", || doc(0), |d: &mut Doc| d.n += 1).is_err());
     }
 
     #[test]

@@ -184,6 +184,18 @@ impl<'a> Ctx<'a> {
         Ok(self.cache.put(self.stores, store, key.as_bytes(), value)?)
     }
 
+    /// Change a stored value in place in the task's cache (`default` when there is
+    /// none): no copy of the document per event. For values stored without an expiry.
+    pub fn update_json<T: DeserializeOwned + Serialize + Send + 'static, R>(
+        &mut self,
+        store: &str,
+        key: &str,
+        default: impl FnOnce() -> T,
+        f: impl FnOnce(&mut T) -> R,
+    ) -> Result<R, ProcessError> {
+        Ok(self.cache.update(self.stores, store, key.as_bytes(), default, f)?)
+    }
+
     /// Store a value that disappears at `expires_at` (event or wall time, as `now`).
     pub fn put_json_expiring<T: Serialize>(
         &mut self,

@@ -1,6 +1,7 @@
 //! Segments: named rule expressions over a customer (`customer.lifetime_value > 10000`,
 //! `customer.last_purchase_category == "outdoor"`, `customer.location.state == "QLD"`),
-//! evaluated on every profile change (see [`crate::rules`] for the expression language).
+//! evaluated once per changed customer per commit, when the profile stage publishes the
+//! customer's snapshot (see [`crate::rules`] for the expression language).
 
 use crate::rules::{RuleSet, Vars};
 use serde::Deserialize;

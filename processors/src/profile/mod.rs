@@ -9,7 +9,10 @@
 //! was counted once on exactly one side, so the fold is a sum and nothing is counted
 //! twice. The stage also keeps per-category product popularity for recommendations.
 
+mod activity;
 pub mod config;
+
+pub use activity::Activity;
 
 use crate::orchestrator::PurposeState;
 use crate::personalisation::{popularity_key, Personaliser, Popularity, Precomputed, CONSENT_PURPOSE};
@@ -183,17 +186,6 @@ pub struct Preferences {
     pub consent: BTreeMap<String, PurposeState>,
 }
 
-/// One entry of the bounded recent activity.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Activity {
-    #[serde(rename = "type")]
-    pub event_type: String,
-    pub event_id: String,
-    pub at: i64,
-    pub channel: Option<String>,
-    pub details: Value,
-}
-
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Profile {
     pub canonical_id: String,
@@ -331,13 +323,13 @@ impl Profile {
                 Attribute::update(&mut self.preferences.settings, name, value, at, &source);
             }
         }
-        self.recent_activity.push(Arc::new(Activity {
-            event_type: event.event_type.clone(),
-            event_id: event.event_id.clone(),
+        self.recent_activity.push(Arc::new(Activity::new(
+            &event.event_type,
+            &event.event_id,
             at,
-            channel: event.channel.clone(),
-            details: event.payload.clone(),
-        }));
+            event.channel.as_deref(),
+            &event.payload,
+        )));
         self.trim(config);
         self.derive();
     }
@@ -811,14 +803,15 @@ fn flatten_traits(traits: &Map<String, Value>) -> Vec<(String, Value)> {
 /// A `segments` record: the customer entered or exited a segment.
 fn emit_segment_change(
     ctx: &mut Ctx<'_>,
-    profile: &Profile,
+    canonical_id: &str,
+    customer_id: Option<&str>,
     segment: &str,
     change: &'static str,
 ) -> Result<(), ProcessError> {
     ctx.count("segment_changes", change);
-    let record = serde_json::json!({"canonical_id": profile.canonical_id, "customer_id": profile.customer_id,
+    let record = serde_json::json!({"canonical_id": canonical_id, "customer_id": customer_id,
         "segment": segment, "change": change, "at": ctx.now});
-    ctx.emit_json(SEGMENTS_TOPIC, &profile.canonical_id, &record)
+    ctx.emit_json(SEGMENTS_TOPIC, canonical_id, &record)
 }
 
 impl Processor for ProfileStage {
@@ -833,7 +826,13 @@ impl Processor for ProfileStage {
             else {
                 continue;
             };
-            let (snapshot, outcome) = publication?;
+            let Publication { snapshot, outcome, customer_id, segments, changes } = publication?;
+            for (segment, change) in &changes {
+                emit_segment_change(ctx, &id, customer_id.as_deref(), segment, change)?;
+            }
+            if let Some(segments) = segments {
+                ctx.update_json(STORE, &id, || Profile::new(&id), |profile: &mut Profile| profile.segments = segments)?;
+            }
             // Coverage: did these interactions' customer get personalised content?
             for _ in 0..interactions {
                 ctx.count("personalisation", outcome);
@@ -853,54 +852,66 @@ impl Processor for ProfileStage {
             Kind::Event => {
                 let mut event: Event = decode(resolved.body)?;
                 event.timestamp_ms = resolved.at;
-                let mut profile = self.load(ctx, &id)?;
                 let behavioural =
                     self.config.events.get(&event.event_type).is_some_and(|e| e.section == Section::Behavioural);
-                if behavioural && !profile.consented(ANALYTICS_PURPOSE, self.default_analytics) {
+                let analytics = ctx
+                    .read_json(STORE, &id, |p: &Profile| p.consented(ANALYTICS_PURPOSE, self.default_analytics))?
+                    .unwrap_or(self.default_analytics);
+                if behavioural && !analytics {
                     // `analytics: false`: browsing is not aggregated (nor counted in
                     // popularity); orders, returns and interactions still are.
                     ctx.count("analytics_opt_out", event.event_type.clone());
                     return Ok(());
                 }
-                profile.apply(&event, resolved.customer_id.as_deref(), &self.config);
+                let now = ctx.now;
+                let config = &self.config;
+                ctx.update_json(
+                    STORE,
+                    &id,
+                    || Profile::new(&id),
+                    |profile: &mut Profile| {
+                        profile.apply(&event, resolved.customer_id.as_deref(), config);
+                        profile.updated_at = now;
+                    },
+                )?;
                 self.count_popularity(ctx, &event)?;
                 ctx.mark_visible(resolved.at);
-                self.save(ctx, profile, true)
+                self.changed(id, true);
+                Ok(())
             }
             Kind::Consent => {
                 let change: ConsentChange = decode(resolved.body)?;
-                let mut profile = self.load(ctx, &id)?;
-                profile.apply_consent(&change.purpose, change.granted, resolved.at, change.source);
-                self.save(ctx, profile, false)
+                self.update(ctx, &id, |profile| {
+                    profile.apply_consent(&change.purpose, change.granted, resolved.at, change.source)
+                })
             }
             Kind::Recommendations => {
                 let list = decode::<Option<Precomputed>>(resolved.body)?;
-                let stored = ctx.get_json::<Profile>(STORE, &id)?;
-                if list.is_none() && stored.is_none() {
+                if list.is_none() && ctx.read_json(STORE, &id, |_: &Profile| ())?.is_none() {
                     // Clearing the list of an id never seen here: no empty profile for it.
                     return Ok(());
                 }
-                let mut profile = stored.unwrap_or_else(|| Profile::new(&id));
-                profile.recommendations = list;
-                self.save(ctx, profile, false)
+                self.update(ctx, &id, |profile| profile.recommendations = list)
             }
             Kind::Merge => {
                 let merge: MergeBody = decode(resolved.body)?;
-                // The merged-away id leaves its segments (the survivor enters them, if
-                // it qualifies, when the profile folds in); else consumers of `segments`
-                // would count it a member forever.
-                if let Some(gone) = ctx.get_json::<Profile>(STORE, &merge.from)? {
-                    for segment in &gone.segments {
-                        emit_segment_change(ctx, &gone, segment, "exited")?;
+                // The merged-away id leaves the segments it was last published in (the
+                // survivor enters them, if it qualifies, when the profile folds in);
+                // else consumers of `segments` would count it a member forever.
+                let gone = ctx.read_json(STORE, &merge.from, |gone: &Profile| {
+                    (gone.customer_id.clone(), gone.segments.clone())
+                })?;
+                if let Some((customer_id, segments)) = gone {
+                    for segment in &segments {
+                        emit_segment_change(ctx, &merge.from, customer_id.as_deref(), segment, "exited")?;
                     }
                 }
                 forward_state_on_merge(ctx, NAME, STORE, &merge, Some(TOPIC))
             }
             Kind::Absorb => {
                 let Some(other) = absorbed::<Profile>(resolved.body, NAME)? else { return Ok(()) };
-                let mut profile = self.load(ctx, &id)?;
-                profile.absorb(&other, &self.config);
-                self.save(ctx, profile, false)
+                let config = self.config.clone();
+                self.update(ctx, &id, |profile| profile.absorb(&other, &config))
             }
             Kind::Request | Kind::Tick | Kind::Content | Kind::Campaign => Ok(()),
         }
@@ -908,8 +919,26 @@ impl Processor for ProfileStage {
 }
 
 impl ProfileStage {
-    fn load(&self, ctx: &mut Ctx<'_>, id: &str) -> Result<Profile, ProcessError> {
-        Ok(ctx.get_json::<Profile>(STORE, id)?.unwrap_or_else(|| Profile::new(id)))
+    /// Change the customer's profile (a new one when there is none) in place.
+    fn update(&mut self, ctx: &mut Ctx<'_>, id: &str, f: impl FnOnce(&mut Profile)) -> Result<(), ProcessError> {
+        let now = ctx.now;
+        ctx.update_json(
+            STORE,
+            id,
+            || Profile::new(id),
+            |profile: &mut Profile| {
+                f(profile);
+                profile.updated_at = now;
+            },
+        )?;
+        self.changed(id.to_owned(), false);
+        Ok(())
+    }
+
+    /// The profile changed: its segments, personalisation and snapshot are brought up
+    /// to date once, when the task commits (see [`Processor::flush`]).
+    fn changed(&mut self, id: String, interaction: bool) {
+        *self.changed.entry(id).or_default() += u32::from(interaction);
     }
 
     /// A record of the compacted `recommendations` topic: the customer's precomputed
@@ -966,42 +995,50 @@ impl ProfileStage {
         Ok(())
     }
 
-    fn save(&mut self, ctx: &mut Ctx<'_>, mut profile: Profile, interaction: bool) -> Result<(), ProcessError> {
-        profile.updated_at = ctx.now;
-        let view = profile.customer_view(ctx.now, &self.config);
-        let vars = Vars::new(&[("customer", &view), ("context", &Value::Null)]);
-        let now_in = self.segments.evaluate_vars(&vars);
-        for (name, change) in profile
-            .segments
-            .iter()
-            .filter(|s| !now_in.contains(s))
-            .map(|s| (s, "exited"))
-            .chain(now_in.iter().filter(|s| !profile.segments.contains(s)).map(|s| (s, "entered")))
-        {
-            emit_segment_change(ctx, &profile, name, change)?;
+    /// What a changed profile publishes at the commit: its segments now (the changes
+    /// since it was last published), its `profiles` snapshot with its personalisation,
+    /// and whether it is personalised. One customer view serves the segments and the
+    /// personalisation rules.
+    fn publication(&self, profile: &Profile, now: i64) -> Result<Publication, ProcessError> {
+        let mut view = profile.customer_view(now, &self.config);
+        let mut vars = Vars::new(&[("customer", &view), ("context", &Value::Null)]);
+        let segments = self.segments.evaluate_vars(&vars);
+        if segments != profile.segments {
+            // Personalisation rules see the segments the customer is in now.
+            view["segments"] = serde_json::json!(segments);
+            vars = Vars::new(&[("customer", &view), ("context", &Value::Null)]);
         }
-        profile.segments = now_in;
-        *self.changed.entry(profile.canonical_id.clone()).or_default() += u32::from(interaction);
-        let id = profile.canonical_id.clone();
-        ctx.put_json_owned(STORE, &id, profile)
-    }
-
-    /// The `profiles` snapshot with its personalisation (built from the cached profile,
-    /// once per changed customer per commit), and whether it is personalised.
-    fn publication(&self, profile: &Profile, now: i64) -> Result<(Vec<u8>, &'static str), ProcessError> {
-        let view = profile.customer_view(now, &self.config);
-        let vars = Vars::new(&[("customer", &view), ("context", &Value::Null)]);
         let consent = profile.personalisation_allowed(self.default_consent);
-        let mut snapshot = profile.snapshot_view(now, &self.config);
-        let personalised = self.personaliser.resolve_vars(&vars, &profile.segments, consent);
+        let personalised = self.personaliser.resolve_vars(&vars, &segments, consent);
         let outcome = if personalised.personalised || (consent && profile.recommendations.is_some()) {
             "personalised"
         } else {
             "generic"
         };
+        let mut snapshot = profile.snapshot_view(now, &self.config);
+        snapshot.segments = &segments;
         snapshot.personalisation = Some(serde_json::to_value(&personalised).unwrap_or(Value::Null));
-        Ok((to_json_bytes(&snapshot, TOPIC)?, outcome))
+        let snapshot = to_json_bytes(&snapshot, TOPIC)?;
+        let changes: Vec<(String, &'static str)> = profile
+            .segments
+            .iter()
+            .filter(|s| !segments.contains(s))
+            .map(|s| (s.clone(), "exited"))
+            .chain(segments.iter().filter(|s| !profile.segments.contains(s)).map(|s| (s.clone(), "entered")))
+            .collect();
+        let customer_id = profile.customer_id.clone();
+        Ok(Publication { snapshot, outcome, customer_id, segments: (!changes.is_empty()).then_some(segments), changes })
     }
+}
+
+/// See [`ProfileStage::publication`].
+struct Publication {
+    snapshot: Vec<u8>,
+    outcome: &'static str,
+    customer_id: Option<String>,
+    /// The segments now, when they changed.
+    segments: Option<Vec<String>>,
+    changes: Vec<(String, &'static str)>,
 }
 
 #[cfg(test)]
