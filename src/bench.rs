@@ -21,7 +21,7 @@ use chorus_processors::subtopology::{group, select};
 use chorus_processors::topology::{Clock, EVENTS_RAW};
 use chorus_processors::{context, profile};
 use chorus_processors::{processor_specs, Ctx, ProcessError, Processor, ProcessorSpec, Record, SubTopology, Topology};
-use chorus_state::SharedResources;
+use chorus_state::{Durability, SharedResources};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
@@ -333,6 +333,7 @@ fn bench_runtime(
         shared: Arc::new(SharedResources::new(
             topology.state.block_cache_mb << 20,
             topology.state.write_buffer_mb << 20,
+            if fresh { Durability::Local } else { Durability::Changelog },
         )),
         local: LocalStores::default(),
         shutdown: Arc::new(AtomicBool::new(false)),

@@ -15,7 +15,7 @@ use chorus_processors::personalisation::Precomputed;
 use chorus_processors::topology::{Clock, CAMPAIGNS, CONSENT, CONTENT, EVENTS_RAW, MESSAGES_REQUESTS, RECOMMENDATIONS};
 use chorus_processors::{processor_specs, Topology};
 use chorus_schemas::{decode_avro, ConsentChange, Event, MessageRequest};
-use chorus_state::SharedResources;
+use chorus_state::{Durability, SharedResources};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -245,6 +245,7 @@ impl Pipeline {
         let local = LocalStores::default();
         let shutdown = Arc::new(AtomicBool::new(false));
         let drain = Arc::new(DrainState::default());
+        let embedded_broker = self.fresh_broker || crate::kafka::is_embedded_broker(&self.brokers);
         let config = EngineConfig {
             brokers: self.brokers.clone(),
             topology: self.topology.clone(),
@@ -253,12 +254,13 @@ impl Pipeline {
             shared: Arc::new(SharedResources::new(
                 self.topology.state.block_cache_mb << 20,
                 self.topology.state.write_buffer_mb << 20,
+                if embedded_broker { Durability::Local } else { Durability::Changelog },
             )),
             local: local.clone(),
             shutdown: shutdown.clone(),
             drain: drain.clone(),
             fresh_broker: self.fresh_broker,
-            embedded_broker: self.fresh_broker || crate::kafka::is_embedded_broker(&self.brokers),
+            embedded_broker,
         };
         let directory = Directory::new(&self.instance_id, local.clone(), &self.topology);
         let api = ApiState::new(&self.brokers, Query::new(self.topology.clone(), local.clone(), directory.clone()))?;

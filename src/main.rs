@@ -15,6 +15,9 @@ mod restore;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "chorus", version, about = "Omni-channel customer engagement pipeline on Kafka")]
 struct Cli {

@@ -4,7 +4,7 @@
 use chorus_processors::store::Entries;
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteBufferManager,
-    DB,
+    WriteOptions, DB,
 };
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -32,14 +32,29 @@ pub fn changelog_topic(processor: &str, store: &str) -> String {
 pub struct SharedResources {
     cache: Cache,
     write_buffers: WriteBufferManager,
+    wal: bool,
+}
+
+/// What a task's local state must survive on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// The changelogs are durable (a Kafka cluster): as in Kafka Streams, RocksDB
+    /// writes no write-ahead log. A crash loses what was not yet flushed to SST files,
+    /// all column families together (atomic flush), checkpoints included, so the
+    /// store is an older consistent state and the restore replays the changelog from
+    /// there.
+    Changelog,
+    /// The changelogs do not outlive the process (the embedded broker): the local
+    /// store is the only copy, so every write goes through RocksDB's write-ahead log.
+    Local,
 }
 
 impl SharedResources {
-    pub fn new(block_cache_bytes: usize, write_buffer_bytes: usize) -> SharedResources {
+    pub fn new(block_cache_bytes: usize, write_buffer_bytes: usize, durability: Durability) -> SharedResources {
         let cache = Cache::new_lru_cache(block_cache_bytes + write_buffer_bytes);
         let write_buffers =
             WriteBufferManager::new_write_buffer_manager_with_cache(write_buffer_bytes, false, cache.clone());
-        SharedResources { cache, write_buffers }
+        SharedResources { cache, write_buffers, wal: durability == Durability::Local }
     }
 
     fn options(&self) -> Options {
@@ -51,6 +66,9 @@ impl SharedResources {
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         opts.set_keep_log_file_num(2);
         opts.set_max_open_files(256);
+        // Without a write-ahead log, the column families (and the checkpoints among
+        // them) must reach SST files together.
+        opts.set_atomic_flush(!self.wal);
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(&self.cache);
         table.set_cache_index_and_filter_blocks(true);
@@ -64,6 +82,7 @@ pub struct TaskDb {
     db: DB,
     path: String,
     stores: Vec<String>,
+    writes: WriteOptions,
 }
 
 impl TaskDb {
@@ -78,7 +97,9 @@ impl TaskDb {
             .map_err(|source| StateError::Rocks { path: display.clone(), source })?;
         let mut names: Vec<String> = stores.iter().map(|s| s.to_string()).collect();
         names.push(CHECKPOINT_CF.to_owned());
-        Ok(TaskDb { db, path: display, stores: names })
+        let mut writes = WriteOptions::default();
+        writes.disable_wal(!shared.wal);
+        Ok(TaskDb { db, path: display, stores: names, writes })
     }
 
     fn rocks(&self, source: rocksdb::Error) -> StateError {
@@ -136,7 +157,7 @@ impl TaskDb {
         for (topic, next) in checkpoints {
             batch.put_cf(checkpoint_cf, topic.as_bytes(), next.to_be_bytes());
         }
-        self.db.write(batch).map_err(|e| self.rocks(e))
+        self.db.write_opt(batch, &self.writes).map_err(|e| self.rocks(e))
     }
 
     /// Remove every entry of a store (its changelog no longer matches it).
@@ -147,7 +168,7 @@ impl TaskDb {
             let (k, _) = item.map_err(|e| self.rocks(e))?;
             batch.delete_cf(cf, k);
         }
-        self.db.write(batch).map_err(|e| self.rocks(e))
+        self.db.write_opt(batch, &self.writes).map_err(|e| self.rocks(e))
     }
 
     /// Next changelog offset to restore from (0 when never checkpointed).

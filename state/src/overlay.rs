@@ -140,7 +140,7 @@ mod tests {
     use crate::SharedResources;
 
     fn open(dir: &std::path::Path) -> TaskState {
-        let shared = SharedResources::new(8 << 20, 8 << 20);
+        let shared = SharedResources::new(8 << 20, 8 << 20, crate::Durability::Local);
         TaskState::new(TaskDb::open(dir, &["a", "b"], &shared).unwrap(), &["a", "b"])
     }
 

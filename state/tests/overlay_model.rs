@@ -31,7 +31,7 @@ proptest! {
     #[test]
     fn rocksdb_overlay_matches_the_model(ops in prop::collection::vec(op(), 1..80)) {
         let dir = tempfile::tempdir().unwrap();
-        let shared = SharedResources::new(4 << 20, 4 << 20);
+        let shared = SharedResources::new(4 << 20, 4 << 20, chorus_state::Durability::Local);
         let mut state = TaskState::new(TaskDb::open(dir.path(), &["s"], &shared).unwrap(), &["s"]);
         // committed: what RocksDB must hold; working: committed + pending.
         let mut committed = MemStore::new();
