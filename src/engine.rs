@@ -24,7 +24,7 @@
 //!   millisecond of every timeout, so polling in 1 ms steps is a busy loop that takes a
 //!   core from the broker (docs/runtime.md).
 
-use crate::kafka::{client_config, now_ms};
+use crate::kafka::{client_config, now_ms, tune};
 use crate::metrics::metrics;
 use crate::query::LocalStores;
 use anyhow::{anyhow, Context as _, Result};
@@ -90,20 +90,21 @@ pub fn run_sub_topology(sub: SubTopology, config: EngineConfig, thread: u32) -> 
             records_out: BTreeMap::new(),
         }),
     };
-    let consumer: BaseConsumer<EngineContext> = client_config(&config.brokers)
+    let mut consumer_config = client_config(&config.brokers);
+    consumer_config
         .set("group.id", config.topology.client_name(&name))
         .set("client.id", &client)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
         .set("partition.assignment.strategy", assignor)
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        .set("max.poll.interval.ms", "300000")
-        .set("fetch.wait.max.ms", "10")
-        .set("statistics.interval.ms", "2000")
-        .create_with_context(context)
-        .with_context(|| format!("cannot create the {name} consumer"))?;
+        .set("statistics.interval.ms", "2000");
+    tune(&mut consumer_config, "session.timeout.ms", "10000");
+    tune(&mut consumer_config, "heartbeat.interval.ms", "1000");
+    tune(&mut consumer_config, "max.poll.interval.ms", "300000");
+    tune(&mut consumer_config, "fetch.wait.max.ms", "10");
+    let consumer: BaseConsumer<EngineContext> =
+        consumer_config.create_with_context(context).with_context(|| format!("cannot create the {name} consumer"))?;
     let physical: Vec<String> = inputs.iter().map(|t| config.topology.physical_topic(t).into_owned()).collect();
     let topics: Vec<&str> = physical.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).with_context(|| format!("cannot subscribe {name} to {topics:?}"))?;
@@ -224,10 +225,10 @@ fn create_producer(config: &EngineConfig, client: &str, eos: bool) -> Result<Thr
     producer_config
         .set("client.id", client)
         .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
         .set("message.max.bytes", config.topology.limits.max_message_bytes().to_string())
         .set("enable.idempotence", "true");
+    tune(&mut producer_config, "linger.ms", "5");
+    tune(&mut producer_config, "compression.type", "lz4");
     if eos {
         producer_config.set("transactional.id", client).set("transaction.timeout.ms", "30000");
     }

@@ -64,6 +64,13 @@ pub fn client_config(brokers: &str) -> ClientConfig {
     config
 }
 
+/// A tuning default of chorus's, unless the topology's `kafka:` section sets the key.
+pub fn tune(config: &mut ClientConfig, key: &str, value: &str) {
+    if config.get(key).is_none() {
+        config.set(key, value);
+    }
+}
+
 /// One topic to create.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicToCreate {
@@ -185,4 +192,22 @@ pub fn is_embedded_broker(brokers: &str) -> bool {
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tune;
+    use rdkafka::ClientConfig;
+
+    /// Producer and consumer tuning from the topology's `kafka:` section wins over
+    /// chorus's defaults (`linger.ms: 50` is not reset to 5).
+    #[test]
+    fn a_setting_of_the_topology_wins_over_a_tuning_default() {
+        let mut config = ClientConfig::new();
+        config.set("linger.ms", "50");
+        tune(&mut config, "linger.ms", "5");
+        tune(&mut config, "compression.type", "lz4");
+        assert_eq!(config.get("linger.ms"), Some("50"));
+        assert_eq!(config.get("compression.type"), Some("lz4"));
+    }
 }
