@@ -8,12 +8,14 @@
 //!
 //! Checks read the customer's live context: this stage also reads the compacted
 //! `context` topic (co-partitioned with `events.resolved`) and keeps the latest
-//! snapshot of each customer, as a Kafka Streams table join would.
+//! snapshot of each customer, as a Kafka Streams table join would — as its text,
+//! parsed only when a condition or check reads it.
 //!
 //! Store `journeys`: canonical id → [`Customer`].
 
 pub mod config;
 
+use crate::json::JsonText;
 use crate::processor::{Ctx, ProcessError, Processor, Record};
 use crate::resolved::{absorbed, incoming, on_merge, Kind, Resolved, RESOLVED_TOPIC};
 use crate::rules::RuleSet;
@@ -22,6 +24,7 @@ use crate::topology::Topology;
 use config::{EventMatch, JourneyConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -69,9 +72,26 @@ impl Journeys {
         self.conditions.get(condition).is_some_and(|rule| !rule.matching(vars).is_empty())
     }
 
-    fn matches(&self, m: &EventMatch, event: &Value, context: &Value) -> bool {
+    fn matches(&self, m: &EventMatch, event: &Value, context: &Context) -> bool {
         event.get("event_type").and_then(Value::as_str) == Some(m.event.as_str())
-            && m.condition.as_deref().is_none_or(|c| self.holds(c, &[("event", event), ("context", context)]))
+            && m.condition.as_deref().is_none_or(|c| self.holds(c, &[("event", event), ("context", context.value())]))
+    }
+}
+
+/// The customer's context as conditions and checks see it: parsed on first use, since
+/// most events and steps look only at the event.
+struct Context {
+    text: Option<JsonText>,
+    value: OnceCell<Value>,
+}
+
+impl Context {
+    fn new(text: Option<JsonText>) -> Context {
+        Context { text, value: OnceCell::new() }
+    }
+
+    fn value(&self) -> &Value {
+        self.value.get_or_init(|| self.text.as_ref().map_or(Value::Null, JsonText::value))
     }
 }
 
@@ -82,10 +102,10 @@ struct JourneyStage {
 /// What this stage keeps of a customer.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Customer {
-    /// Latest `context` snapshot (null when none); shared, not copied, when the
-    /// customer's state is.
+    /// Latest `context` snapshot (none before the first), kept as its text: shared,
+    /// not copied, when the customer's state is, and parsed only when a check reads it.
     #[serde(default)]
-    pub context: Arc<Value>,
+    pub context: Option<JsonText>,
     /// Journey name → the customer's place in it.
     #[serde(default)]
     pub active: BTreeMap<String, Instance>,
@@ -108,7 +128,7 @@ pub struct Instance {
 
 impl Customer {
     fn is_empty(&self) -> bool {
-        self.context.is_null() && self.active.is_empty() && self.entered.is_empty()
+        self.context.is_none() && self.active.is_empty() && self.entered.is_empty()
     }
 }
 
@@ -193,13 +213,15 @@ impl JourneyStage {
     fn on_context(&self, ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
         let Some(key) = record.key.as_deref() else { return Ok(()) };
         let id = String::from_utf8_lossy(key).into_owned();
-        let snapshot: Value = match record.value.as_deref() {
-            None => Value::Null,
-            Some(bytes) => serde_json::from_slice(bytes)
-                .map_err(|e| ProcessError::reject("invalid_context", format!("context record: {e}")))?,
+        let snapshot = match record.value.as_deref() {
+            None => None,
+            Some(bytes) => Some(
+                JsonText::parse(bytes)
+                    .map_err(|e| ProcessError::reject("invalid_context", format!("context record: {e}")))?,
+            ),
         };
         let mut customer = self.load(ctx, &id)?;
-        customer.context = Arc::new(snapshot);
+        customer.context = snapshot.filter(|s| s.text() != "null");
         if customer.is_empty() {
             ctx.delete(STORE, &id)
         } else {
@@ -211,6 +233,7 @@ impl JourneyStage {
         let id = &resolved.canonical_id;
         let event = &resolved.body;
         let mut customer = self.load(ctx, id)?;
+        let context = Context::new(customer.context.clone());
         let mut changed = false;
         let channel = event.get("channel").and_then(Value::as_str).map(str::to_owned);
         for journey in &self.journeys.journeys {
@@ -218,13 +241,13 @@ impl JourneyStage {
                 if let Some(channel) = &channel {
                     changed |= instance.channels.insert(channel.clone());
                 }
-                if journey.goal.as_ref().is_some_and(|g| self.journeys.matches(g, event, &customer.context)) {
+                if journey.goal.as_ref().is_some_and(|g| self.journeys.matches(g, event, &context)) {
                     self.end(ctx, id, &mut customer, journey, End::Converted)?;
                     changed = true;
                 }
                 continue;
             }
-            if !self.journeys.matches(&journey.trigger, event, &customer.context) {
+            if !self.journeys.matches(&journey.trigger, event, &context) {
                 continue;
             }
             let last = customer.entered.get(&journey.name).copied();
@@ -261,6 +284,7 @@ impl JourneyStage {
         customer: &mut Customer,
         journey: &JourneyConfig,
     ) -> Result<(), ProcessError> {
+        let context = Context::new(customer.context.clone());
         for _ in 0..MAX_STEPS_AT_ONCE {
             let Some(instance) = customer.active.get(&journey.name).cloned() else { return Ok(()) };
             let Some(step) = journey.steps.get(instance.step) else {
@@ -270,7 +294,7 @@ impl JourneyStage {
             self.emit(ctx, id, &journey.name, &instance, "step", None)?;
             ctx.count("journey_events", format!("{}/step/{name}", journey.name));
             let journey_view = json!({"name": journey.name, "entered_at": instance.entered_at, "step": name});
-            let vars = [("context", &*customer.context), ("journey", &journey_view)];
+            let vars = [("context", context.value()), ("journey", &journey_view)];
             let mut next = instance.step + 1;
             if let Some(wait) = step.wait {
                 let due = ctx.now.saturating_add(wait.ms());
