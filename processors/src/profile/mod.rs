@@ -863,25 +863,15 @@ impl Processor for ProfileStage {
                     ctx.count("analytics_opt_out", event.event_type.clone());
                     return Ok(());
                 }
-                let now = ctx.now;
-                let config = &self.config;
-                ctx.update_json(
-                    STORE,
-                    &id,
-                    || Profile::new(&id),
-                    |profile: &mut Profile| {
-                        profile.apply(&event, resolved.customer_id.as_deref(), config);
-                        profile.updated_at = now;
-                    },
-                )?;
+                let config = self.config.clone();
+                self.update(ctx, &id, true, |profile| profile.apply(&event, resolved.customer_id.as_deref(), &config))?;
                 self.count_popularity(ctx, &event)?;
                 ctx.mark_visible(resolved.at);
-                self.changed(id, true);
                 Ok(())
             }
             Kind::Consent => {
                 let change: ConsentChange = decode(resolved.body)?;
-                self.update(ctx, &id, |profile| {
+                self.update(ctx, &id, false, |profile| {
                     profile.apply_consent(&change.purpose, change.granted, resolved.at, change.source)
                 })
             }
@@ -891,7 +881,7 @@ impl Processor for ProfileStage {
                     // Clearing the list of an id never seen here: no empty profile for it.
                     return Ok(());
                 }
-                self.update(ctx, &id, |profile| profile.recommendations = list)
+                self.update(ctx, &id, false, |profile| profile.recommendations = list)
             }
             Kind::Merge => {
                 let merge: MergeBody = decode(resolved.body)?;
@@ -911,7 +901,7 @@ impl Processor for ProfileStage {
             Kind::Absorb => {
                 let Some(other) = absorbed::<Profile>(resolved.body, NAME)? else { return Ok(()) };
                 let config = self.config.clone();
-                self.update(ctx, &id, |profile| profile.absorb(&other, &config))
+                self.update(ctx, &id, false, |profile| profile.absorb(&other, &config))
             }
             Kind::Request | Kind::Tick | Kind::Content | Kind::Campaign => Ok(()),
         }
@@ -919,8 +909,17 @@ impl Processor for ProfileStage {
 }
 
 impl ProfileStage {
-    /// Change the customer's profile (a new one when there is none) in place.
-    fn update(&mut self, ctx: &mut Ctx<'_>, id: &str, f: impl FnOnce(&mut Profile)) -> Result<(), ProcessError> {
+    /// Change the customer's profile (a new one when there is none) in place; its
+    /// segments, personalisation and snapshot are brought up to date once, when the task
+    /// commits (see [`Processor::flush`]). `interaction`: an event of the customer's,
+    /// counted for personalisation coverage.
+    fn update(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        id: &str,
+        interaction: bool,
+        f: impl FnOnce(&mut Profile),
+    ) -> Result<(), ProcessError> {
         let now = ctx.now;
         ctx.update_json(
             STORE,
@@ -931,14 +930,8 @@ impl ProfileStage {
                 profile.updated_at = now;
             },
         )?;
-        self.changed(id.to_owned(), false);
+        *self.changed.entry(id.to_owned()).or_default() += u32::from(interaction);
         Ok(())
-    }
-
-    /// The profile changed: its segments, personalisation and snapshot are brought up
-    /// to date once, when the task commits (see [`Processor::flush`]).
-    fn changed(&mut self, id: String, interaction: bool) {
-        *self.changed.entry(id).or_default() += u32::from(interaction);
     }
 
     /// A record of the compacted `recommendations` topic: the customer's precomputed
