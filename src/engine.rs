@@ -450,6 +450,7 @@ impl EngineState {
             key: message.key().map(<[u8]>::to_vec),
             value: message.payload().map(<[u8]>::to_vec),
             timestamp: message.timestamp().to_millis().unwrap_or_else(now_ms),
+            resolved: Default::default(),
         };
         let mut meter = CpuMeter::default();
         let out = slot.task.process(&mut lock_all(&slot.members), &record, now_ms(), &mut meter);

@@ -479,20 +479,20 @@ impl Processor for ContextStage {
         let Some(resolved) = incoming(ctx, record, NAME, STORE)? else { return Ok(()) };
         match resolved.kind {
             Kind::Event => {
-                let mut event: Event = decode(resolved.body)?;
+                let mut event: Event = decode(&resolved.body)?;
                 event.timestamp_ms = resolved.at;
                 if event.event_type == "identify" {
                     return Ok(());
                 }
-                let id = resolved.canonical_id;
-                let mut context = self.load(ctx, &id)?;
+                let id = &resolved.canonical_id;
+                let mut context = self.load(ctx, id)?;
                 context.apply(&event, ctx.now, &self.config);
                 ctx.mark_visible(resolved.at);
                 self.save(ctx, context)
             }
-            Kind::Merge => on_merge(ctx, NAME, STORE, resolved.body, Some(TOPIC)),
+            Kind::Merge => on_merge(ctx, NAME, STORE, &resolved.body, Some(TOPIC)),
             Kind::Absorb => {
-                let Some(other) = absorbed::<CustomerContext>(resolved.body, NAME)? else { return Ok(()) };
+                let Some(other) = absorbed::<CustomerContext>(&resolved.body, NAME)? else { return Ok(()) };
                 let mut context = self.load(ctx, &resolved.canonical_id)?;
                 context.absorb(other, &self.config);
                 context.expire(ctx.now, &self.config);

@@ -158,6 +158,7 @@ impl TestDriver {
                     key: Some(out.key.clone()),
                     value: out.value.clone(),
                     timestamp: out.timestamp,
+                    resolved: Default::default(),
                 };
                 self.queues.entry(((i, partition), out.topic.clone())).or_default().push_back(record);
             }

@@ -19,6 +19,9 @@ pub struct Record {
     pub value: Option<Vec<u8>>,
     /// Record timestamp, ms since the epoch.
     pub timestamp: i64,
+    /// The value as `events.resolved` parsed it, once for all of a task's stages (see
+    /// [`crate::resolved::parse_record`]); empty until a stage asks.
+    pub resolved: std::cell::OnceCell<Result<std::sync::Arc<crate::resolved::Resolved>, String>>,
 }
 
 /// A record to produce. `partition: None` lets the key choose (murmur2, as Kafka does).

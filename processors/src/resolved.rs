@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::sync::Arc;
 
 pub const RESOLVED_TOPIC: &str = "events.resolved";
 
@@ -82,25 +83,33 @@ impl Resolved {
     }
 }
 
-/// Decode a record value from `events.resolved` (tombstones and garbage are rejected).
-pub fn parse_record(record: &crate::Record) -> Result<Resolved, crate::ProcessError> {
-    let value =
-        record.value.as_deref().ok_or_else(|| crate::ProcessError::reject("invalid_resolved", "empty record"))?;
-    Resolved::parse(value)
+/// Decode a record value from `events.resolved` (tombstones and garbage are rejected):
+/// once per record, shared by every stage of the task that reads it.
+pub fn parse_record(record: &crate::Record) -> Result<Arc<Resolved>, crate::ProcessError> {
+    record
+        .resolved
+        .get_or_init(|| {
+            let value = record.value.as_deref().ok_or_else(|| "empty record".to_owned())?;
+            serde_json::from_slice(value).map(Arc::new).map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(|detail| crate::ProcessError::reject("invalid_resolved", detail))
 }
 
 /// Decode a record body (`body` of an event, request, consent, merge or absorb record).
-pub fn decode<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, crate::ProcessError> {
-    serde_json::from_value(body).map_err(|e| crate::ProcessError::reject("invalid_resolved", e.to_string()))
+pub fn decode<T: serde::de::DeserializeOwned>(body: &Value) -> Result<T, crate::ProcessError> {
+    T::deserialize(body).map_err(|e| crate::ProcessError::reject("invalid_resolved", e.to_string()))
 }
 
 /// The state carried by an absorb record, when it is addressed to `stage`.
-pub fn absorbed<T: serde::de::DeserializeOwned>(body: Value, stage: &str) -> Result<Option<T>, crate::ProcessError> {
-    let absorb: AbsorbBody = decode(body)?;
-    if absorb.stage != stage {
+pub fn absorbed<T: serde::de::DeserializeOwned>(body: &Value, stage: &str) -> Result<Option<T>, crate::ProcessError> {
+    let invalid =
+        |what: &str| crate::ProcessError::reject("invalid_resolved", format!("an absorb record needs {what}"));
+    let addressed = body.get("stage").and_then(Value::as_str).ok_or_else(|| invalid("its stage"))?;
+    if addressed != stage {
         return Ok(None);
     }
-    decode(absorb.state).map(Some)
+    decode(body.get("state").ok_or_else(|| invalid("the state"))?).map(Some)
 }
 
 /// Handle a merge record: move this stage's state of the merged-away id to the survivor.
@@ -108,7 +117,7 @@ pub fn on_merge(
     ctx: &mut crate::Ctx<'_>,
     stage: &str,
     store: &str,
-    body: Value,
+    body: &Value,
     output_topic: Option<&str>,
 ) -> Result<(), crate::ProcessError> {
     let merge: MergeBody = decode(body)?;
@@ -120,7 +129,7 @@ pub fn parse_for_stage(
     ctx: &mut crate::Ctx<'_>,
     record: &crate::Record,
     stage: &str,
-) -> Result<Option<Resolved>, crate::ProcessError> {
+) -> Result<Option<Arc<Resolved>>, crate::ProcessError> {
     let resolved = parse_record(record)?;
     if resolved.stage.as_deref().is_some_and(|s| s != stage) {
         return Ok(None);
@@ -141,7 +150,7 @@ pub fn incoming(
     record: &crate::Record,
     stage: &str,
     store: &str,
-) -> Result<Option<Resolved>, crate::ProcessError> {
+) -> Result<Option<Arc<Resolved>>, crate::ProcessError> {
     let Some(resolved) = parse_for_stage(ctx, record, stage)? else { return Ok(None) };
     if forward_if_merged(ctx, stage, store, &resolved)? {
         return Ok(None);

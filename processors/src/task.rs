@@ -364,6 +364,7 @@ impl Task {
                         key: Some(o.key.clone()),
                         value: o.value.clone(),
                         timestamp: o.timestamp,
+                        resolved: Default::default(),
                     };
                     step.queue.push_back(record);
                     if self.kafka_inputs.contains(&o.topic) {
@@ -528,7 +529,15 @@ mod tests {
     }
 
     fn record(timestamp: i64, value: Vec<u8>) -> Record {
-        Record { topic: "in".into(), partition: 0, offset: 7, key: Some(b"k".to_vec()), value: Some(value), timestamp }
+        Record {
+            topic: "in".into(),
+            partition: 0,
+            offset: 7,
+            key: Some(b"k".to_vec()),
+            value: Some(value),
+            timestamp,
+            resolved: Default::default(),
+        }
     }
 
     #[test]

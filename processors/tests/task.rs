@@ -35,6 +35,7 @@ fn resolved(i: i64) -> Record {
         key: Some(b"cus_1".to_vec()),
         value: Some(serde_json::to_vec(&r).unwrap()),
         timestamp: 0,
+        resolved: Default::default(),
     }
 }
 

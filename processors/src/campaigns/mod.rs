@@ -164,7 +164,7 @@ impl Processor for CampaignStage {
                 Ok(())
             }
             Kind::Campaign => {
-                let change: CatalogBody = decode(resolved.body)?;
+                let change: CatalogBody = decode(&resolved.body)?;
                 self.campaigns = None;
                 let stored = self.stored(ctx, &change.id)?;
                 if change.value.is_null() {
@@ -174,13 +174,13 @@ impl Processor for CampaignStage {
                         None => stored.map_or(Ok(()), |s| self.remove(ctx, &s)),
                     }
                 } else {
-                    let campaign: CampaignConfig = decode(change.value)?;
+                    let campaign: CampaignConfig = decode(&change.value)?;
                     self.install(ctx, campaign, Source::Topic, stored)
                 }
             }
             // The merged-away customer is gone; the survivor is a member of its own.
             Kind::Merge => {
-                let merge: crate::resolved::MergeBody = decode(resolved.body)?;
+                let merge: crate::resolved::MergeBody = decode(&resolved.body)?;
                 ctx.delete(STORE, &format!("{MEMBER}{}", merge.from))
             }
             Kind::Request | Kind::Consent | Kind::Absorb | Kind::Tick | Kind::Recommendations | Kind::Content => Ok(()),

@@ -147,9 +147,9 @@ impl Processor for JourneyStage {
         let id = resolved.canonical_id.clone();
         match resolved.kind {
             Kind::Event => self.on_event(ctx, &resolved),
-            Kind::Merge => on_merge(ctx, NAME, STORE, resolved.body, None),
+            Kind::Merge => on_merge(ctx, NAME, STORE, &resolved.body, None),
             Kind::Absorb => {
-                let Some(other) = absorbed::<Customer>(resolved.body, NAME)? else { return Ok(()) };
+                let Some(other) = absorbed::<Customer>(&resolved.body, NAME)? else { return Ok(()) };
                 let mut customer = self.load(ctx, &id)?;
                 for (name, instance) in other.active {
                     // One state per customer per journey: the earlier entry goes on.

@@ -92,7 +92,7 @@ impl Processor for Orchestrator {
         let config = &self.topology.orchestration;
         match resolved.kind {
             Kind::Consent => {
-                let change: ConsentChange = decode(resolved.body)?;
+                let change: ConsentChange = decode(&resolved.body)?;
                 let mut recipient = self.load(ctx, &id)?;
                 if recipient.apply(&change.purpose, change.granted, resolved.at, change.source.clone()) {
                     ctx.put_json(CONSENT_STORE, &id, &recipient)?;
@@ -100,7 +100,7 @@ impl Processor for Orchestrator {
                 Ok(())
             }
             Kind::Request => {
-                let request: MessageRequest = decode(resolved.body.clone())?;
+                let request: MessageRequest = decode(&resolved.body)?;
                 if ctx.get_bytes(REQUESTS_STORE, request.request_id.as_bytes())?.is_some() {
                     ctx.count("duplicates", "messages.requests");
                     return Ok(());
@@ -119,9 +119,9 @@ impl Processor for Orchestrator {
                 };
                 self.decide(ctx, &id, recipient, vec![arrival])
             }
-            Kind::Merge => on_merge(ctx, NAME, CONSENT_STORE, resolved.body, None),
+            Kind::Merge => on_merge(ctx, NAME, CONSENT_STORE, &resolved.body, None),
             Kind::Absorb => {
-                let Some(other) = absorbed::<Recipient>(resolved.body, NAME)? else { return Ok(()) };
+                let Some(other) = absorbed::<Recipient>(&resolved.body, NAME)? else { return Ok(()) };
                 let mut recipient = self.load(ctx, &id)?;
                 recipient.absorb(other);
                 ctx.put_json(CONSENT_STORE, &id, &recipient)?;
@@ -145,7 +145,7 @@ impl Processor for Orchestrator {
                 Ok(())
             }
             Kind::Content => {
-                let change: crate::resolved::CatalogBody = decode(resolved.body)?;
+                let change: crate::resolved::CatalogBody = decode(&resolved.body)?;
                 if change.value.is_null() {
                     ctx.delete(CONTENT_STORE, &change.id)
                 } else {

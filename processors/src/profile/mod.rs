@@ -850,7 +850,7 @@ impl Processor for ProfileStage {
         let id = resolved.canonical_id.clone();
         match resolved.kind {
             Kind::Event => {
-                let mut event: Event = decode(resolved.body)?;
+                let mut event: Event = decode(&resolved.body)?;
                 event.timestamp_ms = resolved.at;
                 let behavioural =
                     self.config.events.get(&event.event_type).is_some_and(|e| e.section == Section::Behavioural);
@@ -870,13 +870,13 @@ impl Processor for ProfileStage {
                 Ok(())
             }
             Kind::Consent => {
-                let change: ConsentChange = decode(resolved.body)?;
+                let change: ConsentChange = decode(&resolved.body)?;
                 self.update(ctx, &id, false, |profile| {
                     profile.apply_consent(&change.purpose, change.granted, resolved.at, change.source)
                 })
             }
             Kind::Recommendations => {
-                let list = decode::<Option<Precomputed>>(resolved.body)?;
+                let list = decode::<Option<Precomputed>>(&resolved.body)?;
                 if list.is_none() && ctx.read_json(STORE, &id, |_: &Profile| ())?.is_none() {
                     // Clearing the list of an id never seen here: no empty profile for it.
                     return Ok(());
@@ -884,7 +884,7 @@ impl Processor for ProfileStage {
                 self.update(ctx, &id, false, |profile| profile.recommendations = list)
             }
             Kind::Merge => {
-                let merge: MergeBody = decode(resolved.body)?;
+                let merge: MergeBody = decode(&resolved.body)?;
                 // The merged-away id leaves the segments it was last published in (the
                 // survivor enters them, if it qualifies, when the profile folds in);
                 // else consumers of `segments` would count it a member forever.
@@ -899,7 +899,7 @@ impl Processor for ProfileStage {
                 forward_state_on_merge(ctx, NAME, STORE, &merge, Some(TOPIC))
             }
             Kind::Absorb => {
-                let Some(other) = absorbed::<Profile>(resolved.body, NAME)? else { return Ok(()) };
+                let Some(other) = absorbed::<Profile>(&resolved.body, NAME)? else { return Ok(()) };
                 let config = self.config.clone();
                 self.update(ctx, &id, false, |profile| profile.absorb(&other, &config))
             }
