@@ -204,9 +204,15 @@ impl DrainState {
     }
 }
 
-/// Whether the consumer has read everything currently in its assigned partitions.
+/// Whether the consumer has read everything currently in its assigned partitions. Only
+/// the drain of `chorus up` asks, where the one member owns every partition: no
+/// assignment yet means the group is still forming, not that there is nothing to read
+/// (a stop right after start-up dropped records the member had not been given yet).
 fn caught_up<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> bool {
     let (Ok(assignment), Ok(positions)) = (consumer.assignment(), consumer.position()) else { return false };
+    if assignment.count() == 0 {
+        return false;
+    }
     assignment.elements().iter().all(|elem| {
         let Ok((_, high)) = consumer.fetch_watermarks(elem.topic(), elem.partition(), Duration::from_millis(500))
         else {
