@@ -48,11 +48,6 @@ impl Activity {
         let json = serde_json::value::to_raw_value(&fields).unwrap_or_default();
         Activity { at, event_id: event_id.to_owned(), json }
     }
-
-    /// The published JSON.
-    pub fn json(&self) -> &str {
-        self.json.get()
-    }
 }
 
 impl PartialEq for Activity {
