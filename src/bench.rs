@@ -25,6 +25,7 @@ use chorus_state::{Durability, SharedResources};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -52,6 +53,9 @@ pub struct BenchArgs {
     /// Override the topology's commit interval (`25ms`, ...).
     #[arg(long)]
     pub commit_interval: Option<String>,
+    /// Override the topology's commit latency budget (`20ms`, ...).
+    #[arg(long)]
+    pub latency_budget: Option<String>,
     #[arg(long, default_value = "topology.yaml")]
     pub topology: PathBuf,
     /// Sub-topologies or processors to run, as `chorus run --processors`.
@@ -374,12 +378,16 @@ pub async fn bench(mut args: BenchArgs) -> Result<()> {
     let mut topology: Topology = load_topology(&args.topology)?.with_partitions(args.partitions);
     // Latency is event timestamp → visible, so events carry the wall-clock time.
     topology.clock = Clock::Wall;
+    let duration = |flag: &str, text: &str| match chorus_processors::topology::Duration::parse(text) {
+        Ok(d) if d.ms() > 0 => Ok(d),
+        Ok(_) => Err(anyhow!("{flag} must be positive")),
+        Err(e) => Err(anyhow!("{flag}: {e}")),
+    };
     if let Some(interval) = &args.commit_interval {
-        topology.commit_interval =
-            chorus_processors::topology::Duration::parse(interval).map_err(|e| anyhow!("--commit-interval: {e}"))?;
-        if topology.commit_interval.ms() <= 0 {
-            bail!("--commit-interval must be positive");
-        }
+        topology.commit_interval = duration("--commit-interval", interval)?;
+    }
+    if let Some(budget) = &args.latency_budget {
+        topology.commit_latency_budget = duration("--latency-budget", budget)?;
     }
     if args.brokers.is_none() {
         fits_the_embedded_broker(events, args.customers, args.partitions)?;
@@ -450,38 +458,12 @@ pub async fn bench(mut args: BenchArgs) -> Result<()> {
         members.iter().map(|m| (m.to_string(), mean_processing_us(m, args.partitions))).collect();
     let cpu_text: Vec<String> = cpu.iter().map(|(m, us)| format!("{m} {us:.1} µs")).collect();
     println!("thread CPU time per record and stage:              {}", cpu_text.join(", "));
-    let commits: Vec<(String, f64, u64)> = sub_names
-        .iter()
-        .map(|name| {
-            let h = metrics().commit_seconds.with_label_values(&[name]);
-            (name.clone(), h.get_sample_sum() / h.get_sample_count().max(1) as f64 * 1e3, h.get_sample_count())
-        })
-        .collect();
-    let commit_text: Vec<String> = commits.iter().map(|(n, ms, c)| format!("{n} {ms:.1} ms × {c}")).collect();
-    println!("mean transaction commit time:                      {}", commit_text.join(", "));
-    let mut phases = serde_json::Map::new();
-    for name in &sub_names {
-        let parts: Vec<(String, f64)> = ["flush", "changelog", "deliveries", "offsets", "commit", "apply"]
-            .iter()
-            .map(|phase| {
-                let h = metrics().commit_phase_seconds.with_label_values(&[name.as_str(), phase]);
-                (phase.to_string(), h.get_sample_sum() / h.get_sample_count().max(1) as f64 * 1e3)
-            })
-            .collect();
-        let text: Vec<String> = parts.iter().map(|(p, ms)| format!("{p} {ms:.1}")).collect();
-        println!(
-            "  {name} commit, mean ms per part:{:>width$}{}",
-            "",
-            text.join(", "),
-            width = 18usize.saturating_sub(name.len())
-        );
-        let parts: serde_json::Map<String, serde_json::Value> =
-            parts.into_iter().map(|(p, ms)| (p, json!(ms))).collect();
-        phases.insert(name.clone(), parts.into());
-    }
-
+    let zero = CommitSums::default();
+    let after_run = CommitSums::now(&sub_names);
+    let (commits, phases) = after_run.since(&zero).report("");
     let mut latency = serde_json::Map::new();
     if args.rate > 0 && args.seconds > 0 {
+        let commits_before = CommitSums::now(&sub_names);
         let before: Vec<Vec<(f64, u64)>> = done_stages.iter().map(|s| latency_buckets(s)).collect();
         let offered = args.rate as usize * args.seconds as usize;
         let started = Instant::now();
@@ -525,13 +507,39 @@ pub async fn bench(mut args: BenchArgs) -> Result<()> {
             );
             latency.insert(stage.to_string(), json!({"p50_ms": p50.map(|s| s * 1e3), "p99_ms": p99.map(|s| s * 1e3)}));
         }
+        let (commits, phases) = CommitSums::now(&sub_names).since(&commits_before).report(" at the offered load");
+        latency.insert("commit_ms".into(), commits);
+        latency.insert("commit_phase_ms".into(), phases);
     }
+    // Disk as the run left it (memtables flushed), then at rest: compacted into one
+    // sorted run per store, without the overwritten versions a young store still holds
+    // in its upper levels (each customer's profile is rewritten at every commit).
+    config.local.settle(false)?;
+    let disk = dir_size_mb(&data);
+    config.local.settle(true)?;
+    let compacted = dir_size_mb(&data);
+    let stores = store_sizes(&config, &topology);
     running.stop()?;
-    let (rss, disk) = (rss_mb(), dir_size_mb(&data));
+    let rss = rss_mb();
     let per_million = 1_000_000.0 / args.customers as f64;
     println!("peak RSS of this process (processors + client):    {rss:>10.0} MB");
-    println!("RocksDB state on disk for {} customers:           {disk:>10.1} MB", args.customers);
-    println!("RocksDB on disk per million customers:             {:>10.0} MB", disk * per_million);
+    println!(
+        "RocksDB state on disk for {} customers:           {disk:>10.1} MB ({compacted:.1} MB compacted)",
+        args.customers
+    );
+    println!(
+        "RocksDB on disk per million customers:             {:>10.0} MB ({:.0} MB compacted)",
+        disk * per_million,
+        compacted * per_million
+    );
+    let store_text: Vec<String> = stores
+        .iter()
+        .filter(|(_, _, bytes)| *bytes >= 1 << 20)
+        .map(|(store, entries, bytes)| {
+            format!("{store} {:.0} MB ({entries} entries)", *bytes as f64 / f64::from(1 << 20))
+        })
+        .collect();
+    println!("live data per store (RocksDB estimate, ≥ 1 MB):    {}", store_text.join(", "));
 
     // Restore: a new member without local state rebuilds every store from the changelogs.
     let restore = if embedded.is_some() {
@@ -556,11 +564,13 @@ pub async fn bench(mut args: BenchArgs) -> Result<()> {
             "pipeline_events_per_s": slice_rate,
             "ratio": slice_rate / pass_rate,
             "cpu_us_per_record": cpu.iter().map(|(m, us)| (m.clone(), json!(us))).collect::<serde_json::Map<_, _>>(),
-            "commit_ms": commits.iter().map(|(n, ms, c)| (n.clone(), json!({"mean": ms, "count": c}))).collect::<serde_json::Map<_, _>>(),
+            "commit_ms": commits,
             "commit_phase_ms": phases,
             "offered_events_per_s": args.rate, "latency": latency,
             "restore": restore,
             "peak_rss_mb": rss, "disk_mb": disk, "disk_per_million_customers_mb": disk * per_million,
+            "disk_compacted_mb": compacted, "disk_compacted_per_million_customers_mb": compacted * per_million,
+            "stores": stores.iter().map(|(store, entries, bytes)| (store.clone(), json!({"entries": entries, "bytes": bytes}))).collect::<serde_json::Map<_, _>>(),
         });
         std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
@@ -574,8 +584,95 @@ pub async fn bench(mut args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+const COMMIT_PARTS: [&str; 6] = ["flush", "changelog", "deliveries", "offsets", "commit", "apply"];
+
+/// Sum of seconds and count of the commits of each sub-topology, whole (`""`) and by
+/// part, so that one phase of the benchmark can be told from another.
+#[derive(Default)]
+struct CommitSums(BTreeMap<(String, &'static str), (f64, u64)>);
+
+impl CommitSums {
+    fn now(sub_names: &[String]) -> CommitSums {
+        let mut sums = BTreeMap::new();
+        for name in sub_names {
+            let h = metrics().commit_seconds.with_label_values(&[name]);
+            sums.insert((name.clone(), ""), (h.get_sample_sum(), h.get_sample_count()));
+            for part in COMMIT_PARTS {
+                let h = metrics().commit_phase_seconds.with_label_values(&[name.as_str(), part]);
+                sums.insert((name.clone(), part), (h.get_sample_sum(), h.get_sample_count()));
+            }
+        }
+        CommitSums(sums)
+    }
+
+    fn since(&self, before: &CommitSums) -> CommitSums {
+        let delta = |k: &(String, &'static str), (sum, n): &(f64, u64)| {
+            let (sum0, n0) = before.0.get(k).copied().unwrap_or_default();
+            (k.clone(), (sum - sum0, n - n0))
+        };
+        CommitSums(self.0.iter().map(|(k, v)| delta(k, v)).collect())
+    }
+
+    fn mean_ms(&self, name: &str, part: &'static str) -> (f64, u64) {
+        let (sum, n) = self.0.get(&(name.to_owned(), part)).copied().unwrap_or_default();
+        (sum / n.max(1) as f64 * 1e3, n)
+    }
+
+    /// Print the mean commit and its parts; (`commit_ms`, `commit_phase_ms`) as JSON.
+    fn report(&self, when: &str) -> (serde_json::Value, serde_json::Value) {
+        let names: Vec<&String> = self.0.keys().filter(|(_, part)| part.is_empty()).map(|(n, _)| n).collect();
+        let text: Vec<String> = names
+            .iter()
+            .map(|n| {
+                let (ms, count) = self.mean_ms(n, "");
+                format!("{n} {ms:.1} ms × {count}")
+            })
+            .collect();
+        println!(
+            "mean transaction commit time{when}: {:>w$}{}",
+            "",
+            text.join(", "),
+            w = 21usize.saturating_sub(when.len())
+        );
+        let mut commits = serde_json::Map::new();
+        let mut phases = serde_json::Map::new();
+        for name in names {
+            let (ms, count) = self.mean_ms(name, "");
+            commits.insert(name.clone(), json!({"mean": ms, "count": count}));
+            let parts: Vec<(&str, f64)> = COMMIT_PARTS.iter().map(|p| (*p, self.mean_ms(name, p).0)).collect();
+            let text: Vec<String> = parts.iter().map(|(p, ms)| format!("{p} {ms:.1}")).collect();
+            println!(
+                "  {name} commit, mean ms per part:{:>w$}{}",
+                "",
+                text.join(", "),
+                w = 18usize.saturating_sub(name.len())
+            );
+            phases.insert(name.clone(), parts.into_iter().map(|(p, ms)| (p.to_owned(), json!(ms))).collect());
+        }
+        (commits.into(), phases.into())
+    }
+}
+
+/// `processor/store` → (entries, bytes) summed over the partitions open here, largest first.
+fn store_sizes(config: &EngineConfig, topology: &Topology) -> Vec<(String, u64, u64)> {
+    let specs = processor_specs(topology);
+    let sizes = config
+        .local
+        .store_sizes(|name| specs.iter().find(|s| s.name == name).map(|s| s.stores.clone()).unwrap_or_default());
+    let mut sums: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for (processor, store, _, entries, bytes) in sizes {
+        let sum = sums.entry(format!("{processor}/{store}")).or_default();
+        sum.0 += entries;
+        sum.1 += bytes;
+    }
+    let mut out: Vec<(String, u64, u64)> = sums.into_iter().map(|(s, (n, b))| (s, n, b)).collect();
+    out.sort_by_key(|s| std::cmp::Reverse(s.2));
+    out
+}
+
 /// Start the same sub-topologies on an empty data dir and time the restore of every
-/// store from its changelog: (records, seconds spent replaying).
+/// store from its changelog: (records, seconds from the first replay's start to the
+/// last one's end; the sub-topologies restore side by side, each with one consumer).
 async fn restore_rate(config: &EngineConfig, topology: &Topology, processors: &str) -> Result<(u64, f64)> {
     let make = || Ok(select(processor_specs(topology), processors)?);
     let subs = make()?;
@@ -585,13 +682,14 @@ async fn restore_rate(config: &EngineConfig, topology: &Topology, processors: &s
     fresh.local = LocalStores::default();
     fresh.instance_id = format!("{}-restore", config.instance_id);
     let records_before = crate::restore::restored_total();
-    let seconds_before = crate::restore::restore_seconds_total();
+    crate::restore::window().take();
     let local = fresh.local.clone();
     let running = Running::start(make, &fresh)?;
     wait_for("every task to restore", Duration::from_secs(1800), || local.open_tasks() >= expected).await?;
     running.stop()?;
     let _ = std::fs::remove_dir_all(&fresh.data_dir);
-    Ok((crate::restore::restored_total() - records_before, crate::restore::restore_seconds_total() - seconds_before))
+    let seconds = crate::restore::window().take().unwrap_or(0.0);
+    Ok((crate::restore::restored_total() - records_before, seconds))
 }
 
 /// Wait until `count()` reaches `n`; the time from the first record counted to the

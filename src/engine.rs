@@ -330,12 +330,9 @@ impl ConsumerContext for EngineContext {
         if let Rebalance::Assign(tpl) = rebalance {
             let assigned: BTreeSet<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             let mut state = self.lock();
-            for p in assigned {
-                if let Err(e) = state.open_task(p) {
-                    tracing::error!(sub_topology = %state.sub.name, partition = p, error = %format!("{e:#}"), "cannot open task");
-                    state.failed = Some(e);
-                    return;
-                }
+            if let Err(e) = state.open_tasks(&assigned) {
+                tracing::error!(sub_topology = %state.sub.name, partitions = ?assigned, error = %format!("{e:#}"), "cannot open tasks");
+                state.failed = Some(e);
             }
         }
     }
@@ -701,37 +698,53 @@ impl EngineState {
         // input (stream time comes back from the stores).
         let partitions: BTreeSet<i32> = self.tasks.keys().copied().collect();
         self.close_partitions(&partitions);
-        for p in partitions {
-            self.open_task(p)?;
-        }
-        Ok(())
+        self.open_tasks(&partitions)
     }
 
-    fn open_task(&mut self, partition: i32) -> Result<()> {
-        if self.tasks.contains_key(&partition) {
+    /// Open the tasks of `partitions` not open yet: every member's store, restored from
+    /// the changelogs together, then served.
+    fn open_tasks(&mut self, partitions: &BTreeSet<i32>) -> Result<()> {
+        let partitions: Vec<i32> = partitions.iter().copied().filter(|p| !self.tasks.contains_key(p)).collect();
+        let mut opened: Vec<(i32, &'static str, Vec<&'static str>, TaskDb)> = Vec::new();
+        for &partition in &partitions {
+            for spec in &self.sub.members {
+                let name = spec.name;
+                let stores = spec.all_stores();
+                let path = self.config.data_dir.join("state").join(name).join(partition.to_string());
+                std::fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
+                let db = TaskDb::open(&path, &stores, &self.config.shared)
+                    .with_context(|| format!("{name}[{partition}]: cannot open state"))?;
+                opened.push((partition, name, stores, db));
+            }
+        }
+        if opened.is_empty() {
             return Ok(());
         }
-        let mut members = Vec::new();
-        for spec in &self.sub.members {
-            let name = spec.name;
-            let stores = spec.all_stores();
-            let path = self.config.data_dir.join("state").join(name).join(partition.to_string());
-            std::fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
-            let db = TaskDb::open(&path, &stores, &self.config.shared)
-                .with_context(|| format!("{name}[{partition}]: cannot open state"))?;
-            let started = Instant::now();
-            let restored = crate::restore::restore_task(&self.config, name, partition, &stores, &db)?;
-            tracing::info!(
-                processor = name,
-                partition,
-                restored,
-                ms = started.elapsed().as_millis() as u64,
-                "store ready"
-            );
+        let started = Instant::now();
+        let targets: Vec<crate::restore::Target<'_>> = opened
+            .iter()
+            .map(|(partition, processor, stores, db)| crate::restore::Target {
+                processor,
+                partition: *partition,
+                stores,
+                db,
+            })
+            .collect();
+        let restored = crate::restore::restore(&self.config, &self.sub.name, &targets)?;
+        drop(targets);
+        tracing::info!(
+            sub_topology = self.name(),
+            partitions = ?partitions,
+            restored,
+            ms = started.elapsed().as_millis() as u64,
+            "stores ready"
+        );
+        let mut members: BTreeMap<i32, Vec<MemberSlot>> = BTreeMap::new();
+        for (partition, name, stores, db) in opened {
             let cache = StateCache::new(self.config.topology.state.task_cache_bytes() / self.sub.members.len().max(1));
             let live = LiveStore::new(TaskState::new(db, &stores), cache);
             let labels = [name, &partition.to_string()];
-            members.push(MemberSlot {
+            members.entry(partition).or_default().push(MemberSlot {
                 name,
                 live,
                 records_in: metrics().records_in.with_label_values(&labels),
@@ -739,13 +752,15 @@ impl EngineState {
                 unapplied: Vec::new(),
             });
         }
-        // Served only once every member is restored.
-        for member in &members {
-            self.config.local.register(member.name, partition as u32, member.live.clone());
+        for (partition, members) in members {
+            // Served only once every member is restored.
+            for member in &members {
+                self.config.local.register(member.name, partition as u32, member.live.clone());
+            }
+            let task = Task::new(&self.sub, &self.config.topology, partition as u32);
+            tracing::info!(sub_topology = self.name(), partition, "task ready");
+            self.tasks.insert(partition, TaskSlot { task, members });
         }
-        let task = Task::new(&self.sub, &self.config.topology, partition as u32);
-        tracing::info!(sub_topology = self.name(), partition, "task ready");
-        self.tasks.insert(partition, TaskSlot { task, members });
         Ok(())
     }
 

@@ -115,6 +115,19 @@ impl LocalStores {
         out
     }
 
+    /// Flush (`compact: false`) or fully compact every open task's stores.
+    pub fn settle(&self, compact: bool) -> Result<(), chorus_state::StateError> {
+        let tasks = self.tasks.read().unwrap_or_else(|p| p.into_inner());
+        for db in tasks.values() {
+            if compact {
+                db.db().compact()?;
+            } else {
+                db.db().flush()?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn has(&self, processor: &str, partition: u32) -> bool {
         self.db(processor, partition).is_some()
     }

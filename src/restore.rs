@@ -17,7 +17,7 @@ use chorus_state::{changelog_topic, StoreWrite, TaskDb};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 const BATCH: usize = 2_000;
@@ -27,10 +27,6 @@ pub fn restored_total() -> u64 {
     crate::metrics::counter_total(&metrics().restored_records)
 }
 
-/// Seconds this process has spent replaying changelogs.
-pub fn restore_seconds_total() -> f64 {
-    metrics().restore_seconds.get()
-}
 /// A restore that has received nothing for this long while short of its end offset
 /// fails the task (which the runtime reports), rather than serve partial state.
 const STALL_LIMIT: Duration = Duration::from_secs(300);
@@ -61,144 +57,226 @@ pub fn plan(checkpoint: i64, low: i64, high: i64) -> Plan {
     Plan { from: checkpoint, wipe: false }
 }
 
-/// Replay every store of one task; returns the number of records applied.
-pub fn restore_task(
-    config: &EngineConfig,
-    processor: &str,
-    partition: i32,
-    stores: &[&str],
-    db: &TaskDb,
-) -> Result<u64> {
+/// The stores of one member of one task, to be restored.
+pub struct Target<'a> {
+    pub processor: &'a str,
+    pub partition: i32,
+    pub stores: &'a [&'a str],
+    pub db: &'a TaskDb,
+}
+
+/// One changelog partition being replayed into its store.
+struct Replay<'a> {
+    target: &'a Target<'a>,
+    store: &'a str,
+    topic: String,
+    /// Next offset expected; the replay is done when it reaches `end`.
+    next: i64,
+    end: i64,
+    batch: Vec<StoreWrite>,
+    total: u64,
+    done: bool,
+    remaining: prometheus::IntGauge,
+}
+
+impl Replay<'_> {
+    /// Write the batch with the checkpoint `next`.
+    fn flush(&mut self) -> Result<()> {
+        let n = self.batch.len() as u64;
+        self.target.db.apply(&self.batch, &BTreeMap::from([(self.topic.clone(), self.next)]))?;
+        self.batch.clear();
+        self.total += n;
+        metrics().restored_records.with_label_values(&[self.target.processor, self.store]).inc_by(n);
+        self.remaining.set((self.end - self.next).max(0));
+        Ok(())
+    }
+
+    /// The end is reached: checkpoint at the end offset (transaction markers past the
+    /// last record count too).
+    fn finish(&mut self) -> Result<()> {
+        self.next = self.next.max(self.end);
+        self.flush()?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+/// Replay every store of `targets` (the members of one or more tasks of one
+/// sub-topology) with one consumer: every changelog partition is fetched at once, as
+/// Kafka Streams' restore consumer does, rather than one store after the other.
+/// Returns the number of records applied.
+pub fn restore(config: &EngineConfig, sub_topology: &str, targets: &[Target<'_>]) -> Result<u64> {
     let consumer: BaseConsumer = client_config(&config.brokers)
-        .set("group.id", config.topology.client_name(&format!("restore-{processor}")))
+        .set("group.id", config.topology.client_name(&format!("restore-{sub_topology}")))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("fetch.wait.max.ms", "10")
         .create()
         .context("cannot create the restore consumer")?;
-    let mut total = 0;
-    for store in stores {
-        let topic = config.topology.physical_topic(&changelog_topic(processor, store)).into_owned();
-        if config.fresh_broker {
-            // The embedded broker starts empty: local RocksDB is the whole state and
-            // the new changelog starts at offset 0.
-            db.apply(&[], &BTreeMap::from([(topic.clone(), 0)]))?;
-            continue;
-        }
-        // Under read_committed the end offset is the last stable offset.
-        let (low, high) = consumer
-            .fetch_watermarks(&topic, partition, Duration::from_secs(10))
-            .map_err(|e| anyhow!("cannot read the end of {topic}[{partition}]: {e}"))?;
-        let checkpoint = db.checkpoint(&topic)?;
-        let Plan { from, wipe } = plan(checkpoint, low, high);
-        if wipe {
-            tracing::warn!(%topic, partition, checkpoint, low, high, "local store does not match its changelog (compacted past its checkpoint, or recreated); rebuilding it from the changelog");
-            db.clear_store(store)?;
-        }
-        if from >= high {
+    let mut replays: Vec<Replay<'_>> = Vec::new();
+    for target in targets {
+        let (db, partition) = (target.db, target.partition);
+        for store in target.stores {
+            let topic = config.topology.physical_topic(&changelog_topic(target.processor, store)).into_owned();
+            if config.fresh_broker {
+                // The embedded broker starts empty: local RocksDB is the whole state and
+                // the new changelog starts at offset 0.
+                db.apply(&[], &BTreeMap::from([(topic.clone(), 0)]))?;
+                continue;
+            }
+            // Under read_committed the end offset is the last stable offset.
+            let (low, high) = consumer
+                .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+                .map_err(|e| anyhow!("cannot read the end of {topic}[{partition}]: {e}"))?;
+            let checkpoint = db.checkpoint(&topic)?;
+            let Plan { from, wipe } = plan(checkpoint, low, high);
             if wipe {
-                db.apply(&[], &BTreeMap::from([(topic.clone(), from)]))?;
+                tracing::warn!(%topic, partition, checkpoint, low, high, "local store does not match its changelog (compacted past its checkpoint, or recreated); rebuilding it from the changelog");
+                db.clear_store(store)?;
             }
-            continue;
-        }
-        total += replay(&consumer, db, processor, store, &topic, partition, from, high)?;
-    }
-    Ok(total)
-}
-
-/// Apply `topic[partition]` from `from` up to `end` to the store.
-#[allow(clippy::too_many_arguments)]
-fn replay(
-    consumer: &BaseConsumer,
-    db: &TaskDb,
-    processor: &str,
-    store: &str,
-    topic: &str,
-    partition: i32,
-    from: i64,
-    end: i64,
-) -> Result<u64> {
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Offset(from))?;
-    consumer.assign(&tpl).with_context(|| format!("cannot assign {topic}[{partition}]"))?;
-    let remaining = metrics().restore_remaining.with_label_values(&[processor, store, &partition.to_string()]);
-    remaining.set(end - from);
-    let started = Instant::now();
-    let mut batch: Vec<StoreWrite> = Vec::new();
-    let mut next = from;
-    let mut total = 0;
-    let mut last_seen = Instant::now();
-    let mut last_log = Instant::now();
-    loop {
-        // Asking for the position costs a call into librdkafka and a partition list: only
-        // when no record came (the end is then near, or past trailing markers).
-        let mut idle = false;
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                batch.push(StoreWrite {
-                    store: store.to_string(),
-                    key: m.key().unwrap_or_default().to_vec(),
-                    value: m.payload().map(<[u8]>::to_vec),
-                });
-                next = m.offset() + 1;
-                last_seen = Instant::now();
-                if batch.len() >= BATCH {
-                    total += flush(db, topic, store, processor, &mut batch, next)?;
-                    remaining.set((end - next).max(0));
+            if from >= high {
+                if wipe {
+                    db.apply(&[], &BTreeMap::from([(topic.clone(), from)]))?;
                 }
+                continue;
             }
-            Some(Err(e)) => return Err(anyhow!("restoring {topic}[{partition}]: {e}")),
-            None => idle = true,
-        }
-        if next >= end {
-            break;
-        }
-        // Transaction markers take offsets but are never delivered: the position, not
-        // the last record, tells when the end is reached.
-        let position = || {
-            consumer
-                .position()
-                .ok()
-                .and_then(|p| p.find_partition(topic, partition).and_then(|e| e.offset().to_raw()))
-                .unwrap_or(next)
-        };
-        if idle && position() >= end {
-            break;
-        }
-        if last_log.elapsed() >= PROGRESS_EVERY {
-            tracing::info!(%topic, partition, at = next.max(position()), end, restored = total + batch.len() as u64, "restoring");
-            last_log = Instant::now();
-        }
-        if last_seen.elapsed() > STALL_LIMIT {
-            return Err(anyhow!(
-                "restoring {topic}[{partition}] stalled at offset {} of {end}: nothing received for {STALL_LIMIT:?}",
-                next.max(position())
-            ));
+            let remaining =
+                metrics().restore_remaining.with_label_values(&[target.processor, store, &partition.to_string()]);
+            remaining.set(high - from);
+            replays.push(Replay {
+                target,
+                store,
+                topic,
+                next: from,
+                end: high,
+                batch: Vec::new(),
+                total: 0,
+                done: false,
+                remaining,
+            });
         }
     }
-    // Checkpoint at the end offset: markers past the last record are consumed too.
-    total += flush(db, topic, store, processor, &mut batch, next.max(end))?;
-    remaining.set(0);
+    if replays.is_empty() {
+        return Ok(0);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for r in &replays {
+        tpl.add_partition_offset(&r.topic, r.target.partition, Offset::Offset(r.next))?;
+    }
+    consumer.assign(&tpl).context("cannot assign the changelogs to restore")?;
+    let started = Instant::now();
+    replay(&consumer, &mut replays)?;
     consumer.unassign().ok();
     let secs = started.elapsed().as_secs_f64();
     metrics().restore_seconds.inc_by(secs);
-    tracing::info!(%topic, partition, records = total, secs, per_second = (total as f64 / secs.max(1e-9)) as u64, "restored");
+    let total: u64 = replays.iter().map(|r| r.total).sum();
+    window().record(started, Instant::now());
+    tracing::info!(
+        sub_topology,
+        changelogs = replays.len(),
+        records = total,
+        secs,
+        per_second = (total as f64 / secs.max(1e-9)) as u64,
+        "restored"
+    );
     Ok(total)
 }
 
-fn flush(
-    db: &TaskDb,
-    topic: &str,
-    store: &str,
-    processor: &str,
-    batch: &mut Vec<StoreWrite>,
-    next: i64,
-) -> Result<u64> {
-    let n = batch.len() as u64;
-    db.apply(batch, &BTreeMap::from([(topic.to_owned(), next)]))?;
-    batch.clear();
-    metrics().restored_records.with_label_values(&[processor, store]).inc_by(n);
-    Ok(n)
+/// Poll until every replay reaches its end offset.
+fn replay(consumer: &BaseConsumer, replays: &mut [Replay<'_>]) -> Result<()> {
+    let mut index: HashMap<String, HashMap<i32, usize>> = HashMap::new();
+    for (i, r) in replays.iter().enumerate() {
+        index.entry(r.topic.clone()).or_default().insert(r.target.partition, i);
+    }
+    let mut open = replays.len();
+    let mut last_seen = Instant::now();
+    let mut last_log = Instant::now();
+    while open > 0 {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                last_seen = Instant::now();
+                let Some(&i) = index.get(m.topic()).and_then(|p| p.get(&m.partition())) else { continue };
+                let r = &mut replays[i];
+                if r.done {
+                    continue;
+                }
+                if m.offset() >= r.end {
+                    // Written after the restore began: the task's own input replays it.
+                    r.finish()?;
+                    open -= 1;
+                    continue;
+                }
+                r.batch.push(StoreWrite {
+                    store: r.store.to_owned(),
+                    key: m.key().unwrap_or_default().to_vec(),
+                    value: m.payload().map(<[u8]>::to_vec),
+                });
+                r.next = m.offset() + 1;
+                if r.next >= r.end {
+                    r.finish()?;
+                    open -= 1;
+                } else if r.batch.len() >= BATCH {
+                    r.flush()?;
+                }
+            }
+            Some(Err(e)) => return Err(anyhow!("restoring: {e}")),
+            None => {
+                // Transaction markers take offsets but are never delivered: the
+                // position, not the last record, tells when the end is reached. Asked
+                // only when no record came, as it costs a partition list.
+                let positions = consumer.position().map_err(|e| anyhow!("restore position: {e}"))?;
+                for r in replays.iter_mut().filter(|r| !r.done) {
+                    let at = positions
+                        .find_partition(&r.topic, r.target.partition)
+                        .and_then(|e| e.offset().to_raw())
+                        .unwrap_or(r.next);
+                    if at >= r.end {
+                        r.finish()?;
+                        open -= 1;
+                    }
+                }
+            }
+        }
+        if last_log.elapsed() >= PROGRESS_EVERY {
+            let left: i64 = replays.iter().filter(|r| !r.done).map(|r| r.end - r.next).sum();
+            let restored: u64 = replays.iter().map(|r| r.total + r.batch.len() as u64).sum();
+            tracing::info!(changelogs_left = open, records_left = left, restored, "restoring");
+            last_log = Instant::now();
+        }
+        if open > 0 && last_seen.elapsed() > STALL_LIMIT {
+            let r = replays
+                .iter()
+                .find(|r| !r.done)
+                .map(|r| format!("{}[{}] at offset {} of {}", r.topic, r.target.partition, r.next, r.end));
+            return Err(anyhow!("restoring {} stalled: nothing received for {STALL_LIMIT:?}", r.unwrap_or_default()));
+        }
+    }
+    Ok(())
+}
+
+/// The span from the first replay's start to the last one's end in this process, over
+/// which the restore rate is measured (first record to last, like every other rate).
+#[derive(Default)]
+pub struct Window(std::sync::Mutex<Option<(Instant, Instant)>>);
+
+impl Window {
+    fn record(&self, from: Instant, to: Instant) {
+        let mut span = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *span = Some(match *span {
+            Some((a, b)) => (a.min(from), b.max(to)),
+            None => (from, to),
+        });
+    }
+
+    /// Seconds between the first replay's start and the last one's end; resets.
+    pub fn take(&self) -> Option<f64> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take().map(|(a, b)| (b - a).as_secs_f64())
+    }
+}
+
+pub fn window() -> &'static Window {
+    static WINDOW: std::sync::OnceLock<Window> = std::sync::OnceLock::new();
+    WINDOW.get_or_init(Window::default)
 }
 
 #[cfg(test)]
