@@ -40,6 +40,16 @@ impl JsonText {
         Ok(JsonText(raw.into()))
     }
 
+    /// `text`, checked to be one JSON document.
+    pub fn from_text(text: String) -> Result<JsonText, serde_json::Error> {
+        Ok(JsonText(serde_json::value::RawValue::from_string(text)?.into()))
+    }
+
+    /// `value` written as JSON text.
+    pub fn write<T: serde::Serialize + ?Sized>(value: &T) -> Result<JsonText, serde_json::Error> {
+        Ok(JsonText(serde_json::value::to_raw_value(value)?.into()))
+    }
+
     pub fn text(&self) -> &str {
         self.0.get()
     }
@@ -47,6 +57,13 @@ impl JsonText {
     /// The document, parsed (null if the text is somehow not JSON: it was checked).
     pub fn value(&self) -> serde_json::Value {
         serde_json::from_str(self.0.get()).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// `null`.
+impl Default for JsonText {
+    fn default() -> JsonText {
+        JsonText(Box::<serde_json::value::RawValue>::default().into())
     }
 }
 

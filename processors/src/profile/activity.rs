@@ -4,9 +4,9 @@
 //! bytes and the store keeps them as one string, instead of walking the event's payload
 //! at every commit.
 
+use crate::json::JsonText;
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use serde_json::value::RawValue;
 use serde_json::Value;
 
 #[derive(Debug, Clone)]
@@ -16,7 +16,7 @@ pub struct Activity {
     /// For deduplication, when a merge folds two lists together.
     pub event_id: String,
     /// The published form, [`Fields`] as JSON.
-    json: Box<RawValue>,
+    json: JsonText,
 }
 
 /// What an activity says, as published: `{"type", "event_id", "at", "channel", "details"}`.
@@ -45,14 +45,14 @@ impl Activity {
     pub fn new(event_type: &str, event_id: &str, at: i64, channel: Option<&str>, details: &Value) -> Activity {
         let fields = Fields { event_type, event_id, at, channel, details };
         // A struct of strings, numbers and a JSON value always serialises.
-        let json = serde_json::value::to_raw_value(&fields).unwrap_or_default();
+        let json = JsonText::write(&fields).unwrap_or_default();
         Activity { at, event_id: event_id.to_owned(), json }
     }
 }
 
 impl PartialEq for Activity {
     fn eq(&self, other: &Activity) -> bool {
-        self.json.get() == other.json.get()
+        self.json == other.json
     }
 }
 
@@ -63,7 +63,7 @@ impl Serialize for Activity {
         if serializer.is_human_readable() {
             self.json.serialize(serializer)
         } else {
-            (self.at, &self.event_id, self.json.get()).serialize(serializer)
+            (self.at, &self.event_id, self.json.text()).serialize(serializer)
         }
     }
 }
@@ -80,7 +80,7 @@ impl<'de> Deserialize<'de> for Activity {
         }
         match Form::deserialize(deserializer)? {
             Form::Stored(at, event_id, json) => {
-                let json = RawValue::from_string(json).map_err(D::Error::custom)?;
+                let json = JsonText::from_text(json).map_err(D::Error::custom)?;
                 Ok(Activity { at, event_id, json })
             }
             Form::Published(f) => Ok(Activity::new(&f.event_type, &f.event_id, f.at, f.channel.as_deref(), &f.details)),
