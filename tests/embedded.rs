@@ -341,7 +341,11 @@ fn reads_see_processed_events_before_their_commit() {
         .unwrap()
         .replace("processing: exactly_once", "processing: at_least_once")
         .replace("commit_interval: 100ms", "commit_interval: 1h")
-        .replace("commit_latency_budget: 50ms", "commit_latency_budget: 1h");
+        .replace("commit_latency_budget: 20ms", "commit_latency_budget: 1h");
+    assert!(
+        text.contains("commit_interval: 1h") && text.contains("commit_latency_budget: 1h"),
+        "the shipped topology's commit settings changed: update this test"
+    );
     std::fs::write(&topology, text).unwrap();
     let data = dir.path().join("data");
     let chorus = Chorus::up(&data, &topology);

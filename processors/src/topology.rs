@@ -254,7 +254,7 @@ impl Default for Topology {
             clock: Clock::Wall,
             processing: Processing::ExactlyOnce,
             commit_interval: Duration(100),
-            commit_latency_budget: Duration(50),
+            commit_latency_budget: Duration(20),
             stream_threads: 1,
             topics: TopicsConfig::default(),
             limits: Limits::default(),
