@@ -21,7 +21,7 @@ use chorus_processors::subtopology::{group, select};
 use chorus_processors::topology::{Clock, EVENTS_RAW};
 use chorus_processors::{context, profile};
 use chorus_processors::{processor_specs, Ctx, ProcessError, Processor, ProcessorSpec, Record, SubTopology, Topology};
-use chorus_state::{Durability, SharedResources};
+use chorus_state::{Durability, SharedResources, TaskDb};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
@@ -514,9 +514,9 @@ pub async fn bench(mut args: BenchArgs) -> Result<()> {
     // Disk as the run left it (memtables flushed), then at rest: compacted into one
     // sorted run per store, without the overwritten versions a young store still holds
     // in its upper levels (each customer's profile is rewritten at every commit).
-    config.local.settle(false)?;
+    config.local.for_each_db(TaskDb::flush)?;
     let disk = dir_size_mb(&data);
-    config.local.settle(true)?;
+    config.local.for_each_db(TaskDb::compact)?;
     let compacted = dir_size_mb(&data);
     let stores = store_sizes(&config, &topology);
     running.stop()?;
@@ -655,10 +655,7 @@ impl CommitSums {
 
 /// `processor/store` → (entries, bytes) summed over the partitions open here, largest first.
 fn store_sizes(config: &EngineConfig, topology: &Topology) -> Vec<(String, u64, u64)> {
-    let specs = processor_specs(topology);
-    let sizes = config
-        .local
-        .store_sizes(|name| specs.iter().find(|s| s.name == name).map(|s| s.stores.clone()).unwrap_or_default());
+    let sizes = config.local.store_sizes(topology);
     let mut sums: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for (processor, store, _, entries, bytes) in sizes {
         let sum = sums.entry(format!("{processor}/{store}")).or_default();

@@ -586,11 +586,7 @@ async fn unlink(state: &ApiState, body: &[u8]) -> Result<Value, ApiError> {
 }
 
 async fn get_metrics(State(state): State<ApiState>) -> Response {
-    let specs = chorus_processors::processor_specs(&state.topology);
-    let sizes = state
-        .query
-        .local
-        .store_sizes(|name| specs.iter().find(|s| s.name == name).map(|s| s.stores.clone()).unwrap_or_default());
+    let sizes = state.query.local.store_sizes(&state.topology);
     // Only partitions open right now: a partition handed to another member disappears.
     metrics().store_entries.reset();
     metrics().store_bytes.reset();

@@ -21,7 +21,7 @@ use chorus_processors::segments::Segments;
 use chorus_processors::store::decode_value;
 use chorus_processors::topology::IDENTITY_REPARTITION;
 use chorus_processors::Topology;
-use chorus_state::LiveStore;
+use chorus_state::{LiveStore, TaskDb};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -98,7 +98,10 @@ impl LocalStores {
     }
 
     /// Store sizes per processor, store and partition: (entries, bytes).
-    pub fn store_sizes(&self, stores_of: impl Fn(&str) -> Vec<&'static str>) -> Vec<(String, String, u32, u64, u64)> {
+    pub fn store_sizes(&self, topology: &chorus_processors::Topology) -> Vec<(String, String, u32, u64, u64)> {
+        let specs = chorus_processors::processor_specs(topology);
+        let stores_of =
+            |name: &str| specs.iter().find(|s| s.name == name).map(|s| s.stores.clone()).unwrap_or_default();
         let tasks = self.tasks.read().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::new();
         for ((processor, partition), db) in tasks.iter() {
@@ -115,17 +118,13 @@ impl LocalStores {
         out
     }
 
-    /// Flush (`compact: false`) or fully compact every open task's stores.
-    pub fn settle(&self, compact: bool) -> Result<(), chorus_state::StateError> {
+    /// Apply `f` to the database of every open task.
+    pub fn for_each_db(
+        &self,
+        f: impl Fn(&TaskDb) -> Result<(), chorus_state::StateError>,
+    ) -> Result<(), chorus_state::StateError> {
         let tasks = self.tasks.read().unwrap_or_else(|p| p.into_inner());
-        for db in tasks.values() {
-            if compact {
-                db.db().compact()?;
-            } else {
-                db.db().flush()?;
-            }
-        }
-        Ok(())
+        tasks.values().try_for_each(|live| f(live.db()))
     }
 
     pub fn has(&self, processor: &str, partition: u32) -> bool {

@@ -201,7 +201,7 @@ fn replay(consumer: &BaseConsumer, replays: &mut [Replay<'_>]) -> Result<()> {
                     continue;
                 }
                 if m.offset() >= r.end {
-                    // Written after the restore began: the task's own input replays it.
+                    // Past the end offset read when the restore began: not part of it.
                     r.finish()?;
                     open -= 1;
                     continue;
