@@ -462,10 +462,12 @@ pub async fn bench(mut args: BenchArgs) -> Result<()> {
     let after_run = CommitSums::now(&sub_names);
     let (commits, phases) = after_run.since(&zero).report("");
     let mut latency = serde_json::Map::new();
+    let mut latency_events = 0;
     if args.rate > 0 && args.seconds > 0 {
         let commits_before = CommitSums::now(&sub_names);
         let before: Vec<Vec<(f64, u64)>> = done_stages.iter().map(|s| latency_buckets(s)).collect();
         let offered = args.rate as usize * args.seconds as usize;
+        latency_events = offered;
         let started = Instant::now();
         let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
         let mut sends = Vec::with_capacity(offered);
@@ -546,12 +548,21 @@ pub async fn bench(mut args: BenchArgs) -> Result<()> {
         println!("changelog restore:                                        n/a (the embedded broker starts empty; local stores are the state)");
         serde_json::Value::Null
     } else {
-        let (records, seconds) = restore_rate(&config, &topology, &args.processors).await?;
+        let (by_store, seconds) = restore_rate(&config, &topology, &args.processors).await?;
+        let records: u64 = by_store.values().sum();
         println!(
             "changelog restore (fresh member, every store):     {:>10.0} records/s ({records} records in {seconds:.2} s)",
             records as f64 / seconds.max(1e-9)
         );
-        json!({"records": records, "seconds": seconds, "records_per_s": records as f64 / seconds.max(1e-9)})
+        // What every input event (both runs) left in the changelogs, before compaction.
+        let per_event = |count: u64| count as f64 / (n + latency_events) as f64;
+        let text: Vec<String> =
+            by_store.iter().filter(|(_, c)| **c > 0).map(|(s, c)| format!("{s} {:.2}", per_event(*c))).collect();
+        println!("changelog records per input event:                 {}", text.join(", "));
+        json!({
+            "records": records, "seconds": seconds, "records_per_s": records as f64 / seconds.max(1e-9),
+            "records_per_input_event": by_store.iter().map(|(s, c)| (s.clone(), json!(per_event(*c)))).collect::<serde_json::Map<_, _>>(),
+        })
     };
     if let Some(path) = &args.json {
         let report = json!({
@@ -670,7 +681,11 @@ fn store_sizes(config: &EngineConfig, topology: &Topology) -> Vec<(String, u64, 
 /// Start the same sub-topologies on an empty data dir and time the restore of every
 /// store from its changelog: (records, seconds from the first replay's start to the
 /// last one's end; the sub-topologies restore side by side, each with one consumer).
-async fn restore_rate(config: &EngineConfig, topology: &Topology, processors: &str) -> Result<(u64, f64)> {
+async fn restore_rate(
+    config: &EngineConfig,
+    topology: &Topology,
+    processors: &str,
+) -> Result<(BTreeMap<String, u64>, f64)> {
     let make = || Ok(select(processor_specs(topology), processors)?);
     let subs = make()?;
     let expected: usize = subs.iter().map(|s| s.members.len() * s.partitions(topology) as usize).sum();
@@ -678,7 +693,7 @@ async fn restore_rate(config: &EngineConfig, topology: &Topology, processors: &s
     fresh.data_dir = tempfile_dir()?;
     fresh.local = LocalStores::default();
     fresh.instance_id = format!("{}-restore", config.instance_id);
-    let records_before = crate::restore::restored_total();
+    let before = crate::restore::restored_by_store();
     crate::restore::window().take();
     let local = fresh.local.clone();
     let running = Running::start(make, &fresh)?;
@@ -686,7 +701,11 @@ async fn restore_rate(config: &EngineConfig, topology: &Topology, processors: &s
     running.stop()?;
     let _ = std::fs::remove_dir_all(&fresh.data_dir);
     let seconds = crate::restore::window().take().unwrap_or(0.0);
-    Ok((crate::restore::restored_total() - records_before, seconds))
+    let by_store = crate::restore::restored_by_store()
+        .into_iter()
+        .map(|(store, count)| (store.clone(), count - before.get(&store).copied().unwrap_or(0)))
+        .collect();
+    Ok((by_store, seconds))
 }
 
 /// Wait until `count()` reaches `n`; the time from the first record counted to the

@@ -553,7 +553,7 @@ impl EngineState {
             for member in &mut slot.members {
                 // Kept in the overlay until applied, so live reads never miss them.
                 let writes = member.live.lock().state.pending_writes();
-                for w in &writes {
+                for w in writes.iter().filter(|w| chorus_processors::task::is_logged(&w.store)) {
                     let topic =
                         self.config.topology.physical_topic(&changelog_topic(member.name, &w.store)).into_owned();
                     let mut record: BaseRecord<'_, [u8], [u8]> =

@@ -99,7 +99,7 @@ pub fn all_topics(topology: &Topology) -> Vec<TopicToCreate> {
 /// The compacted changelog of every store of a processor, one partition per task.
 pub fn changelog_topics(spec: &ProcessorSpec, topology: &Topology) -> Vec<TopicToCreate> {
     let partitions = spec.inputs.iter().map(|t| topology.partitions_of(t)).max().unwrap_or(1);
-    spec.all_stores()
+    spec.logged_stores()
         .into_iter()
         .map(|store| TopicToCreate { name: changelog_topic(spec.name, store), partitions, compacted: true })
         .collect()

@@ -3,6 +3,7 @@
 //! here, so business logic never links a metrics library.
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 pub struct Metrics {
@@ -264,8 +265,13 @@ pub fn render() -> String {
     TextEncoder::new().encode_to_string(&families).unwrap_or_default()
 }
 
-/// The sum of every series of a counter family.
-pub fn counter_total(family: &IntCounterVec) -> u64 {
+/// Every series of a counter family, named by its label values joined with `/`.
+pub fn counter_series(family: &IntCounterVec) -> BTreeMap<String, u64> {
     use prometheus::core::Collector;
-    family.collect().iter().flat_map(|f| f.get_metric().iter().map(|m| m.get_counter().get_value() as u64)).sum()
+    let mut out = BTreeMap::new();
+    for metric in family.collect().iter().flat_map(|f| f.get_metric().iter()) {
+        let name: Vec<&str> = metric.get_label().iter().map(|l| l.value()).collect();
+        *out.entry(name.join("/")).or_insert(0) += metric.get_counter().get_value() as u64;
+    }
+    out
 }

@@ -13,6 +13,9 @@ use crate::engine::EngineConfig;
 use crate::kafka::client_config;
 use crate::metrics::metrics;
 use anyhow::{anyhow, Context as _, Result};
+use chorus_processors::processor::{expiry_index_key, EXPIRY_STORE};
+use chorus_processors::store::expiry_of;
+use chorus_processors::task::is_logged;
 use chorus_state::{changelog_topic, StoreWrite, TaskDb};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -22,9 +25,9 @@ use std::time::{Duration, Instant};
 
 const BATCH: usize = 2_000;
 
-/// Changelog records replayed by this process so far.
-pub fn restored_total() -> u64 {
-    crate::metrics::counter_total(&metrics().restored_records)
+/// Changelog records replayed by this process so far, by `processor/store`.
+pub fn restored_by_store() -> BTreeMap<String, u64> {
+    crate::metrics::counter_series(&metrics().restored_records)
 }
 
 /// A restore that has received nothing for this long while short of its end offset
@@ -74,15 +77,32 @@ struct Replay<'a> {
     next: i64,
     end: i64,
     batch: Vec<StoreWrite>,
+    /// Changelog records in `batch` (it also holds the expiry index entries they imply).
+    batched: u64,
     total: u64,
     done: bool,
     remaining: prometheus::IntGauge,
 }
 
 impl Replay<'_> {
+    /// Add one changelog record to the batch, with the expiry index entry its value's
+    /// header implies (the index has no changelog of its own).
+    fn push(&mut self, key: &[u8], value: Option<&[u8]>) {
+        if let Some(at) = value.and_then(expiry_of).filter(|at| *at > 0) {
+            let index_key = expiry_index_key(at, self.store, key);
+            self.batch.push(StoreWrite { store: EXPIRY_STORE.to_owned(), key: index_key, value: Some(Vec::new()) });
+        }
+        self.batch.push(StoreWrite {
+            store: self.store.to_owned(),
+            key: key.to_vec(),
+            value: value.map(<[u8]>::to_vec),
+        });
+        self.batched += 1;
+    }
+
     /// Write the batch with the checkpoint `next`.
     fn flush(&mut self) -> Result<()> {
-        let n = self.batch.len() as u64;
+        let n = std::mem::take(&mut self.batched);
         self.target.db.apply(&self.batch, &BTreeMap::from([(self.topic.clone(), self.next)]))?;
         self.batch.clear();
         self.total += n;
@@ -116,7 +136,7 @@ pub fn restore(config: &EngineConfig, sub_topology: &str, targets: &[Target<'_>]
     let mut replays: Vec<Replay<'_>> = Vec::new();
     for target in targets {
         let (db, partition) = (target.db, target.partition);
-        for store in target.stores {
+        for store in target.stores.iter().filter(|s| is_logged(s)) {
             let topic = config.topology.physical_topic(&changelog_topic(target.processor, store)).into_owned();
             if config.fresh_broker {
                 // The embedded broker starts empty: local RocksDB is the whole state and
@@ -150,6 +170,7 @@ pub fn restore(config: &EngineConfig, sub_topology: &str, targets: &[Target<'_>]
                 next: from,
                 end: high,
                 batch: Vec::new(),
+                batched: 0,
                 total: 0,
                 done: false,
                 remaining,
@@ -206,11 +227,7 @@ fn replay(consumer: &BaseConsumer, replays: &mut [Replay<'_>]) -> Result<()> {
                     open -= 1;
                     continue;
                 }
-                r.batch.push(StoreWrite {
-                    store: r.store.to_owned(),
-                    key: m.key().unwrap_or_default().to_vec(),
-                    value: m.payload().map(<[u8]>::to_vec),
-                });
+                r.push(m.key().unwrap_or_default(), m.payload());
                 r.next = m.offset() + 1;
                 if r.next >= r.end {
                     r.finish()?;
@@ -301,5 +318,42 @@ mod tests {
     #[test]
     fn a_checkpoint_past_the_end_rebuilds_the_store() {
         assert_eq!(plan(500, 0, 100), Plan { from: 0, wipe: true });
+    }
+
+    #[test]
+    fn replay_rebuilds_the_expiry_index_from_the_values() {
+        use chorus_processors::store::encode_value;
+        let dir = tempfile::tempdir().unwrap();
+        let shared = chorus_state::SharedResources::new(8 << 20, 8 << 20, chorus_state::Durability::Local);
+        let db = TaskDb::open(dir.path(), &["dedupe", EXPIRY_STORE], &shared).unwrap();
+        let target = Target { processor: "identity", partition: 0, stores: &["dedupe", EXPIRY_STORE], db: &db };
+        let mut replay = Replay {
+            target: &target,
+            store: "dedupe",
+            topic: "chorus-identity-dedupe-changelog".into(),
+            next: 3,
+            end: 3,
+            batch: Vec::new(),
+            batched: 0,
+            total: 0,
+            done: false,
+            remaining: metrics().restore_remaining.with_label_values(&["identity", "dedupe", "0"]),
+        };
+        replay.push(b"e1", Some(&encode_value(5_000, b"")));
+        replay.push(b"e2", Some(&encode_value(0, b"")));
+        replay.push(b"e3", None);
+        replay.finish().unwrap();
+        assert_eq!(replay.total, 3, "index entries are not changelog records");
+        let index = db.range(EXPIRY_STORE, &[0u8; 8], &[0xff; 8], 10).unwrap();
+        let keys: Vec<Vec<u8>> = index.into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, vec![expiry_index_key(5_000, "dedupe", b"e1")]);
+        assert_eq!(db.get("dedupe", b"e2").unwrap(), Some(encode_value(0, b"")));
+        assert_eq!(db.checkpoint("chorus-identity-dedupe-changelog").unwrap(), 3);
+    }
+
+    #[test]
+    fn the_expiry_index_has_no_changelog() {
+        assert!(!is_logged(EXPIRY_STORE));
+        assert!(is_logged("dedupe") && is_logged(chorus_processors::processor::TIMERS_STORE));
     }
 }

@@ -64,8 +64,20 @@ impl ProcessError {
 
 /// Store holding scheduled timers: key = due time (8 bytes BE) ++ timer key.
 pub const TIMERS_STORE: &str = "__timers";
-/// Store indexing expiring entries: key = expiry (8 bytes BE) ++ store ++ 0 ++ key.
+/// Store indexing expiring entries: key = expiry (8 bytes BE) ++ store ++ 0 ++ key. It
+/// has no changelog: a restore rebuilds it from the expiry headers of the values it
+/// replays (see [`expiry_index_key`]).
 pub const EXPIRY_STORE: &str = "__expiry";
+
+/// The [`EXPIRY_STORE`] entry of `key` in `store`, expiring at `at`.
+pub fn expiry_index_key(at: i64, store: &str, key: &[u8]) -> Vec<u8> {
+    let mut index_key = Vec::with_capacity(9 + store.len() + key.len());
+    index_key.extend_from_slice(&(at as u64).to_be_bytes());
+    index_key.extend_from_slice(store.as_bytes());
+    index_key.push(0);
+    index_key.extend_from_slice(key);
+    index_key
+}
 
 /// Everything a processor may touch while handling one record or timer.
 pub struct Ctx<'a> {
@@ -157,11 +169,7 @@ impl<'a> Ctx<'a> {
         let expires_at = expires_at.unwrap_or(0);
         self.stores.store(store)?.put(key, encode_value(expires_at, value))?;
         if expires_at > 0 {
-            let mut index_key = (expires_at as u64).to_be_bytes().to_vec();
-            index_key.extend_from_slice(store.as_bytes());
-            index_key.push(0);
-            index_key.extend_from_slice(key);
-            self.stores.store(EXPIRY_STORE)?.put(&index_key, Vec::new())?;
+            self.stores.store(EXPIRY_STORE)?.put(&expiry_index_key(expires_at, store, key), Vec::new())?;
         }
         Ok(())
     }

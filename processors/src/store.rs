@@ -119,6 +119,13 @@ pub fn decode_value(key: &[u8], stored: &[u8]) -> Result<(i64, Vec<u8>), StoreEr
     Ok((u64::from_be_bytes(header) as i64, stored[8..].to_vec()))
 }
 
+/// The expiry (0 = never) of a stored value, read from its header without copying it;
+/// `None` when the value is too short to have one.
+pub fn expiry_of(stored: &[u8]) -> Option<i64> {
+    let header: [u8; 8] = stored.get(..8)?.try_into().ok()?;
+    Some(u64::from_be_bytes(header) as i64)
+}
+
 /// The smallest key greater than every key starting with `prefix`.
 pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();

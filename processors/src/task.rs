@@ -39,6 +39,19 @@ impl ProcessorSpec {
         all.push(EXPIRY_STORE);
         all
     }
+
+    /// The stores backed by a changelog: all but the expiry index.
+    pub fn logged_stores(&self) -> Vec<&'static str> {
+        self.all_stores().into_iter().filter(|s| is_logged(s)).collect()
+    }
+}
+
+/// Whether a store's writes go to its changelog. The expiry index does not: it is
+/// derived from the expiry headers of the other stores' values, which a restore
+/// replays, so logging it would double the changelog records of every expiring write
+/// (one per event for the dedupe window).
+pub fn is_logged(store: &str) -> bool {
+    store != EXPIRY_STORE
 }
 
 /// A metric increment, with the stage that counted it.

@@ -430,6 +430,9 @@ impl Graph<'_> {
         let mut st = self.load_id(ctx, &here)?;
         let probed_here = r.frozen.contains(&here.label());
         let released = matches!(st.pending, Some(Pending::Probe)) && probed_here && r.create;
+        // Most inputs name a known identifier with nothing new to remember: then its
+        // state is not written again (a store write and a changelog record saved).
+        let mut changed = released;
         match st.pending {
             // The input that froze this identifier comes back to create its customer.
             Some(Pending::Probe) if released => st.pending = None,
@@ -487,6 +490,7 @@ impl Graph<'_> {
                 // customer agree on its id.
                 let c = canonical_id_for(&here, st.generation);
                 st.canonical = Some(c.clone());
+                changed = true;
                 if here.kind == "customer_id" {
                     st.customer_id = Some(here.value.clone());
                 }
@@ -510,13 +514,16 @@ impl Graph<'_> {
             }
             if st.linked.len() < LINKED_MEMORY {
                 st.linked.push(label);
+                changed = true;
             }
             // A link made through a shared identifier (on either end) never merges
             // two existing customers.
             let evidence = Evidence { shared: !here_merges || !self.merges(id), ..evidence.clone() };
             send(ctx, at, Msg::Link { id: id.clone(), canonical: canonical.clone(), evidence })?;
         }
-        self.save_id(ctx, &here, &st)?;
+        if changed {
+            self.save_id(ctx, &here, &st)?;
+        }
         if let Some(fields) = r.match_fields {
             self.send_candidates(ctx, at, &canonical, &r.identifiers[0], fields)?;
         }
