@@ -548,11 +548,14 @@ pub async fn bench(mut args: BenchArgs) -> Result<()> {
         println!("changelog restore:                                        n/a (the embedded broker starts empty; local stores are the state)");
         serde_json::Value::Null
     } else {
+        let bytes_before = crate::restore::restored_bytes();
         let (by_store, seconds) = restore_rate(&config, &topology, &args.processors).await?;
         let records: u64 = by_store.values().sum();
+        let mb = (crate::restore::restored_bytes() - bytes_before) as f64 / f64::from(1 << 20);
         println!(
-            "changelog restore (fresh member, every store):     {:>10.0} records/s ({records} records in {seconds:.2} s)",
-            records as f64 / seconds.max(1e-9)
+            "changelog restore (fresh member, every store):     {:>10.0} records/s, {:.0} MB/s ({records} records, {mb:.0} MB in {seconds:.2} s)",
+            records as f64 / seconds.max(1e-9),
+            mb / seconds.max(1e-9)
         );
         // What every input event (both runs) left in the changelogs, before compaction.
         let per_event = |count: u64| count as f64 / (n + latency_events) as f64;
@@ -561,6 +564,7 @@ pub async fn bench(mut args: BenchArgs) -> Result<()> {
         println!("changelog records per input event:                 {}", text.join(", "));
         json!({
             "records": records, "seconds": seconds, "records_per_s": records as f64 / seconds.max(1e-9),
+            "mb": mb, "mb_per_s": mb / seconds.max(1e-9),
             "records_per_input_event": by_store.iter().map(|(s, c)| (s.clone(), json!(per_event(*c)))).collect::<serde_json::Map<_, _>>(),
         })
     };

@@ -24,6 +24,7 @@ pub struct Metrics {
     pub store_entries: IntGaugeVec,
     pub store_bytes: IntGaugeVec,
     pub restored_records: IntCounterVec,
+    pub restored_bytes: IntCounterVec,
     /// Seconds spent replaying changelogs.
     pub restore_seconds: prometheus::Counter,
     /// Changelog records a restoring store still has to replay (0 once ready).
@@ -173,6 +174,7 @@ pub fn metrics() -> &'static Metrics {
             store_entries: gauge(&registry, "store_entries", "Approximate entries per store and partition", &["processor", "store", "partition"]),
             store_bytes: gauge(&registry, "store_bytes", "Approximate bytes per store and partition (live SST data and memtables)", &["processor", "store", "partition"]),
             restored_records: counter(&registry, "restored_records_total", "Changelog records replayed into stores", &["processor", "store"]),
+            restored_bytes: counter(&registry, "restored_bytes_total", "Bytes (keys and values) of the changelog records replayed into stores", &["processor", "store"]),
             restore_seconds: register(
                 &registry,
                 prometheus::Counter::new("restore_seconds_total", "Seconds spent replaying changelogs into stores"),

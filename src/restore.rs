@@ -30,6 +30,11 @@ pub fn restored_by_store() -> BTreeMap<String, u64> {
     crate::metrics::counter_series(&metrics().restored_records)
 }
 
+/// Bytes of the changelog records replayed by this process so far.
+pub fn restored_bytes() -> u64 {
+    crate::metrics::counter_series(&metrics().restored_bytes).values().sum()
+}
+
 /// A restore that has received nothing for this long while short of its end offset
 /// fails the task (which the runtime reports), rather than serve partial state.
 const STALL_LIMIT: Duration = Duration::from_secs(300);
@@ -77,8 +82,10 @@ struct Replay<'a> {
     next: i64,
     end: i64,
     batch: Vec<StoreWrite>,
-    /// Changelog records in `batch` (it also holds the expiry index entries they imply).
+    /// Changelog records in `batch` (it also holds the expiry index entries they imply),
+    /// and their bytes.
     batched: u64,
+    batched_bytes: u64,
     total: u64,
     done: bool,
     remaining: prometheus::IntGauge,
@@ -98,15 +105,18 @@ impl Replay<'_> {
             value: value.map(<[u8]>::to_vec),
         });
         self.batched += 1;
+        self.batched_bytes += (key.len() + value.map_or(0, <[u8]>::len)) as u64;
     }
 
     /// Write the batch with the checkpoint `next`.
     fn flush(&mut self) -> Result<()> {
         let n = std::mem::take(&mut self.batched);
+        let bytes = std::mem::take(&mut self.batched_bytes);
         self.target.db.apply(&self.batch, &BTreeMap::from([(self.topic.clone(), self.next)]))?;
         self.batch.clear();
         self.total += n;
         metrics().restored_records.with_label_values(&[self.target.processor, self.store]).inc_by(n);
+        metrics().restored_bytes.with_label_values(&[self.target.processor, self.store]).inc_by(bytes);
         self.remaining.set((self.end - self.next).max(0));
         Ok(())
     }
@@ -171,6 +181,7 @@ pub fn restore(config: &EngineConfig, sub_topology: &str, targets: &[Target<'_>]
                 end: high,
                 batch: Vec::new(),
                 batched: 0,
+                batched_bytes: 0,
                 total: 0,
                 done: false,
                 remaining,
@@ -335,6 +346,7 @@ mod tests {
             end: 3,
             batch: Vec::new(),
             batched: 0,
+            batched_bytes: 0,
             total: 0,
             done: false,
             remaining: metrics().restore_remaining.with_label_values(&["identity", "dedupe", "0"]),

@@ -508,7 +508,15 @@ impl Processor for ContextStage {
         let id = String::from_utf8_lossy(key).into_owned();
         let Some(mut context) = ctx.get_json::<CustomerContext>(STORE, &id)? else { return Ok(()) };
         context.timer_at = None;
-        context.expire(ctx.now, &self.config);
+        if !context.expire(ctx.now, &self.config) {
+            // Early: what it was set for has moved later since (a session that went on).
+            // Set it for the expiry now due; nothing changed for readers.
+            if let Some(at) = context.next_expiry(&self.config) {
+                ctx.schedule(at, id.as_bytes(), &[])?;
+                context.timer_at = Some(at);
+            }
+            return ctx.put_json_owned(STORE, &id, context);
+        }
         self.save(ctx, context)
     }
 }
@@ -518,22 +526,33 @@ impl ContextStage {
         Ok(ctx.get_json::<CustomerContext>(STORE, id)?.unwrap_or_else(|| CustomerContext::new(id)))
     }
 
-    /// Persist, mark for publishing, and move the expiry timer to the next expiry. An
-    /// emptied context is tombstoned at once (so it stays in order with what follows).
+    /// Persist, mark for publishing, and make sure the expiry timer fires no later than
+    /// the next expiry. An emptied context is tombstoned at once (so it stays in order
+    /// with what follows).
+    ///
+    /// A timer set no later than needed stays where it is: a session that every event
+    /// extends would otherwise move its timer at every event (a tombstone and a new
+    /// timer, two changelog records each); one that fires early is set again then.
     fn save(&mut self, ctx: &mut Ctx<'_>, mut context: CustomerContext) -> Result<(), ProcessError> {
         let id = context.canonical_id.clone();
-        if let Some(old) = context.timer_at.take() {
-            ctx.cancel(old, id.as_bytes())?;
+        let next = if context.is_empty() { None } else { context.next_expiry(&self.config) };
+        match (context.timer_at, next) {
+            (Some(set), Some(next)) if set <= next => {}
+            (set, next) => {
+                if let Some(set) = set {
+                    ctx.cancel(set, id.as_bytes())?;
+                }
+                if let Some(at) = next {
+                    ctx.schedule(at, id.as_bytes(), &[])?;
+                }
+                context.timer_at = next;
+            }
         }
         if context.is_empty() {
             self.changed.remove(&id);
             ctx.delete(STORE, &id)?;
             ctx.emit_tombstone(TOPIC, &id);
             return Ok(());
-        }
-        if let Some(at) = context.next_expiry(&self.config) {
-            ctx.schedule(at, id.as_bytes(), &[])?;
-            context.timer_at = Some(at);
         }
         context.updated_at = ctx.now;
         ctx.put_json_owned(STORE, &id, context)?;

@@ -5,6 +5,7 @@
 
 mod common;
 
+use chorus_processors::context::CustomerContext;
 use chorus_processors::topology::{Duration, Topology};
 use chorus_processors::TestDriver;
 use common::{event, send, tick, topology, ts, T0};
@@ -129,6 +130,38 @@ fn an_offer_expires_at_its_own_expires_at_when_that_is_sooner() {
     send(&mut d, &event("e3", "offer.dismissed", soon + 1, customer(), json!({"offer_id": "late"})));
     d.run().unwrap();
     assert_eq!(offer_ids(&context(&d).unwrap()), Vec::<&str>::new());
+}
+
+/// When the stored context's expiry timer is set for.
+fn timer_at(d: &mut TestDriver) -> Option<i64> {
+    let stored = d.store_scan("context", "context", "");
+    assert_eq!(stored.len(), 1);
+    chorus_processors::cache::decode::<CustomerContext>(&stored[0].2).unwrap().timer_at
+}
+
+/// A session every event extends keeps the expiry timer its first event set (moving it
+/// would cost a tombstone and a new timer per event); the timer fires early without
+/// writing a record, is set again for the session's real end, and the session still
+/// ends exactly then.
+#[test]
+fn an_extended_session_keeps_its_timer_until_it_fires_early() {
+    let mut d = TestDriver::new(context_topology(2), 11);
+    for (i, at) in [T0, T0 + MINUTE, T0 + 2 * MINUTE].into_iter().enumerate() {
+        send(&mut d, &event(&format!("e{i}"), "page.viewed", at, customer(), json!({})));
+    }
+    d.run().unwrap();
+    assert_eq!(timer_at(&mut d), Some(T0 + SESSION_TIMEOUT), "set by the first event, not moved by the others");
+    assert_eq!(d.store_len("context", "__timers"), 1);
+    let session_end = T0 + 2 * MINUTE + SESSION_TIMEOUT;
+    let (written, ctx) = tick_to(&mut d, T0 + SESSION_TIMEOUT);
+    let ctx = ctx.unwrap();
+    assert_eq!(written, 0, "an early timer changes nothing readers see");
+    assert!(!ctx["session"].is_null());
+    assert_eq!(timer_at(&mut d), Some(session_end), "set again for the session's real end");
+    let (written, ctx) = tick_to(&mut d, session_end - 1);
+    assert_eq!((written, ctx.unwrap()["session"].is_null()), (0, false));
+    let (written, ctx) = tick_to(&mut d, session_end);
+    assert_eq!((written, &ctx.unwrap()["session"]), (1, &Value::Null), "ends exactly at its timeout");
 }
 
 /// A late event (an offline app syncing) from a session long over does not replace
