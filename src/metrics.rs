@@ -158,7 +158,7 @@ pub fn metrics() -> &'static Metrics {
             end_to_end_seconds: histogram(
                 &registry,
                 "end_to_end_seconds",
-                "Event timestamp to its effect being committed and readable (profile, context)",
+                "Event timestamp to its effect being readable (profile, context)",
                 &["processor"],
                 LATENCY_BUCKETS.to_vec(),
             ),
