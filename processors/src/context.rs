@@ -511,10 +511,8 @@ impl Processor for ContextStage {
         if !context.expire(ctx.now, &self.config) {
             // Early: what it was set for has moved later since (a session that went on).
             // Set it for the expiry now due; nothing changed for readers.
-            if let Some(at) = context.next_expiry(&self.config) {
-                ctx.schedule(at, id.as_bytes(), &[])?;
-                context.timer_at = Some(at);
-            }
+            let next = context.next_expiry(&self.config);
+            set_timer(ctx, &mut context, next)?;
             return ctx.put_json_owned(STORE, &id, context);
         }
         self.save(ctx, context)
@@ -536,18 +534,7 @@ impl ContextStage {
     fn save(&mut self, ctx: &mut Ctx<'_>, mut context: CustomerContext) -> Result<(), ProcessError> {
         let id = context.canonical_id.clone();
         let next = if context.is_empty() { None } else { context.next_expiry(&self.config) };
-        match (context.timer_at, next) {
-            (Some(set), Some(next)) if set <= next => {}
-            (set, next) => {
-                if let Some(set) = set {
-                    ctx.cancel(set, id.as_bytes())?;
-                }
-                if let Some(at) = next {
-                    ctx.schedule(at, id.as_bytes(), &[])?;
-                }
-                context.timer_at = next;
-            }
-        }
+        set_timer(ctx, &mut context, next)?;
         if context.is_empty() {
             self.changed.remove(&id);
             ctx.delete(STORE, &id)?;
@@ -559,4 +546,23 @@ impl ContextStage {
         self.changed.insert(id);
         Ok(())
     }
+}
+
+/// Make the context's expiry timer fire no later than `next` (none: no timer). A timer
+/// already set no later than that stays.
+fn set_timer(ctx: &mut Ctx<'_>, context: &mut CustomerContext, next: Option<i64>) -> Result<(), ProcessError> {
+    let id = context.canonical_id.as_bytes();
+    match (context.timer_at, next) {
+        (Some(set), Some(next)) if set <= next => {}
+        (set, next) => {
+            if let Some(set) = set {
+                ctx.cancel(set, id)?;
+            }
+            if let Some(at) = next {
+                ctx.schedule(at, id, &[])?;
+            }
+            context.timer_at = next;
+        }
+    }
+    Ok(())
 }
