@@ -595,6 +595,10 @@ async fn get_metrics(State(state): State<ApiState>) -> Response {
         metrics().store_entries.with_label_values(&labels).set(n as i64);
         metrics().store_bytes.with_label_values(&labels).set(bytes as i64);
     }
+    metrics().cache_bytes.reset();
+    for (processor, partition, bytes) in state.query.local.cache_sizes() {
+        metrics().cache_bytes.with_label_values(&[processor.as_str(), &partition.to_string()]).set(bytes as i64);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render()).into_response()
 }
 

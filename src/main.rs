@@ -12,11 +12,14 @@ mod metrics;
 mod query;
 mod restore;
 
+use chorus_processors::heap::Metered;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+/// mimalloc, metered per thread so the decoded-value caches can be bounded by the heap
+/// their values take (`chorus_processors::heap`).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: Metered<mimalloc::MiMalloc> = Metered(mimalloc::MiMalloc);
 
 #[derive(Parser)]
 #[command(name = "chorus", version, about = "Omni-channel customer engagement pipeline on Kafka")]
@@ -167,6 +170,7 @@ enum TopicsCommand {
 }
 
 fn main() {
+    ALLOCATOR.install();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => match e.kind() {

@@ -118,6 +118,16 @@ impl LocalStores {
         out
     }
 
+    /// Estimated memory held by each open task member's decoded-value cache:
+    /// `(processor, partition, bytes)`.
+    pub fn cache_sizes(&self) -> Vec<(String, u32, usize)> {
+        let tasks = self.tasks.read().unwrap_or_else(|p| p.into_inner());
+        tasks
+            .iter()
+            .map(|((processor, partition), live)| (processor.clone(), *partition, live.lock().cache.bytes()))
+            .collect()
+    }
+
     /// Apply `f` to the database of every open task.
     pub fn for_each_db(
         &self,

@@ -5,13 +5,17 @@
 //!
 //! The cache sits in front of the task's stores and is their only writer for the values
 //! it holds: a dirty value is written back before any byte-level read, scan or commit
-//! of its store, so every other path sees it. Values are bounded by an estimate of their
-//! encoded size; clean values are evicted oldest first, dirty ones written back first.
+//! of its store, so every other path sees it. The cache is bounded by the heap its
+//! values take decoded (several times their encoded size: maps, strings, boxed JSON),
+//! measured when a value is decoded ([`crate::heap::retained`]) and scaled with its
+//! encoded size as it changes; clean values are evicted oldest first, dirty ones written
+//! back first. Without the metered allocator (unit tests) the encoded size stands in.
 //!
 //! Stored values use a compact, versioned binary encoding (a version byte, then
 //! MessagePack with field names, so `serde_json::Value` fields and `#[serde(flatten)]`
 //! round-trip). Values written before it (JSON) still decode.
 
+use crate::heap;
 use crate::store::{decode_value, encode_value, StoreError, StoreSet};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -40,13 +44,22 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
 /// A decoded value the cache can hand back by type and encode when written back.
 trait CachedValue: Send {
     fn encode(&self) -> Result<Vec<u8>, String>;
+    /// Decoded bytes per encoded byte, for a value of this type encoded as `encoded`
+    /// (`None` without the metered allocator).
+    fn measure(&self, encoded: &[u8]) -> Option<f32>;
     fn as_any(&self) -> &dyn Any;
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
-impl<T: Serialize + Send + 'static> CachedValue for T {
+impl<T: Serialize + DeserializeOwned + Send + 'static> CachedValue for T {
     fn encode(&self) -> Result<Vec<u8>, String> {
         encode(self)
+    }
+    fn measure(&self, encoded: &[u8]) -> Option<f32> {
+        if !heap::metered() {
+            return None;
+        }
+        decode_measured::<T>(b"", encoded).ok().and_then(|(_, ratio)| ratio)
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -60,13 +73,31 @@ struct Entry {
     value: Box<dyn CachedValue>,
     /// Not yet written to the store.
     dirty: bool,
-    /// Encoded size last seen: the cache's measure of the entry.
+    /// Estimated memory the entry takes: its decoded value, key and bookkeeping. The
+    /// cache's measure of the entry.
     bytes: usize,
+    /// Decoded bytes per encoded byte of this value, measured when it was decoded
+    /// (`None`: not yet, for a value put new until its first write-back).
+    ratio: Option<f32>,
     last_used: u64,
 }
 
-/// Assumed size of a value put before it was ever encoded.
+/// Assumed encoded size of a value put before it was ever encoded.
 const NEW_VALUE_BYTES: usize = 512;
+
+/// Memory an entry of `encoded` bytes takes, at `ratio` decoded bytes per encoded one.
+fn entry_bytes(key: &[u8], encoded: usize, ratio: Option<f32>) -> usize {
+    (encoded as f64 * f64::from(ratio.unwrap_or(1.0))) as usize + key.len() + std::mem::size_of::<Entry>()
+}
+
+/// Decode `bytes` as `T`, with the decoded-to-encoded size ratio measured by the
+/// metered allocator (`None` without it).
+fn decode_measured<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<(T, Option<f32>), StoreError> {
+    let (value, heap) = heap::retained(|| decode::<T>(bytes));
+    let value = value.map_err(|e| corrupt(key, e))?;
+    let ratio = heap.map(|heap| (heap + std::mem::size_of::<T>()) as f32 / bytes.len().max(1) as f32);
+    Ok((value, ratio))
+}
 
 /// The decoded values of one member's stores.
 pub struct StateCache {
@@ -74,6 +105,8 @@ pub struct StateCache {
     entries: HashMap<String, HashMap<Vec<u8>, Entry>>,
     /// Dirty keys per store, so a scan writes back only its own store.
     dirty: HashMap<String, BTreeSet<Vec<u8>>>,
+    /// Per store, the size ratio last measured: the estimate for new values.
+    ratios: HashMap<String, f32>,
     bytes: usize,
     len: usize,
     limit: usize,
@@ -81,10 +114,18 @@ pub struct StateCache {
 }
 
 impl StateCache {
-    /// A cache holding about `limit` bytes of (encoded) values; 0 caches nothing
-    /// beyond the current step.
+    /// A cache holding about `limit` bytes of decoded values; 0 caches nothing beyond
+    /// the current step.
     pub fn new(limit: usize) -> StateCache {
-        StateCache { entries: HashMap::new(), dirty: HashMap::new(), bytes: 0, len: 0, limit, clock: 0 }
+        StateCache {
+            entries: HashMap::new(),
+            dirty: HashMap::new(),
+            ratios: HashMap::new(),
+            bytes: 0,
+            len: 0,
+            limit,
+            clock: 0,
+        }
     }
 
     pub fn limit(&self) -> usize {
@@ -99,7 +140,7 @@ impl StateCache {
         self.len == 0
     }
 
-    /// Estimated bytes held.
+    /// Estimated memory held by the cached values.
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -156,9 +197,11 @@ impl StateCache {
             let value: T = decode(&bytes).map_err(|e| corrupt(key, e))?;
             return Ok(Some(f(&value)));
         }
-        let value: T = decode(&bytes).map_err(|e| corrupt(key, e))?;
+        let (value, ratio) = decode_measured::<T>(key, &bytes)?;
         let result = f(&value);
-        self.insert(store, key, Box::new(value), false, bytes.len());
+        let ratio = learn(&mut self.ratios, store, ratio);
+        self.insert(store, key, Box::new(value), false, entry_bytes(key, bytes.len(), ratio), ratio);
+        self.evict(stores)?;
         Ok(Some(result))
     }
 
@@ -172,15 +215,19 @@ impl StateCache {
     }
 
     /// Keep `value` under `key`; it reaches the store at the next write-back.
-    pub fn put<T: Serialize + Send + 'static>(
+    pub fn put<T: Serialize + DeserializeOwned + Send + 'static>(
         &mut self,
         stores: &mut dyn StoreSet,
         store: &str,
         key: &[u8],
         value: T,
     ) -> Result<(), StoreError> {
-        let bytes = self.entry(store, key).map_or(NEW_VALUE_BYTES, |e| e.bytes);
-        self.insert(store, key, Box::new(value), true, bytes);
+        let (bytes, ratio) = match self.entry(store, key) {
+            Some(e) => (e.bytes, e.ratio),
+            // Measured at its first write-back; until then, like the store's last value.
+            None => (entry_bytes(key, NEW_VALUE_BYTES, self.ratios.get(store).copied()), None),
+        };
+        self.insert(store, key, Box::new(value), true, bytes, ratio);
         self.evict(stores)
     }
 
@@ -212,7 +259,14 @@ impl StateCache {
             None => match stores.store(store)?.get(key)? {
                 None => default(),
                 Some(stored) => match decode_value(key, &stored)? {
-                    (0, bytes) => decode(&bytes).map_err(|e| corrupt(key, e))?,
+                    (0, bytes) => {
+                        let (mut value, ratio) = decode_measured(key, &bytes)?;
+                        let ratio = learn(&mut self.ratios, store, ratio);
+                        let result = f(&mut value);
+                        self.insert(store, key, Box::new(value), true, entry_bytes(key, bytes.len(), ratio), ratio);
+                        self.evict(stores)?;
+                        return Ok(result);
+                    }
                     (_, _) => return Err(corrupt(key, "an expiring value cannot be updated in place".into())),
                 },
             },
@@ -232,9 +286,17 @@ impl StateCache {
         }
     }
 
-    fn insert(&mut self, store: &str, key: &[u8], value: Box<dyn CachedValue>, dirty: bool, bytes: usize) {
+    fn insert(
+        &mut self,
+        store: &str,
+        key: &[u8],
+        value: Box<dyn CachedValue>,
+        dirty: bool,
+        bytes: usize,
+        ratio: Option<f32>,
+    ) {
         self.clock += 1;
-        let entry = Entry { value, dirty, bytes, last_used: self.clock };
+        let entry = Entry { value, dirty, bytes, ratio, last_used: self.clock };
         let values = match self.entries.get_mut(store) {
             Some(values) => values,
             None => self.entries.entry(store.to_owned()).or_default(),
@@ -303,8 +365,13 @@ impl StateCache {
     fn write_entry(&mut self, stores: &mut dyn StoreSet, store: &str, key: &[u8]) -> Result<(), StoreError> {
         let Some(entry) = self.entries.get_mut(store).and_then(|values| values.get_mut(key)) else { return Ok(()) };
         let bytes = entry.value.encode().map_err(|e| corrupt(key, e))?;
-        self.bytes = self.bytes - entry.bytes + bytes.len();
-        entry.bytes = bytes.len();
+        if entry.ratio.is_none() {
+            // A value put new: measured once, from what was just encoded.
+            entry.ratio = learn(&mut self.ratios, store, entry.value.measure(&bytes));
+        }
+        let measure = entry_bytes(key, bytes.len(), entry.ratio);
+        self.bytes = self.bytes - entry.bytes + measure;
+        entry.bytes = measure;
         entry.dirty = false;
         stores.store(store)?.put(key, encode_value(0, &bytes))
     }
@@ -332,6 +399,19 @@ impl StateCache {
         }
         Ok(())
     }
+}
+
+/// Remember `store`'s latest measured size `ratio` in `ratios`, the estimate for its
+/// values put new; returns `ratio`.
+fn learn(ratios: &mut HashMap<String, f32>, store: &str, ratio: Option<f32>) -> Option<f32> {
+    let measured = ratio?;
+    match ratios.get_mut(store) {
+        Some(r) => *r = measured,
+        None => {
+            ratios.insert(store.to_owned(), measured);
+        }
+    }
+    ratio
 }
 
 fn corrupt(key: &[u8], message: String) -> StoreError {

@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod content;
 pub mod context;
 pub mod driver;
+pub mod heap;
 pub mod identity;
 pub mod journeys;
 pub mod json;

@@ -176,7 +176,7 @@ impl<'a> Ctx<'a> {
 
     /// Store a value; it stays decoded in the cache and is encoded once, when the task
     /// commits (or when something reads the store's bytes).
-    pub fn put_json<T: Serialize + Clone + Send + 'static>(
+    pub fn put_json<T: Serialize + DeserializeOwned + Clone + Send + 'static>(
         &mut self,
         store: &str,
         key: &str,
@@ -186,7 +186,7 @@ impl<'a> Ctx<'a> {
     }
 
     /// [`Ctx::put_json`] of a value the caller is done with: kept without a copy.
-    pub fn put_json_owned<T: Serialize + Send + 'static>(
+    pub fn put_json_owned<T: Serialize + DeserializeOwned + Send + 'static>(
         &mut self,
         store: &str,
         key: &str,

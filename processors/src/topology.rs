@@ -204,8 +204,8 @@ pub struct StateConfig {
     pub block_cache_mb: usize,
     /// Total memtable memory of every RocksDB store of the process.
     pub write_buffer_mb: usize,
-    /// Decoded values each task keeps between commits (measured by their encoded
-    /// size), shared by the task's processors.
+    /// Decoded values each task keeps between commits (measured by the heap they take),
+    /// shared by the task's processors.
     pub task_cache_mb: usize,
 }
 
