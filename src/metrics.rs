@@ -174,7 +174,7 @@ pub fn metrics() -> &'static Metrics {
             lag: gauge(&registry, "consumer_lag", "Records behind the end of each input partition", &["processor", "topic", "partition"]),
             store_entries: gauge(&registry, "store_entries", "Approximate entries per store and partition", &["processor", "store", "partition"]),
             store_bytes: gauge(&registry, "store_bytes", "Approximate bytes per store and partition (live SST data and memtables)", &["processor", "store", "partition"]),
-            cache_bytes: gauge(&registry, "cache_bytes", "Estimated memory of each task member's decoded values (state.task_cache_mb bounds a task's sum)", &["processor", "partition"]),
+            cache_bytes: gauge(&registry, "cache_bytes", "Estimated memory of the decoded values each processor keeps per partition (bounded by state.processor_cache_mb)", &["processor", "partition"]),
             restored_records: counter(&registry, "restored_records_total", "Changelog records replayed into stores", &["processor", "store"]),
             restored_bytes: counter(&registry, "restored_bytes_total", "Bytes (keys and values) of the changelog records replayed into stores", &["processor", "store"]),
             restore_seconds: register(

@@ -286,6 +286,6 @@ impl TestDriver {
 fn member_stores(spec: &ProcessorSpec, topology: &Topology) -> MemberStores<MemStoreSet> {
     MemberStores {
         stores: MemStoreSet::with_stores(spec.all_stores()),
-        cache: StateCache::new(topology.state.task_cache_bytes()),
+        cache: StateCache::new(topology.state.processor_cache_bytes()),
     }
 }

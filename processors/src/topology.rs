@@ -204,14 +204,17 @@ pub struct StateConfig {
     pub block_cache_mb: usize,
     /// Total memtable memory of every RocksDB store of the process.
     pub write_buffer_mb: usize,
-    /// Decoded values each task keeps between commits (measured by the heap they take),
-    /// shared by the task's processors.
-    pub task_cache_mb: usize,
+    /// Decoded values each processor keeps between commits in each task (partition),
+    /// measured by the heap they take. `task_cache_mb`, its name before, was a budget
+    /// per task divided among its processors.
+    #[serde(alias = "task_cache_mb")]
+    pub processor_cache_mb: usize,
 }
 
 impl StateConfig {
-    pub fn task_cache_bytes(&self) -> usize {
-        self.task_cache_mb << 20
+    /// The decoded-value cache of one processor in one task.
+    pub fn processor_cache_bytes(&self) -> usize {
+        self.processor_cache_mb << 20
     }
 }
 
@@ -332,7 +335,7 @@ impl Default for ConsentConfig {
 
 impl Default for StateConfig {
     fn default() -> Self {
-        StateConfig { block_cache_mb: 64, write_buffer_mb: 64, task_cache_mb: 16 }
+        StateConfig { block_cache_mb: 64, write_buffer_mb: 64, processor_cache_mb: 16 }
     }
 }
 
@@ -631,6 +634,15 @@ mod tests {
         assert_eq!(t.context.session_timeout, Duration::minutes(30));
         assert!(!t.consent.defaults["marketing_email"]);
         assert!(t.topic_specs().iter().any(|s| s.name == "decisions.email"));
+    }
+
+    #[test]
+    fn the_cache_budget_is_per_processor_and_its_earlier_name_still_reads() {
+        assert_eq!(Topology::default().state.processor_cache_mb, 16);
+        let t = Topology::from_yaml_str("state: {task_cache_mb: 8}").unwrap();
+        assert_eq!(t.state.processor_cache_bytes(), 8 << 20);
+        let t = Topology::from_yaml_str("state: {processor_cache_mb: 32}").unwrap();
+        assert_eq!(t.state.processor_cache_mb, 32);
     }
 
     #[test]
