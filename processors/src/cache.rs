@@ -199,9 +199,7 @@ impl StateCache {
         }
         let (value, ratio) = decode_measured::<T>(key, &bytes)?;
         let result = f(&value);
-        let ratio = learn(&mut self.ratios, store, ratio);
-        self.insert(store, key, Box::new(value), false, entry_bytes(key, bytes.len(), ratio), ratio);
-        self.evict(stores)?;
+        self.keep_decoded(stores, store, key, Box::new(value), false, (bytes.len(), ratio))?;
         Ok(Some(result))
     }
 
@@ -253,27 +251,45 @@ impl StateCache {
                 return Ok(result);
             }
         }
-        let mut value = match self.entry(store, key) {
+        // The value to change, with its encoded size and ratio when decoded from the store.
+        let (mut value, decoded) = match self.entry(store, key) {
             // Cached as another type (a stage reading state generically): convert.
-            Some(entry) => decode(&entry.value.encode().map_err(|e| corrupt(key, e))?).map_err(|e| corrupt(key, e))?,
+            Some(entry) => {
+                (decode(&entry.value.encode().map_err(|e| corrupt(key, e))?).map_err(|e| corrupt(key, e))?, None)
+            }
             None => match stores.store(store)?.get(key)? {
-                None => default(),
+                None => (default(), None),
                 Some(stored) => match decode_value(key, &stored)? {
                     (0, bytes) => {
-                        let (mut value, ratio) = decode_measured(key, &bytes)?;
-                        let ratio = learn(&mut self.ratios, store, ratio);
-                        let result = f(&mut value);
-                        self.insert(store, key, Box::new(value), true, entry_bytes(key, bytes.len(), ratio), ratio);
-                        self.evict(stores)?;
-                        return Ok(result);
+                        let (value, ratio) = decode_measured(key, &bytes)?;
+                        (value, Some((bytes.len(), ratio)))
                     }
                     (_, _) => return Err(corrupt(key, "an expiring value cannot be updated in place".into())),
                 },
             },
         };
         let result = f(&mut value);
-        self.put(stores, store, key, value)?;
+        match decoded {
+            Some(decoded) => self.keep_decoded(stores, store, key, Box::new(value), true, decoded)?,
+            None => self.put(stores, store, key, value)?,
+        }
         Ok(result)
+    }
+
+    /// Keep a value just decoded from the store: `(encoded, ratio)` are the size of its
+    /// bytes there and its measured size ratio.
+    fn keep_decoded(
+        &mut self,
+        stores: &mut dyn StoreSet,
+        store: &str,
+        key: &[u8],
+        value: Box<dyn CachedValue>,
+        dirty: bool,
+        (encoded, ratio): (usize, Option<f32>),
+    ) -> Result<(), StoreError> {
+        let ratio = learn(&mut self.ratios, store, ratio);
+        self.insert(store, key, value, dirty, entry_bytes(key, encoded, ratio), ratio);
+        self.evict(stores)
     }
 
     fn mark_dirty(&mut self, store: &str, key: &[u8]) {
