@@ -187,7 +187,11 @@ fn identity_links_across_partitions_and_unlinks_over_http() {
     let dir = tempfile::tempdir().unwrap();
     let base = std::fs::read_to_string(test_topology(dir.path())).unwrap();
     let topology = dir.path().join("topology4.yaml");
-    std::fs::write(&topology, base.replace("{events.raw: 1, messages.requests: 1, consent: 1}", "{}")).unwrap();
+    std::fs::write(
+        &topology,
+        base.replace("{events.raw: 1, messages.requests: 1, consent: 1, privacy.requests: 1}", "{}"),
+    )
+    .unwrap();
     let chorus = Chorus::up(&dir.path().join("data"), &topology);
     let event = |id: &str, kind: &str, at: i64, ids: Value| {
         let mut e = json!({"event_id": id, "event_type": kind, "timestamp": ts(T0 + at), "payload": {"product_id": "p1", "price": 20.0, "quantity": 1}});

@@ -5,6 +5,7 @@
 //! reads at once, and a durable timer rewrites (or tombstones) the `context` record when
 //! they expire. On a merge the anonymous cart and session follow the customer.
 
+use crate::privacy::{stage_order, Order};
 use crate::processor::{to_json_bytes, Ctx, ProcessError, Processor, Record};
 use crate::resolved::{absorbed, decode, incoming, on_merge, Kind, RESOLVED_TOPIC};
 use crate::task::ProcessorSpec;
@@ -20,6 +21,7 @@ pub const TOPIC: &str = "context";
 
 pub fn spec(topology: &Topology) -> ProcessorSpec {
     let config = topology.context.clone();
+    let privacy = topology.privacy.clone();
     ProcessorSpec {
         name: NAME,
         inputs: vec![RESOLVED_TOPIC.into()],
@@ -27,7 +29,13 @@ pub fn spec(topology: &Topology) -> ProcessorSpec {
         outputs: vec![TOPIC.into(), RESOLVED_TOPIC.into()],
         forwards: vec![TOPIC.into()],
         sub_topology: crate::subtopology::CUSTOMER,
-        factory: Box::new(move || Box::new(ContextStage { config: config.clone(), changed: Default::default() })),
+        factory: Box::new(move || {
+            Box::new(ContextStage {
+                config: config.clone(),
+                changed: Default::default(),
+                erased: crate::privacy::Erased::new(&privacy, STORE),
+            })
+        }),
     }
 }
 
@@ -36,6 +44,7 @@ pub struct ContextStage {
     /// Customers whose context changed since the last commit: their `context` record
     /// goes out once, at the commit, however many events changed it.
     changed: std::collections::BTreeSet<String>,
+    erased: crate::privacy::Erased,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -476,7 +485,7 @@ impl Processor for ContextStage {
     }
 
     fn process(&mut self, ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
-        let Some(resolved) = incoming(ctx, record, NAME, STORE)? else { return Ok(()) };
+        let Some(resolved) = incoming(ctx, record, NAME, STORE, &self.erased)? else { return Ok(()) };
         match resolved.kind {
             Kind::Event => {
                 let mut event: Event = decode(&resolved.body)?;
@@ -498,10 +507,36 @@ impl Processor for ContextStage {
                 context.expire(ctx.now, &self.config);
                 self.save(ctx, context)
             }
-            Kind::Request | Kind::Consent | Kind::Tick | Kind::Recommendations | Kind::Content | Kind::Campaign => {
-                Ok(())
+            Kind::Privacy => {
+                let order: Order = decode(&resolved.body)?;
+                let target = &resolved.canonical_id;
+                let (mut report, state) = stage_order(ctx, NAME, STORE, &mut self.erased, &order, target)?;
+                if order.erases() {
+                    self.changed.remove(target);
+                    ctx.emit_tombstone(TOPIC, target);
+                    report.tombstoned(TOPIC, 1);
+                } else if order.kind.exports() {
+                    report.export = state;
+                }
+                report.send(ctx)
             }
+            Kind::Request
+            | Kind::Consent
+            | Kind::Tick
+            | Kind::Recommendations
+            | Kind::Content
+            | Kind::Campaign
+            | Kind::PrivacyReport => Ok(()),
         }
+    }
+
+    fn init(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ProcessError> {
+        self.erased.load(ctx)
+    }
+
+    fn on_expired(&mut self, _ctx: &mut Ctx<'_>, _store: &str, key: &[u8]) -> Result<(), ProcessError> {
+        self.erased.forget_expired(key);
+        Ok(())
     }
 
     fn on_timer(&mut self, ctx: &mut Ctx<'_>, key: &[u8], _payload: &[u8]) -> Result<(), ProcessError> {

@@ -264,6 +264,23 @@ impl TestDriver {
         out
     }
 
+    /// Every raw entry of every store of every member on every partition, timers and
+    /// expiry index included: `(processor, store, partition, key, stored value)`. What a
+    /// search for a person's traces must look through.
+    pub fn dump(&mut self) -> Vec<(&'static str, String, u32, Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        for ((i, p), t) in self.tasks.iter_mut() {
+            for (m, member) in self.subs[*i].members.iter().enumerate() {
+                for (store, entries) in &t.stores[m].stores.stores {
+                    for (k, v) in entries.entries() {
+                        out.push((member.name, store.clone(), *p, k.clone(), v.clone()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Total entries of a store across partitions.
     pub fn store_len(&mut self, processor: &str, store: &str) -> u64 {
         let Some((i, m)) = self.member(processor) else { return 0 };

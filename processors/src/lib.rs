@@ -17,6 +17,7 @@ pub mod json;
 pub mod orchestrator;
 pub mod partition;
 pub mod personalisation;
+pub mod privacy;
 pub mod processor;
 pub mod profile;
 pub mod resolved;
@@ -37,7 +38,7 @@ pub use topology::{ConfigError, Topology};
 
 /// Every processor of the pipeline with its sub-topology, in pipeline order (the order
 /// a record visits the members of a task).
-pub const PROCESSORS: [(&str, &str); 7] = [
+pub const PROCESSORS: [(&str, &str); 8] = [
     (identity::NAME, subtopology::IDENTITY),
     (catalog::NAME, subtopology::CATALOG),
     (profile::NAME, subtopology::CUSTOMER),
@@ -45,6 +46,7 @@ pub const PROCESSORS: [(&str, &str); 7] = [
     (orchestrator::NAME, subtopology::CUSTOMER),
     (journeys::NAME, subtopology::CUSTOMER),
     (campaigns::NAME, subtopology::CUSTOMER),
+    (privacy::NAME, subtopology::CUSTOMER),
 ];
 
 /// The sub-topologies of the pipeline, each with every member.
@@ -62,5 +64,6 @@ pub fn processor_specs(topology: &Topology) -> Vec<ProcessorSpec> {
         orchestrator::spec(topology),
         journeys::spec(topology),
         campaigns::spec(topology),
+        privacy::status::spec(topology),
     ]
 }

@@ -49,6 +49,11 @@ pub enum ProcessError {
     /// continues.
     #[error("{reason}: {detail}")]
     Reject { reason: &'static str, detail: String },
+    /// As [`ProcessError::Reject`], for an input that may hold personal data that must
+    /// not be kept (an erased subject's event): the letter carries neither the record nor
+    /// its key, only a keyed hash of the key. `detail` must name no personal data.
+    #[error("{reason}: {detail}")]
+    Redacted { reason: &'static str, detail: String },
     /// The task cannot go on (storage failure); the runtime aborts the transaction.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -288,6 +293,48 @@ impl<'a> Ctx<'a> {
     pub fn cancel(&mut self, at: i64, key: &[u8]) -> Result<(), ProcessError> {
         self.stores.store(TIMERS_STORE)?.delete(&timer_key(at, key))?;
         Ok(())
+    }
+
+    /// When timers of `key` are due, earliest first: a scan of this member's timers (for
+    /// rare work such as an erasure, which must stop everything a key has scheduled).
+    pub fn timers_for(&mut self, key: &[u8]) -> Result<Vec<i64>, ProcessError> {
+        Ok(self.timers_where(|k| k == key)?.into_iter().map(|(at, _, _)| at).collect())
+    }
+
+    /// Every timer of this member whose key passes `keep`: (due, key, payload), earliest
+    /// first. A scan of all the member's timers.
+    pub fn timers_where(
+        &mut self,
+        mut keep: impl FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<(i64, Vec<u8>, Vec<u8>)>, ProcessError> {
+        let mut found = Vec::new();
+        let mut from = vec![0u8; 8];
+        let until = [0xffu8; 8].to_vec();
+        loop {
+            let rows = self.stores.store(TIMERS_STORE)?.range(&from, &until, 4096)?;
+            let Some((last, _)) = rows.last() else { return Ok(found) };
+            from = [last.as_slice(), &[0u8]].concat();
+            for (k, stored) in rows {
+                let Some(at) = k.get(..8).and_then(|h| <[u8; 8]>::try_from(h).ok()) else { continue };
+                if keep(&k[8..]) {
+                    let (_, payload) = decode_value(&k, &stored)?;
+                    found.push((u64::from_be_bytes(at) as i64, k[8..].to_vec(), payload));
+                }
+            }
+        }
+    }
+
+    /// Delete an entry stored with an expiry together with its [`EXPIRY_STORE`] index
+    /// entry, which holds the key and would otherwise stay until it is due.
+    pub fn delete_expiring(&mut self, store: &str, key: &[u8]) -> Result<bool, ProcessError> {
+        self.cache.write_back_key(self.stores, store, key)?;
+        let Some(stored) = self.stores.store(store)?.get(key)? else { return Ok(false) };
+        if let Some(at) = crate::store::expiry_of(&stored).filter(|at| *at > 0) {
+            self.stores.store(EXPIRY_STORE)?.delete(&expiry_index_key(at, store, key))?;
+        }
+        self.cache.forget(store, key);
+        self.stores.store(store)?.delete(key)?;
+        Ok(true)
     }
 
     pub fn count(&mut self, name: &'static str, label: impl Into<String>) {

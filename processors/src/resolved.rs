@@ -31,6 +31,13 @@ pub enum Kind {
     Content,
     /// A campaign changed: `body` is a [`CatalogBody`]; on every partition.
     Campaign,
+    /// A data subject request for every customer stage at this canonical id: `body` is a
+    /// [`crate::privacy::Order`]. Handled where it lands, never forwarded after a merge
+    /// (each canonical id the subject had gets its own).
+    Privacy,
+    /// A part of a data subject request done: `body` is a [`crate::privacy::Report`],
+    /// keyed by request id, for the status actor.
+    PrivacyReport,
 }
 
 impl Kind {
@@ -137,7 +144,8 @@ pub fn parse_for_stage(
     // A catalogue change happens in the content team's time, not the customers': it
     // must not move event time (a campaign written today would release tomorrow's
     // timers of a stream replaying last year).
-    if !matches!(resolved.kind, Kind::Content | Kind::Campaign) {
+    // Nor does a data subject request: it happens in the operator's time.
+    if !matches!(resolved.kind, Kind::Content | Kind::Campaign | Kind::Privacy | Kind::PrivacyReport) {
         ctx.observe_event_time(resolved.at);
     }
     Ok(Some(resolved))
@@ -150,15 +158,37 @@ pub fn incoming(
     record: &crate::Record,
     stage: &str,
     store: &str,
+    erased: &crate::privacy::Erased,
 ) -> Result<Option<Arc<Resolved>>, crate::ProcessError> {
     let Some(resolved) = parse_for_stage(ctx, record, stage)? else { return Ok(None) };
+    if dropped_as_erased(ctx, stage, &resolved, erased) {
+        return Ok(None);
+    }
     if forward_if_merged(ctx, stage, store, &resolved)? {
         return Ok(None);
     }
     Ok(Some(resolved))
 }
 
-fn forward_key(id: &str) -> String {
+/// A record still in flight for a customer this stage erased: dropped (and counted),
+/// so that it cannot bring the customer back.
+pub fn dropped_as_erased(
+    ctx: &mut crate::Ctx<'_>,
+    stage: &str,
+    resolved: &Resolved,
+    erased: &crate::privacy::Erased,
+) -> bool {
+    if resolved.kind.is_broadcast() || matches!(resolved.kind, Kind::Privacy | Kind::PrivacyReport) {
+        return false;
+    }
+    if !erased.holds(&resolved.canonical_id, ctx.now) {
+        return false;
+    }
+    ctx.count("privacy_dropped", stage.to_owned());
+    true
+}
+
+pub fn forward_key(id: &str) -> String {
     format!("fwd:{id}")
 }
 
@@ -172,7 +202,7 @@ pub fn forward_if_merged(
     store: &str,
     resolved: &Resolved,
 ) -> Result<bool, crate::ProcessError> {
-    if resolved.kind.is_broadcast() || resolved.kind == Kind::Merge {
+    if resolved.kind.is_broadcast() || matches!(resolved.kind, Kind::Merge | Kind::Privacy | Kind::PrivacyReport) {
         return Ok(false);
     }
     let Some(into) = ctx.get_json::<String>(store, &forward_key(&resolved.canonical_id))? else { return Ok(false) };

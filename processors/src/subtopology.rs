@@ -150,7 +150,7 @@ mod tests {
             vec![
                 ("identity".to_owned(), vec!["identity"]),
                 ("catalog".to_owned(), vec!["catalog"]),
-                ("customer".to_owned(), vec!["profile", "context", "orchestrator", "journeys", "campaigns"]),
+                ("customer".to_owned(), vec!["profile", "context", "orchestrator", "journeys", "campaigns", "privacy"]),
             ]
         );
         let customer = &subs[2];

@@ -136,6 +136,8 @@ pub struct Task {
     partitions: BTreeMap<String, u32>,
     /// `Processor::init` ran.
     started: bool,
+    /// Hashes the keys of redacted dead letters.
+    hasher: crate::privacy::Hasher,
 }
 
 /// Where a task keeps its stream time: in the first member's timer store, under a key
@@ -167,6 +169,7 @@ impl Task {
             stream_time: 0,
             partitions: topology.partition_map(),
             started: false,
+            hasher: topology.privacy.hasher(),
         }
     }
 
@@ -336,6 +339,18 @@ impl Task {
                     ctx.emit(DLQ_TOPIC, record.key.as_deref().unwrap_or_default(), Some(letter), None);
                     self.absorb(ctx, name, step);
                 }
+                Err(ProcessError::Redacted { reason, detail }) => {
+                    drop(ctx);
+                    let mut ctx = member_ctx(stores, i, start, self.clock, self.partition, &self.partitions);
+                    ctx.count("dlq", reason);
+                    if reason == crate::privacy::ERASED_SUBJECT {
+                        ctx.count("privacy_suppressed_events", record.topic.clone());
+                    }
+                    let key = self.hasher.hash(&String::from_utf8_lossy(record.key.as_deref().unwrap_or_default()));
+                    let letter = redacted_letter(name, record, reason, &detail, &key, start);
+                    ctx.emit(DLQ_TOPIC, key.as_bytes(), Some(letter), None);
+                    self.absorb(ctx, name, step);
+                }
                 Err(fatal) => return Err(fatal),
             }
             step.handled(name);
@@ -498,6 +513,29 @@ fn dead_letter(processor: &str, record: &Record, reason: &str, detail: &str, now
         "original_bytes": original.len(),
         "original_sha256": digest.iter().map(|b| format!("{b:02x}")).collect::<String>(),
         "original_truncated": kept.len() < original.len(),
+        "redacted": false,
+        "key_hash": "",
+        "at": now,
+    });
+    letter.to_string().into_bytes()
+}
+
+/// The dead letter of an input that must not be kept: why, and where it was, with no
+/// byte of it (`redacted: true`; the DLQ key is `key_hash`).
+fn redacted_letter(processor: &str, record: &Record, reason: &str, detail: &str, key_hash: &str, now: i64) -> Vec<u8> {
+    let letter = serde_json::json!({
+        "reason": reason,
+        "detail": detail.chars().take(DLQ_MAX_DETAIL_CHARS).collect::<String>(),
+        "source_topic": record.topic,
+        "source_partition": record.partition,
+        "source_offset": record.offset,
+        "processor": processor,
+        "original_base64": "",
+        "original_bytes": record.value.as_deref().map_or(0, <[u8]>::len),
+        "original_sha256": "",
+        "original_truncated": false,
+        "redacted": true,
+        "key_hash": key_hash,
         "at": now,
     });
     letter.to_string().into_bytes()

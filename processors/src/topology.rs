@@ -28,6 +28,10 @@ impl fmt::Display for ConfigError {
     }
 }
 
+pub(crate) fn config_error(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    err(path, message)
+}
+
 fn err(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError { path: path.into(), message: message.into() }
 }
@@ -146,6 +150,9 @@ pub struct Topology {
     /// Campaigns (more arrive on the `campaigns` topic at run time).
     pub campaigns: Vec<crate::campaigns::config::CampaignConfig>,
     pub state: StateConfig,
+    /// Data subject rights: the key hashing erased identifiers, how long erasure
+    /// markers and exports are kept, when a request fails.
+    pub privacy: crate::privacy::PrivacyConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -274,6 +281,7 @@ impl Default for Topology {
             profile: Default::default(),
             personalisation: Default::default(),
             state: StateConfig::default(),
+            privacy: Default::default(),
         }
     }
 }
@@ -441,7 +449,7 @@ impl Topology {
             }
         }
         let raw = self.partitions_of(EVENTS_RAW);
-        for co in [MESSAGES_REQUESTS, CONSENT] {
+        for co in [MESSAGES_REQUESTS, CONSENT, crate::privacy::REQUESTS_TOPIC] {
             if self.partitions_of(co) != raw {
                 errors.push(err(
                     format!("topics.partitions.{co}"),
@@ -522,6 +530,7 @@ impl Topology {
         crate::journeys::config::validate(&self.journeys, self, &mut errors);
         errors.extend(self.content.validate("content").into_iter().map(|(path, message)| err(path, message)));
         crate::campaigns::config::validate(&self.campaigns, self, &mut errors);
+        self.privacy.validate(&mut errors);
         if self.state.block_cache_mb == 0 || self.state.write_buffer_mb == 0 {
             errors.push(err("state", "block_cache_mb and write_buffer_mb must be positive"));
         }

@@ -267,7 +267,10 @@ pub fn test_topology(dir: &Path) -> PathBuf {
     let base = std::fs::read_to_string(topology_path()).unwrap();
     let text = base
         .replace("clock: wall", "clock: event")
-        .replace("  partitions: {}", "  partitions: {events.raw: 1, messages.requests: 1, consent: 1}")
+        .replace(
+            "  partitions: {}",
+            "  partitions: {events.raw: 1, messages.requests: 1, consent: 1, privacy.requests: 1}",
+        )
         .replace("default_partitions: 8", "default_partitions: 4");
     let path = dir.join("topology.yaml");
     std::fs::write(&path, text).unwrap();
@@ -304,7 +307,8 @@ pub fn latest_by_key(records: Vec<Value>) -> std::collections::BTreeMap<String, 
 pub fn four_partitions(dir: &Path) -> PathBuf {
     let text = std::fs::read_to_string(test_topology(dir)).unwrap();
     let path = dir.join("topology-4.yaml");
-    std::fs::write(&path, text.replace("{events.raw: 1, messages.requests: 1, consent: 1}", "{}")).unwrap();
+    std::fs::write(&path, text.replace("{events.raw: 1, messages.requests: 1, consent: 1, privacy.requests: 1}", "{}"))
+        .unwrap();
     path
 }
 

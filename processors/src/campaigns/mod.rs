@@ -49,7 +49,12 @@ pub fn spec(topology: &Topology) -> ProcessorSpec {
         forwards: vec![],
         sub_topology: crate::subtopology::CUSTOMER,
         factory: Box::new(move || {
-            Box::new(CampaignStage { topology: topology.clone(), campaigns: None, conditions: BTreeMap::new() })
+            Box::new(CampaignStage {
+                topology: topology.clone(),
+                campaigns: None,
+                conditions: BTreeMap::new(),
+                erased: crate::privacy::Erased::new(&topology.privacy, STORE),
+            })
         }),
     }
 }
@@ -112,6 +117,7 @@ struct CampaignStage {
     campaigns: Option<Vec<CampaignConfig>>,
     /// Condition text → compiled rule.
     conditions: BTreeMap<String, RuleSet>,
+    erased: crate::privacy::Erased,
 }
 
 /// What set a request off.
@@ -140,7 +146,7 @@ impl Processor for CampaignStage {
                 self.remove(ctx, &stored)?;
             }
         }
-        Ok(())
+        self.erased.load(ctx)
     }
 
     fn process(&mut self, ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
@@ -148,6 +154,9 @@ impl Processor for CampaignStage {
             return self.on_segment(ctx, record);
         }
         let Some(resolved) = parse_for_stage(ctx, record, NAME)? else { return Ok(()) };
+        if crate::resolved::dropped_as_erased(ctx, NAME, &resolved, &self.erased) {
+            return Ok(());
+        }
         match resolved.kind {
             Kind::Event => {
                 let member = self.member(ctx, &resolved.canonical_id, resolved.customer_id.as_deref())?;
@@ -183,8 +192,20 @@ impl Processor for CampaignStage {
                 let merge: crate::resolved::MergeBody = decode(&resolved.body)?;
                 ctx.delete(STORE, &format!("{MEMBER}{}", merge.from))
             }
-            Kind::Request | Kind::Consent | Kind::Absorb | Kind::Tick | Kind::Recommendations | Kind::Content => Ok(()),
+            Kind::Privacy => self.on_privacy(ctx, &resolved.canonical_id, decode(&resolved.body)?),
+            Kind::Request
+            | Kind::Consent
+            | Kind::Absorb
+            | Kind::Tick
+            | Kind::Recommendations
+            | Kind::Content
+            | Kind::PrivacyReport => Ok(()),
         }
+    }
+
+    fn on_expired(&mut self, _ctx: &mut Ctx<'_>, _store: &str, key: &[u8]) -> Result<(), ProcessError> {
+        self.erased.forget_expired(key);
+        Ok(())
     }
 
     /// A scheduled run: the next batch of the audience, then the next batch or the
@@ -222,6 +243,55 @@ impl Processor for CampaignStage {
 }
 
 impl CampaignStage {
+    /// A data subject request at `id`: the customer's member record (the audience index
+    /// of scheduled runs) is exported or deleted. A run paused on that very member goes
+    /// on from the member before it, so its cursor no longer names the customer.
+    fn on_privacy(&mut self, ctx: &mut Ctx<'_>, id: &str, order: crate::privacy::Order) -> Result<(), ProcessError> {
+        let key = format!("{MEMBER}{id}");
+        let member = ctx.get_json::<Value>(STORE, &key)?;
+        let mut report = crate::privacy::Report::new(
+            &order.request_id,
+            crate::privacy::Report::stage_part(NAME, self.erased.hasher(), id),
+        );
+        if order.erases() {
+            report.deleted(NAME, STORE, crate::privacy::delete_counted(ctx, STORE, &key)?);
+            let paused = ctx.timers_where(|k| k.starts_with(CAMPAIGN.as_bytes()))?;
+            let mut moved = 0;
+            for (at, timer, payload) in paused {
+                let Ok(mut run) = serde_json::from_slice::<Run>(&payload) else { continue };
+                if run.after.as_deref() != Some(key.as_str()) {
+                    continue;
+                }
+                run.after = self.member_before(ctx, &key)?;
+                ctx.schedule(at, &timer, &serde_json::to_vec(&run).unwrap_or_default())?;
+                moved += 1;
+            }
+            report.stopped("scheduled_runs_moved_on", moved);
+            self.erased.mark(ctx, id)?;
+        } else if order.kind.exports() {
+            report.deleted(NAME, STORE, u64::from(member.is_some()));
+            report.export = member;
+        }
+        report.send(ctx)
+    }
+
+    /// The greatest member key before `key` (`None`: it was the first).
+    fn member_before(&self, ctx: &mut Ctx<'_>, key: &str) -> Result<Option<String>, ProcessError> {
+        let mut before = None;
+        let mut after: Option<String> = None;
+        loop {
+            let batch = ctx.scan_after(STORE, MEMBER, after.as_deref(), BATCH)?;
+            let Some((last, _)) = batch.last() else { return Ok(before) };
+            after = Some(last.clone());
+            for (member_key, _) in batch {
+                if member_key.as_str() >= key {
+                    return Ok(before);
+                }
+                before = Some(member_key);
+            }
+        }
+    }
+
     fn stored(&self, ctx: &mut Ctx<'_>, id: &str) -> Result<Option<Stored>, ProcessError> {
         ctx.get_json(STORE, &format!("{CAMPAIGN}{id}"))
     }
@@ -304,6 +374,10 @@ impl CampaignStage {
         let change: SegmentChange = serde_json::from_slice(bytes)
             .map_err(|e| ProcessError::reject("invalid_segment_change", format!("segments record: {e}")))?;
         ctx.observe_event_time(change.at);
+        if self.erased.holds(&change.canonical_id, ctx.now) {
+            ctx.count("privacy_dropped", NAME);
+            return Ok(());
+        }
         let key = format!("{MEMBER}{}", change.canonical_id);
         let entered = change.change == "entered";
         let mut member = match ctx.get_json::<Member>(STORE, &key)? {

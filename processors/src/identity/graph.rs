@@ -241,6 +241,19 @@ pub enum Msg {
     Remove { canonical: String, id: Identifier },
     /// → identifier owner: removed from `from`; start anew, never to merge with it.
     Removed { id: Identifier, from: String },
+    /// → identifier owner: a data subject request names `id`.
+    PrivacyLocate { order: Box<crate::privacy::Order>, id: Identifier },
+    /// → customer owner: carry out the request for the whole customer.
+    PrivacyCollect { order: Box<crate::privacy::Order>, canonical: String },
+    /// → every identity partition: suppress `hashes`; delete what the partition owns of
+    /// `identifiers` and `aliases` (the subject's canonical ids).
+    PrivacyErase { request_id: String, identifiers: Vec<Identifier>, aliases: Vec<String>, hashes: Vec<String> },
+    /// → every identity partition: lift the suppression of `hashes`.
+    PrivacyRelease {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
+        hashes: Vec<String>,
+    },
 }
 
 /// An input to resolve: an event, message request or consent change with its usable
@@ -306,6 +319,11 @@ pub fn route(msg: &Msg) -> String {
         Msg::MergeRequest { from, .. } | Msg::Accepted { from, .. } | Msg::Refused { from, .. } => from.clone(),
         Msg::Propose { into, .. } => into.clone(),
         Msg::Candidate { key, .. } => key.clone(),
+        Msg::PrivacyLocate { id, .. } => id.owner_key().to_owned(),
+        Msg::PrivacyCollect { canonical, .. } => canonical.clone(),
+        // Broadcast: sent to every partition explicitly.
+        Msg::PrivacyErase { request_id, .. } => request_id.clone(),
+        Msg::PrivacyRelease { hashes, .. } => hashes.first().cloned().unwrap_or_default(),
     }
 }
 
@@ -329,7 +347,7 @@ fn fwd_key(canonical: &str) -> String {
 
 /// Keys of an actor's parked messages. Identifiers and canonical ids never hold
 /// control characters, so `\u{1}` ends the owner unambiguously.
-fn mailbox_prefix(owner: &str) -> String {
+pub(super) fn mailbox_prefix(owner: &str) -> String {
     format!("mbox:{owner}\u{1}")
 }
 
@@ -338,6 +356,8 @@ pub struct Graph<'c> {
     pub config: &'c IdentityConfig,
     /// How long an `event_id` is remembered for deduplication.
     pub dedupe_ms: i64,
+    /// This partition's copy of the suppression list (erased subjects).
+    pub suppression: &'c super::privacy::Suppression,
 }
 
 impl Graph<'_> {
@@ -346,12 +366,22 @@ impl Graph<'_> {
         // An unlink is an operator's command, stamped with the wall clock of the API
         // that took it: it happens at the task's time and must not move event time
         // (under `clock: event` a replay of last year would jump to today).
-        let at = if matches!(env.msg, Msg::Unlink { .. }) {
+        let at = if matches!(
+            env.msg,
+            Msg::Unlink { .. }
+                | Msg::PrivacyLocate { .. }
+                | Msg::PrivacyCollect { .. }
+                | Msg::PrivacyErase { .. }
+                | Msg::PrivacyRelease { .. }
+        ) {
             ctx.now
         } else {
             ctx.observe_event_time(env.at);
             env.at
         };
+        if self.drop_if_erased(ctx, at, &env.msg)? {
+            return Ok(());
+        }
         match env.msg {
             Msg::Resolve(r) => self.on_resolve(ctx, at, *r),
             Msg::Link { id, canonical, evidence } => self.on_link(ctx, at, id, canonical, evidence),
@@ -362,7 +392,14 @@ impl Graph<'_> {
                 st.canonical = Some(canonical);
                 st.customer_id = customer_id;
             }),
-            Msg::JoinRefused { id, .. } => self.settle_identifier(ctx, &id, |_| {}),
+            Msg::JoinRefused { id, .. } => {
+                self.settle_identifier(ctx, &id, |_| {})?;
+                // Refused while unknown: nothing to remember.
+                if self.load_id(ctx, &id)? == IdState::default() {
+                    ctx.delete(STORE, &id_key(&id))?;
+                }
+                Ok(())
+            }
             Msg::MergeRequest { from, into, evidence } => self.on_merge_request(ctx, at, from, into, evidence),
             Msg::Propose { from, into, evidence } => self.on_propose(ctx, at, *from, into, evidence),
             Msg::Accepted { from, into } => self.on_accepted(ctx, at, from, into),
@@ -372,6 +409,12 @@ impl Graph<'_> {
             Msg::Unlink { id } => self.on_unlink(ctx, at, id),
             Msg::Remove { canonical, id } => self.on_remove(ctx, at, canonical, id),
             Msg::Removed { id, from } => self.on_removed(ctx, at, id, from),
+            Msg::PrivacyLocate { order, id } => self.on_privacy_locate(ctx, at, *order, id),
+            Msg::PrivacyCollect { order, canonical } => self.on_privacy_collect(ctx, at, *order, canonical),
+            Msg::PrivacyErase { request_id, identifiers, aliases, hashes } => {
+                self.on_privacy_erase(ctx, at, request_id, identifiers, aliases, hashes)
+            }
+            Msg::PrivacyRelease { request_id, hashes } => self.on_privacy_release(ctx, request_id, hashes),
         }
     }
 
@@ -387,7 +430,7 @@ impl Graph<'_> {
 
     /// Park a message for a frozen actor: one entry per message, numbered in arrival
     /// order (a frozen customer may collect many inputs; appending stays O(1)).
-    fn park(&self, ctx: &mut Ctx<'_>, owner: &str, env: Envelope) -> Result<(), ProcessError> {
+    pub(super) fn park(&self, ctx: &mut Ctx<'_>, owner: &str, env: Envelope) -> Result<(), ProcessError> {
         let seq_key = format!("mseq:{owner}");
         let seq: u64 = ctx.get_json(STORE, &seq_key)?.unwrap_or(0);
         ctx.put_json(STORE, &format!("{}{seq:020}", mailbox_prefix(owner)), &env)?;
@@ -441,12 +484,14 @@ impl Graph<'_> {
         }
         if r.probe == 0 && !r.create {
             if let Some(event_id) = &r.event_id {
-                if ctx.get_bytes(super::DEDUPE_STORE, event_id.as_bytes())?.is_some() {
+                // Keyed by the anchor too, so that erasing the identifier finds them.
+                let key = super::privacy::dedupe_key(&here.label(), event_id);
+                if ctx.get_bytes(super::DEDUPE_STORE, key.as_bytes())?.is_some() {
                     ctx.count("duplicates", "events.raw");
                     return Ok(());
                 }
                 let expires = ctx.now.saturating_add(self.dedupe_ms);
-                ctx.put_bytes(super::DEDUPE_STORE, event_id.as_bytes(), &[], Some(expires))?;
+                ctx.put_bytes(super::DEDUPE_STORE, key.as_bytes(), &[], Some(expires))?;
             }
         }
         // A shared identifier (a family's device) is no anchor when the input carries
@@ -488,6 +533,11 @@ impl Graph<'_> {
             None => {
                 // Named after its founding identifier: inputs racing to create the same
                 // customer agree on its id.
+                // An erased customer's id is never reused: its records may still be in
+                // flight, and the stages drop them (a returning subject starts anew).
+                while self.suppression.holds(&canonical_id_for(&here, st.generation)) {
+                    st.generation += 1;
+                }
                 let c = canonical_id_for(&here, st.generation);
                 st.canonical = Some(c.clone());
                 changed = true;
@@ -650,11 +700,11 @@ impl Graph<'_> {
 
     // ----- customer actors -----
 
-    fn forwarded(&self, ctx: &mut Ctx<'_>, canonical: &str) -> Result<Option<String>, ProcessError> {
+    pub(super) fn forwarded(&self, ctx: &mut Ctx<'_>, canonical: &str) -> Result<Option<String>, ProcessError> {
         ctx.get_json(STORE, &fwd_key(canonical))
     }
 
-    fn load_comp(&self, ctx: &mut Ctx<'_>, canonical: &str) -> Result<Option<Component>, ProcessError> {
+    pub(super) fn load_comp(&self, ctx: &mut Ctx<'_>, canonical: &str) -> Result<Option<Component>, ProcessError> {
         ctx.get_json(STORE, &comp_key(canonical))
     }
 

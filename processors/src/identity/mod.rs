@@ -15,6 +15,7 @@ pub mod config;
 pub mod graph;
 pub mod identifier;
 pub mod matching;
+pub mod privacy;
 pub mod train;
 
 use crate::processor::{Ctx, ProcessError, Processor, Record};
@@ -40,8 +41,14 @@ pub fn spec(topology: &Topology) -> ProcessorSpec {
     let topology = Arc::new(topology.clone());
     ProcessorSpec {
         name: NAME,
-        inputs: vec![EVENTS_RAW.into(), MESSAGES_REQUESTS.into(), CONSENT.into(), IDENTITY_REPARTITION.into()],
-        stores: vec![STORE, DEDUPE_STORE],
+        inputs: vec![
+            EVENTS_RAW.into(),
+            MESSAGES_REQUESTS.into(),
+            CONSENT.into(),
+            crate::privacy::REQUESTS_TOPIC.into(),
+            IDENTITY_REPARTITION.into(),
+        ],
+        stores: vec![STORE, DEDUPE_STORE, privacy::SUPPRESSED_STORE],
         outputs: vec![
             RESOLVED_TOPIC.into(),
             MERGES_TOPIC.into(),
@@ -52,12 +59,16 @@ pub fn spec(topology: &Topology) -> ProcessorSpec {
         ],
         forwards: vec![],
         sub_topology: crate::subtopology::IDENTITY,
-        factory: Box::new(move || Box::new(Identity { topology: topology.clone() })),
+        factory: Box::new(move || {
+            let suppression = privacy::Suppression::new(topology.privacy.hasher());
+            Box::new(Identity { topology: topology.clone(), suppression })
+        }),
     }
 }
 
 pub struct Identity {
     topology: Arc<Topology>,
+    suppression: privacy::Suppression,
 }
 
 /// A deterministic canonical id for a customer first seen through `first` (in its
@@ -100,6 +111,10 @@ pub fn unlink_message(id: &Identifier, at: i64) -> (String, Vec<u8>) {
 }
 
 impl Processor for Identity {
+    fn init(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ProcessError> {
+        self.suppression.load(ctx)
+    }
+
     fn process(&mut self, ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
         let bytes = record.value.as_deref().unwrap_or_default();
         if bytes.len() > self.topology.limits.max_record_bytes {
@@ -116,6 +131,9 @@ impl Processor for Identity {
             let env: Envelope = serde_json::from_slice(bytes)
                 .map_err(|e| ProcessError::reject("invalid_identity_message", e.to_string()))?;
             return self.graph().handle(ctx, env);
+        }
+        if record.topic == crate::privacy::REQUESTS_TOPIC {
+            return self.on_privacy_request(ctx, record, bytes);
         }
         let json = decode_input(bytes)?;
         match record.topic.as_str() {
@@ -145,7 +163,68 @@ struct Extracted {
 
 impl Identity {
     fn graph(&self) -> Graph<'_> {
-        Graph { config: &self.topology.identity, dedupe_ms: self.topology.dedupe.window.ms() }
+        Graph {
+            config: &self.topology.identity,
+            dedupe_ms: self.topology.dedupe.window.ms(),
+            suppression: &self.suppression,
+        }
+    }
+
+    /// An input naming an erased identifier is dropped before anything of it is kept:
+    /// a dead letter without the payload, and the count.
+    fn refuse_erased(&self, extracted: &Extracted) -> Result<(), ProcessError> {
+        if !self.suppression.identifiers_held(&extracted.identifiers) {
+            return Ok(());
+        }
+        Err(ProcessError::Redacted {
+            reason: crate::privacy::ERASED_SUBJECT,
+            detail:
+                "names an identifier whose subject was erased (POST /v1/privacy/unsuppress or a new consent lifts it)"
+                    .into(),
+        })
+    }
+
+    /// A data subject request from `privacy.requests` (the HTTP API writes there too):
+    /// validated, admitted to the status actor, and handed to the owner of the
+    /// identifier it names. A bad one leaves a dead letter without its payload (it may
+    /// name a person).
+    fn on_privacy_request(&mut self, ctx: &mut Ctx<'_>, record: &Record, bytes: &[u8]) -> Result<(), ProcessError> {
+        let invalid = |detail: String| ProcessError::Redacted { reason: "invalid_privacy_request", detail };
+        let json = decode_input(bytes).map_err(|e| invalid(e.to_string()))?;
+        let fallback = || {
+            let name = format!("privacy:{}:{}:{}", record.topic, record.partition, record.offset);
+            uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).to_string()
+        };
+        let request = crate::privacy::PrivacyRequest::parse(
+            &json,
+            &self.topology.identity,
+            fallback,
+            record.timestamp,
+            self.topology.limits.max_record_bytes,
+        )
+        .map_err(|e| invalid(format!("{} ({})", e, e.code)))?;
+        let seen = privacy::dedupe_key("privacy", &request.request_id);
+        if ctx.get_bytes(DEDUPE_STORE, seen.as_bytes())?.is_some() {
+            ctx.count("duplicates", crate::privacy::REQUESTS_TOPIC);
+            return Ok(());
+        }
+        let privacy = &self.topology.privacy;
+        let keep =
+            ctx.now.max(request.received_at).saturating_add(privacy.timeout.ms().max(self.topology.dedupe.window.ms()));
+        ctx.put_bytes(DEDUPE_STORE, seen.as_bytes(), &[], Some(keep))?;
+        let mut admit = crate::privacy::Report::new(&request.request_id, "admit");
+        admit.admission = Some(crate::privacy::Admission {
+            kind: request.kind,
+            subject: self.suppression.hasher().hash(&request.identifier.label()),
+            received_at: request.received_at,
+            expected_completion: request.received_at.saturating_add(privacy.expected_completion.ms()),
+            callback: request.status_callback_url.clone(),
+        });
+        admit.send(ctx)?;
+        ctx.count("privacy_requests_admitted", request.kind.as_str());
+        let msg = Msg::PrivacyLocate { order: Box::new(request.order()), id: request.identifier };
+        let now = ctx.now;
+        self.hand_over(ctx, now, msg)
     }
 
     /// Normalise and guard raw `(type, value)` pairs; count each refusal.
@@ -184,7 +263,12 @@ impl Identity {
     /// Hand an input to the owner of its most specific identifier: at once when that is
     /// this partition (producers keying by [`partition_key`]), else through the topic.
     fn resolve(&self, ctx: &mut Ctx<'_>, at: i64, resolve: ResolveMsg) -> Result<(), ProcessError> {
-        let msg = Msg::Resolve(Box::new(resolve));
+        self.hand_over(ctx, at, Msg::Resolve(Box::new(resolve)))
+    }
+
+    /// Hand a message to its owner: at once when that is this partition, else through
+    /// the internal topic.
+    fn hand_over(&self, ctx: &mut Ctx<'_>, at: i64, msg: Msg) -> Result<(), ProcessError> {
         let owner =
             crate::partition::partition_for(graph::route(&msg).as_bytes(), ctx.partitions(IDENTITY_REPARTITION));
         if owner == ctx.partition {
@@ -205,6 +289,12 @@ impl Identity {
     ) -> Result<(), ProcessError> {
         let extracted = self.extract(ctx, named);
         self.require_identifiers(what, &extracted)?;
+        if kind == Kind::Consent && body.get("granted").and_then(Value::as_bool) == Some(true) {
+            // A new consent is the subject coming back: lift the suppression first (on
+            // every partition, before the consent itself is resolved).
+            self.graph().release(ctx, at, &extracted.identifiers)?;
+        }
+        self.refuse_erased(&extracted)?;
         self.resolve(ctx, at, ResolveMsg::new(kind, extracted.identifiers, body))
     }
 
@@ -222,6 +312,7 @@ impl Identity {
         }
         let extracted = self.extract(ctx, raw_identifiers(&event));
         self.require_identifiers("the event", &extracted)?;
+        self.refuse_erased(&extracted)?;
         // Downstream stages see the identifiers as the graph knows them.
         event.customer_id = None;
         event.anonymous_id = None;

@@ -17,7 +17,7 @@ pub mod config;
 
 use crate::json::JsonText;
 use crate::processor::{Ctx, ProcessError, Processor, Record};
-use crate::resolved::{absorbed, incoming, on_merge, Kind, Resolved, RESOLVED_TOPIC};
+use crate::resolved::{absorbed, decode, incoming, on_merge, Kind, Resolved, RESOLVED_TOPIC};
 use crate::rules::RuleSet;
 use crate::task::ProcessorSpec;
 use crate::topology::Topology;
@@ -37,6 +37,7 @@ const MAX_STEPS_AT_ONCE: usize = 100;
 
 pub fn spec(topology: &Topology) -> ProcessorSpec {
     let journeys = Arc::new(Journeys::compile(topology));
+    let privacy = topology.privacy.clone();
     ProcessorSpec {
         name: NAME,
         inputs: vec![RESOLVED_TOPIC.into(), CONTEXT_TOPIC.into()],
@@ -44,7 +45,9 @@ pub fn spec(topology: &Topology) -> ProcessorSpec {
         outputs: vec![TOPIC.into(), RESOLVED_TOPIC.into()],
         forwards: vec![TOPIC.into()],
         sub_topology: crate::subtopology::CUSTOMER,
-        factory: Box::new(move || Box::new(JourneyStage { journeys: journeys.clone() })),
+        factory: Box::new(move || {
+            Box::new(JourneyStage { journeys: journeys.clone(), erased: crate::privacy::Erased::new(&privacy, STORE) })
+        }),
     }
 }
 
@@ -97,6 +100,7 @@ impl Context {
 
 struct JourneyStage {
     journeys: Arc<Journeys>,
+    erased: crate::privacy::Erased,
 }
 
 /// What this stage keeps of a customer.
@@ -143,7 +147,7 @@ impl Processor for JourneyStage {
         if record.topic == CONTEXT_TOPIC {
             return self.on_context(ctx, record);
         }
-        let Some(resolved) = incoming(ctx, record, NAME, STORE)? else { return Ok(()) };
+        let Some(resolved) = incoming(ctx, record, NAME, STORE, &self.erased)? else { return Ok(()) };
         let id = resolved.canonical_id.clone();
         match resolved.kind {
             Kind::Event => self.on_event(ctx, &resolved),
@@ -170,10 +174,39 @@ impl Processor for JourneyStage {
                 }
                 ctx.put_json_owned(STORE, &id, customer)
             }
-            Kind::Request | Kind::Consent | Kind::Tick | Kind::Recommendations | Kind::Content | Kind::Campaign => {
-                Ok(())
+            Kind::Privacy => {
+                // Erasure: the waits are cancelled and no `journeys.events` record says
+                // the customer left (it would name them).
+                let order: crate::privacy::Order = decode(&resolved.body)?;
+                let (mut report, state) = crate::privacy::stage_order(ctx, NAME, STORE, &mut self.erased, &order, &id)?;
+                if order.kind.exports() {
+                    report.export = state.map(|mut customer| {
+                        if let Some(map) = customer.as_object_mut() {
+                            // A copy of the context stage's record, exported by it.
+                            map.remove("context");
+                        }
+                        customer
+                    });
+                }
+                report.send(ctx)
             }
+            Kind::Request
+            | Kind::Consent
+            | Kind::Tick
+            | Kind::Recommendations
+            | Kind::Content
+            | Kind::Campaign
+            | Kind::PrivacyReport => Ok(()),
         }
+    }
+
+    fn init(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ProcessError> {
+        self.erased.load(ctx)
+    }
+
+    fn on_expired(&mut self, _ctx: &mut Ctx<'_>, _store: &str, key: &[u8]) -> Result<(), ProcessError> {
+        self.erased.forget_expired(key);
+        Ok(())
     }
 
     /// Waits that ended: go on with the steps after them.
@@ -213,6 +246,11 @@ impl JourneyStage {
     fn on_context(&self, ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
         let Some(key) = record.key.as_deref() else { return Ok(()) };
         let id = String::from_utf8_lossy(key).into_owned();
+        if self.erased.holds(&id, ctx.now) {
+            // A snapshot written before the customer was erased.
+            ctx.count("privacy_dropped", NAME);
+            return Ok(());
+        }
         let snapshot = match record.value.as_deref() {
             None => None,
             Some(bytes) => Some(

@@ -59,7 +59,10 @@ pub fn spec(topology: &Topology) -> ProcessorSpec {
         outputs,
         forwards: vec![],
         sub_topology: crate::subtopology::CUSTOMER,
-        factory: Box::new(move || Box::new(Orchestrator { topology: topology.clone() })),
+        factory: Box::new(move || {
+            let erased = crate::privacy::Erased::new(&topology.privacy, CONSENT_STORE);
+            Box::new(Orchestrator { topology: topology.clone(), erased })
+        }),
     }
 }
 
@@ -80,14 +83,15 @@ pub fn ask(ctx: &mut Ctx<'_>, id: &str, customer_id: Option<String>, request: Va
 
 pub struct Orchestrator {
     topology: Arc<Topology>,
+    erased: crate::privacy::Erased,
 }
 
 impl Processor for Orchestrator {
     fn process(&mut self, ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
         if record.topic == PROFILES {
-            return on_profile(ctx, record);
+            return on_profile(ctx, record, &self.erased);
         }
-        let Some(resolved) = incoming(ctx, record, NAME, CONSENT_STORE)? else { return Ok(()) };
+        let Some(resolved) = incoming(ctx, record, NAME, CONSENT_STORE, &self.erased)? else { return Ok(()) };
         let id = resolved.canonical_id.clone();
         let config = &self.topology.orchestration;
         match resolved.kind {
@@ -108,6 +112,7 @@ impl Processor for Orchestrator {
                 let expires = ctx.now.saturating_add(self.topology.dedupe.window.ms());
                 ctx.put_bytes(REQUESTS_STORE, request.request_id.as_bytes(), &[], Some(expires))?;
                 let mut recipient = self.load(ctx, &id)?;
+                recipient.remember_request(&request.request_id);
                 // A request naming the customer by email or phone says where to reach them.
                 recipient.reach.learn(&resolved.body, resolved.at, config);
                 let arrival = Pending {
@@ -152,8 +157,20 @@ impl Processor for Orchestrator {
                     ctx.put_json(CONTENT_STORE, &change.id, &change.value)
                 }
             }
-            Kind::Tick | Kind::Recommendations | Kind::Campaign => Ok(()),
+            Kind::Privacy => self.on_privacy(ctx, &id, decode(&resolved.body)?),
+            Kind::Tick | Kind::Recommendations | Kind::Campaign | Kind::PrivacyReport => Ok(()),
         }
+    }
+
+    fn init(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ProcessError> {
+        self.erased.load(ctx)
+    }
+
+    fn on_expired(&mut self, _ctx: &mut Ctx<'_>, store: &str, key: &[u8]) -> Result<(), ProcessError> {
+        if store == CONSENT_STORE {
+            self.erased.forget_expired(key);
+        }
+        Ok(())
     }
 
     /// A customer's waiting requests are due: decide them together.
@@ -170,6 +187,29 @@ impl Processor for Orchestrator {
 }
 
 impl Orchestrator {
+    /// A data subject request at `id`: the customer's record (consent and its history,
+    /// reach, sends, waiting requests) and template view are exported or deleted; waiting
+    /// requests are never decided.
+    fn on_privacy(&mut self, ctx: &mut Ctx<'_>, id: &str, order: crate::privacy::Order) -> Result<(), ProcessError> {
+        let (waiting, requests) = ctx
+            .read_json(CONSENT_STORE, id, |r: &Recipient| (r.pending.len() as u64, r.requests.clone()))?
+            .unwrap_or_default();
+        let view = ctx.get_json::<Value>(CUSTOMERS_STORE, id)?;
+        let (mut report, state) = crate::privacy::stage_order(ctx, NAME, CONSENT_STORE, &mut self.erased, &order, id)?;
+        if order.erases() {
+            report.stopped("deferred_messages", waiting);
+            let mut seen = 0;
+            for request_id in &requests {
+                seen += u64::from(ctx.delete_expiring(REQUESTS_STORE, request_id.as_bytes())?);
+            }
+            report.deleted(NAME, REQUESTS_STORE, seen);
+            report.deleted(NAME, CUSTOMERS_STORE, crate::privacy::delete_counted(ctx, CUSTOMERS_STORE, id)?);
+        } else if order.kind.exports() {
+            report.export = Some(serde_json::json!({"recipient": state, "template_view": view}));
+        }
+        report.send(ctx)
+    }
+
     fn load(&self, ctx: &mut Ctx<'_>, id: &str) -> Result<Recipient, ProcessError> {
         Ok(ctx.get_json::<Recipient>(CONSENT_STORE, id)?.unwrap_or_default())
     }
@@ -299,9 +339,14 @@ pub fn render_content(
 }
 
 /// Mirror a `profiles` record: what templates see of the customer.
-fn on_profile(ctx: &mut Ctx<'_>, record: &Record) -> Result<(), ProcessError> {
+fn on_profile(ctx: &mut Ctx<'_>, record: &Record, erased: &crate::privacy::Erased) -> Result<(), ProcessError> {
     let Some(key) = record.key.as_deref() else { return Ok(()) };
     let id = String::from_utf8_lossy(key).into_owned();
+    if record.value.is_some() && erased.holds(&id, ctx.now) {
+        // A snapshot written before the customer was erased.
+        ctx.count("privacy_dropped", NAME);
+        return Ok(());
+    }
     match record.value.as_deref() {
         None => ctx.delete(CUSTOMERS_STORE, &id),
         Some(bytes) => {

@@ -50,6 +50,22 @@ pub struct Recipient {
     /// Requests held back, in arrival order.
     #[serde(default)]
     pub pending: Vec<Pending>,
+    /// Ids of the latest requests decided for the customer (most recent last): an
+    /// erasure finds their entries in the `requests` dedupe store through it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requests: Vec<String>,
+}
+
+/// Request ids a recipient remembers for erasure; older ones expire from the dedupe
+/// store by themselves.
+const REQUESTS_KEPT: usize = 256;
+
+impl Recipient {
+    pub fn remember_request(&mut self, request_id: &str) {
+        self.requests.push(request_id.to_owned());
+        let excess = self.requests.len().saturating_sub(REQUESTS_KEPT);
+        self.requests.drain(..excess);
+    }
 }
 
 /// When the customer last did what suppressions watch.
@@ -307,6 +323,9 @@ impl Recipient {
         self.sends.sort_by_key(|s| s.at);
         for (campaign, at) in other.campaigns {
             keep_latest(&mut self.campaigns, campaign, at);
+        }
+        for request_id in &other.requests {
+            self.remember_request(request_id);
         }
         for pending in other.pending {
             if !self.pending.iter().any(|p| p.request.request_id == pending.request.request_id) {

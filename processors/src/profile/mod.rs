@@ -47,6 +47,7 @@ pub fn spec(topology: &Topology) -> ProcessorSpec {
     let config = Arc::new(topology.profile.clone());
     let default_consent = topology.default_consent(CONSENT_PURPOSE);
     let default_analytics = topology.default_consent(ANALYTICS_PURPOSE);
+    let privacy = topology.privacy.clone();
     ProcessorSpec {
         name: NAME,
         inputs: vec![RESOLVED_TOPIC.into(), RECOMMENDATIONS_TOPIC.into()],
@@ -63,6 +64,7 @@ pub fn spec(topology: &Topology) -> ProcessorSpec {
                 default_analytics,
                 popularity: BTreeMap::new(),
                 changed: BTreeMap::new(),
+                erased: crate::privacy::Erased::new(&privacy, STORE),
             })
         }),
     }
@@ -82,6 +84,7 @@ pub struct ProfileStage {
     /// their interactions changed it: the `profiles` snapshot (and its personalisation)
     /// is built once per customer per commit.
     changed: BTreeMap<String, u32>,
+    erased: crate::privacy::Erased,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -89,6 +92,37 @@ pub struct Attribute {
     pub value: Value,
     pub at: i64,
     pub source: String,
+}
+
+impl Profile {
+    /// Apply a rectification: each attribute takes its corrected value as of `at` (when
+    /// the request was received), so it wins over older trait values and loses to newer
+    /// ones, as any update does. How many were applied and superseded.
+    pub fn rectify(&mut self, changes: &Map<String, Value>, at: i64, request_id: &str) -> (u64, u64) {
+        let (mut applied, mut superseded) = (0, 0);
+        for (name, value) in changes {
+            let newer = self.attributes.get(name).is_some_and(|a| a.at > at);
+            Attribute::update(&mut self.attributes, name, value.clone(), at, PRIVACY_SOURCE);
+            if matches!(name.as_str(), "timezone" | "locale") {
+                Attribute::update(&mut self.preferences.settings, name, value.clone(), at, PRIVACY_SOURCE);
+            }
+            if newer {
+                superseded += 1
+            } else {
+                applied += 1
+            }
+            self.attribute_history.push(AttributeChange {
+                name: name.clone(),
+                at,
+                source: PRIVACY_SOURCE.to_owned(),
+                request_id: request_id.to_owned(),
+                superseded: newer,
+            });
+        }
+        let excess = self.attribute_history.len().saturating_sub(ATTRIBUTE_HISTORY_KEPT);
+        self.attribute_history.drain(..excess);
+        (applied, superseded)
+    }
 }
 
 impl Attribute {
@@ -222,8 +256,30 @@ pub struct Profile {
     pub segments: Vec<String>,
     #[serde(default)]
     pub merged_from: Vec<String>,
+    /// Corrections made by rectification requests, latest last: what changed and when,
+    /// never the value it replaced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attribute_history: Vec<AttributeChange>,
     pub updated_at: i64,
 }
+
+/// An attribute corrected by a data subject's rectification request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttributeChange {
+    pub name: String,
+    pub at: i64,
+    pub source: String,
+    pub request_id: String,
+    /// A newer value (from a later event) kept its place.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub superseded: bool,
+}
+
+/// Corrections kept per profile.
+const ATTRIBUTE_HISTORY_KEPT: usize = 100;
+
+/// The source of an attribute set by a rectification request.
+pub const PRIVACY_SOURCE: &str = "privacy_request";
 
 fn payload_value<'a>(payload: &'a Value, path: &str) -> Option<&'a Value> {
     path.split('.').try_fold(payload, |v, part| v.get(part)).filter(|v| !v.is_null())
@@ -846,9 +902,10 @@ impl Processor for ProfileStage {
         if record.topic == RECOMMENDATIONS_TOPIC {
             return self.recommendations(ctx, record);
         }
-        let Some(resolved) = incoming(ctx, record, NAME, STORE)? else { return Ok(()) };
+        let Some(resolved) = incoming(ctx, record, NAME, STORE, &self.erased)? else { return Ok(()) };
         let id = resolved.canonical_id.clone();
         match resolved.kind {
+            Kind::Privacy => self.on_privacy(ctx, &id, decode(&resolved.body)?),
             Kind::Event => {
                 let mut event: Event = decode(&resolved.body)?;
                 event.timestamp_ms = resolved.at;
@@ -903,35 +960,69 @@ impl Processor for ProfileStage {
                 let config = self.config.clone();
                 self.update(ctx, &id, false, |profile| profile.absorb(&other, &config))
             }
-            Kind::Request | Kind::Tick | Kind::Content | Kind::Campaign => Ok(()),
+            Kind::Request | Kind::Tick | Kind::Content | Kind::Campaign | Kind::PrivacyReport => Ok(()),
         }
+    }
+
+    fn init(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ProcessError> {
+        self.erased.load(ctx)
+    }
+
+    fn on_expired(&mut self, _ctx: &mut Ctx<'_>, _store: &str, key: &[u8]) -> Result<(), ProcessError> {
+        self.erased.forget_expired(key);
+        Ok(())
     }
 }
 
 impl ProfileStage {
+    /// A data subject request at `id`: the profile is exported, corrected or deleted
+    /// (with its `profiles` record; the customer leaves its segments without a record
+    /// naming them).
+    fn on_privacy(&mut self, ctx: &mut Ctx<'_>, id: &str, order: crate::privacy::Order) -> Result<(), ProcessError> {
+        let (mut report, state) = crate::privacy::stage_order(ctx, NAME, STORE, &mut self.erased, &order, id)?;
+        match (order.kind, &order.changes) {
+            (crate::privacy::RequestType::Erasure, _) => {
+                self.changed.remove(id);
+                ctx.emit_tombstone(TOPIC, id);
+                report.tombstoned(TOPIC, 1);
+            }
+            (crate::privacy::RequestType::Rectification, Some(changes)) if state.is_some() => {
+                let at = order.received_at;
+                let (applied, superseded) =
+                    self.update(ctx, id, false, |profile| profile.rectify(changes, at, &order.request_id))?;
+                report.stopped("attributes_rectified", applied);
+                report.stopped("attributes_superseded", superseded);
+            }
+            (kind, _) if kind.exports() => report.export = state,
+            _ => {}
+        }
+        report.send(ctx)
+    }
+
     /// Change the customer's profile (a new one when there is none) in place; its
     /// segments, personalisation and snapshot are brought up to date once, when the task
     /// commits (see [`Processor::flush`]). `interaction`: an event of the customer's,
     /// counted for personalisation coverage.
-    fn update(
+    fn update<R>(
         &mut self,
         ctx: &mut Ctx<'_>,
         id: &str,
         interaction: bool,
-        f: impl FnOnce(&mut Profile),
-    ) -> Result<(), ProcessError> {
+        f: impl FnOnce(&mut Profile) -> R,
+    ) -> Result<R, ProcessError> {
         let now = ctx.now;
-        ctx.update_json(
+        let result = ctx.update_json(
             STORE,
             id,
             || Profile::new(id),
             |profile: &mut Profile| {
-                f(profile);
+                let result = f(profile);
                 profile.updated_at = now;
+                result
             },
         )?;
         *self.changed.entry(id.to_owned()).or_default() += u32::from(interaction);
-        Ok(())
+        Ok(result)
     }
 
     /// A record of the compacted `recommendations` topic: the customer's precomputed

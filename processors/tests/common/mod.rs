@@ -29,7 +29,7 @@ pub fn ts(ms: i64) -> String {
 pub fn topology(raw_partitions: u32, partitions: u32) -> Topology {
     let mut t = Topology::default().with_partitions(partitions);
     t.clock = Clock::Event;
-    for topic in ["events.raw", "messages.requests", "consent"] {
+    for topic in ["events.raw", "messages.requests", "consent", "privacy.requests"] {
         t.topics.partitions.insert(topic.into(), raw_partitions);
     }
     t
