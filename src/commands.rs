@@ -43,6 +43,22 @@ pub fn load_topology(path: &Path) -> Result<Topology> {
         })?
     };
     crate::kafka::use_settings(&topology.kafka)?;
+    let mut topology = topology;
+    topology.privacy.hash_key = crate::kafka::expand_env(&topology.privacy.hash_key).context("privacy.hash_key")?;
+    if topology.privacy.hash_key.is_empty() {
+        tracing::warn!(
+            "privacy.hash_key is not set: erased identifiers are hashed with the development key, which anyone can \
+             use to test an email against the suppression list; set it (for example ${{CHORUS_PRIVACY_KEY}}) in production"
+        );
+    }
+    let callbacks = &mut topology.privacy.callbacks;
+    callbacks.secret = crate::kafka::expand_env(&callbacks.secret).context("privacy.callbacks.secret")?;
+    if callbacks.secret.is_empty() {
+        tracing::warn!(
+            "privacy.callbacks.secret is not set: status callbacks are signed with the development secret, which \
+             anyone can use to forge one; set it (for example ${{CHORUS_CALLBACK_SECRET}}) in production"
+        );
+    }
     Ok(topology)
 }
 
@@ -269,8 +285,9 @@ impl Pipeline {
         println!("http: http://{bound}");
         std::io::stdout().flush().ok();
         let url = self.advertise.clone().unwrap_or_else(|| advertised_url(&bound));
-        let directory_stop = Arc::new(AtomicBool::new(false));
-        let directory_threads = directory.start(&self.brokers, url, directory_stop.clone())?;
+        let background_stop = Arc::new(AtomicBool::new(false));
+        let mut background_threads = directory.start(&self.brokers, url, background_stop.clone())?;
+        background_threads.push(crate::callbacks::start(&self.brokers, &self.topology, background_stop.clone())?);
 
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(String, Result<()>)>();
         let mut threads = Vec::new();
@@ -319,8 +336,8 @@ impl Pipeline {
         for t in threads {
             let _ = t.join();
         }
-        directory_stop.store(true, Ordering::SeqCst);
-        for t in directory_threads {
+        background_stop.store(true, Ordering::SeqCst);
+        for t in background_threads {
             let _ = t.join();
         }
         match errors.into_iter().next() {
@@ -378,6 +395,14 @@ pub async fn topics_create(brokers: &str, topology: &Path) -> Result<()> {
         created.len(),
         crate::kafka::all_topics(&topology).len() - created.len()
     );
+    Ok(())
+}
+
+pub fn topics_list(topology: &Path) -> Result<()> {
+    let topology = load_topology(topology)?;
+    for topic in crate::kafka::all_topics(&topology) {
+        println!("{}", json!({"topic": topic.name, "partitions": topic.partitions, "compacted": topic.compacted}));
+    }
     Ok(())
 }
 
@@ -544,6 +569,53 @@ fn record_key(topic: &str, value: &Value, topology: &Topology) -> Result<(String
         }
         _ => (value.get("key").and_then(Value::as_str).unwrap_or_default().to_owned(), false),
     })
+}
+
+/// `chorus state scan`: every entry under `data_dir`'s task databases that mentions one
+/// of `needles`, as JSON lines `{"task", "store", "key", "matched"}`; the number of
+/// entries scanned goes to stderr.
+pub fn state_scan(data_dir: &Path, needles: &[String]) -> Result<()> {
+    let root = data_dir.join("state");
+    if !root.is_dir() {
+        bail!("{} holds no task state (no {} directory)", data_dir.display(), root.display());
+    }
+    let mut tasks = Vec::new();
+    for processor in std::fs::read_dir(&root).with_context(|| format!("cannot read {}", root.display()))? {
+        let processor = processor?.path();
+        for partition in
+            std::fs::read_dir(&processor).with_context(|| format!("cannot read {}", processor.display()))?
+        {
+            let partition = partition?.path();
+            if partition.join("CURRENT").is_file() {
+                tasks.push(partition);
+            }
+        }
+    }
+    tasks.sort();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut scanned = 0u64;
+    for task in &tasks {
+        let name = task.strip_prefix(&root).unwrap_or(task).display().to_string();
+        let mut result = Ok(());
+        chorus_state::scan_all(task, |store, key, value| {
+            scanned += 1;
+            let found = needles.iter().find(|n| contains(key, n.as_bytes()) || contains(value, n.as_bytes()));
+            if let (Some(needle), Ok(())) = (found, &result) {
+                let line =
+                    json!({"task": name, "store": store, "key": String::from_utf8_lossy(key), "matched": needle});
+                result = writeln!(out, "{line}");
+            }
+        })
+        .with_context(|| format!("cannot scan {}", task.display()))?;
+        result?;
+    }
+    eprintln!("scanned {scanned} entries in {} task databases", tasks.len());
+    Ok(())
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
 #[cfg(test)]

@@ -9,12 +9,13 @@ use anyhow::{Context as _, Result};
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query as Params, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chorus_processors::content::CHANNELS;
 use chorus_processors::identity::{self, Identifier};
+use chorus_processors::privacy::{self, status, status::RequestState, PrivacyRequest, RequestType};
 use chorus_processors::topology::{Clock, CONSENT, EVENTS_RAW, IDENTITY_REPARTITION};
 use chorus_processors::Topology;
 use chorus_schemas::{ConsentChange, Event};
@@ -28,6 +29,8 @@ pub struct ApiState {
     pub topology: Arc<Topology>,
     pub query: Query,
     pub producer: FutureProducer,
+    /// `privacy.api_key` with `${VAR}` expanded: the bearer key exports need.
+    pub privacy_key: Option<Arc<str>>,
 }
 
 impl ApiState {
@@ -41,7 +44,11 @@ impl ApiState {
             .set("message.max.bytes", topology.limits.max_message_bytes().to_string())
             .create()
             .context("cannot create the HTTP intake producer")?;
-        Ok(ApiState { topology, query, producer })
+        let privacy_key = match topology.privacy.api_key.as_str() {
+            "" => None,
+            key => Some(crate::kafka::expand_env(key).context("privacy.api_key")?.into()),
+        };
+        Ok(ApiState { topology, query, producer, privacy_key })
     }
 }
 
@@ -57,6 +64,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/internal/v1/stores/{processor}/{partition}/{store}", get(get_store_value))
         .route("/v1/identity/unlink", post(post_unlink))
         .route("/v1/identity/{kind}/{value}", get(get_identity))
+        .route("/v1/privacy/requests", post(post_privacy_request))
+        .route("/v1/privacy/unsuppress", post(post_unsuppress))
+        .route("/v1/privacy/requests/{id}", get(get_privacy_request))
+        .route("/v1/privacy/requests/{id}/export", get(get_privacy_export))
+        .route("/v1/privacy/requests/{id}/export.zip", get(get_privacy_export_zip))
         .route("/metrics", get(get_metrics))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
@@ -95,18 +107,28 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// The request field at fault, when there is one.
+    field: Option<String>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into() }
+        ApiError { status, code, message: message.into(), field: None }
+    }
+
+    pub fn on_field(mut self, field: impl Into<String>) -> ApiError {
+        self.field = Some(field.into());
+        self
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
-        (self.status, body).into_response()
+        let mut error = json!({"code": self.code, "message": self.message});
+        if let Some(field) = self.field {
+            error["field"] = Value::String(field);
+        }
+        (self.status, Json(json!({"error": error}))).into_response()
     }
 }
 
@@ -583,6 +605,244 @@ async fn unlink(state: &ApiState, body: &[u8]) -> Result<Value, ApiError> {
     })?;
     tracing::info!(identifier = %id.label(), reason = ?request.reason, "unlink requested");
     Ok(json!({"unlinking": id.label(), "from": current["canonical_id"]}))
+}
+
+/// `POST /v1/privacy/requests {"type", "identifier": {"type", "value"}, "changes",
+/// "reason", "status_callback_url"}`: validated here, written as one record to
+/// `privacy.requests` (or not at all), answered `202 {"request_id",
+/// "expected_completion"}`.
+async fn post_privacy_request(State(state): State<ApiState>, body: Bytes) -> Response {
+    let response = match file_privacy_request(&state, &body, None).await {
+        Ok(v) => (StatusCode::ACCEPTED, Json(v)).into_response(),
+        Err(e) => e.into_response(),
+    };
+    count("/v1/privacy/requests", response.status());
+    response
+}
+
+/// `POST /v1/privacy/unsuppress {"identifier": {"type", "value"}, "reason"}`: an erased
+/// identifier may come back (its subject asked to).
+async fn post_unsuppress(State(state): State<ApiState>, body: Bytes) -> Response {
+    let response = match file_privacy_request(&state, &body, Some(RequestType::Unsuppress)).await {
+        Ok(v) => (StatusCode::ACCEPTED, Json(v)).into_response(),
+        Err(e) => e.into_response(),
+    };
+    count("/v1/privacy/unsuppress", response.status());
+    response
+}
+
+async fn file_privacy_request(state: &ApiState, body: &[u8], kind: Option<RequestType>) -> Result<Value, ApiError> {
+    let mut json: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("the body is not valid JSON: {e}"))
+    })?;
+    if let (Some(kind), Value::Object(map)) = (kind, &mut json) {
+        if let Some(given) = map.get("type") {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("this route files unsuppress requests; it takes no type (got {given})"),
+            )
+            .on_field("type"));
+        }
+        map.insert("type".into(), Value::String(kind.as_str().into()));
+    }
+    if let Value::Object(map) = &json {
+        for internal in ["request_id", "received_at"] {
+            if map.contains_key(internal) {
+                return Err(
+                    ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "is set by chorus").on_field(internal)
+                );
+            }
+        }
+    }
+    let now = now_ms();
+    let request = PrivacyRequest::parse(
+        &json,
+        &state.topology.identity,
+        || uuid::Uuid::now_v7().to_string(),
+        now,
+        state.topology.limits.max_record_bytes,
+    )
+    .map_err(|e| {
+        let status =
+            if e.code == "invalid_changes" { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::BAD_REQUEST };
+        ApiError::new(status, e.code, e.message).on_field(e.field)
+    })?;
+    if let Some(url) = &request.status_callback_url {
+        if !state.topology.privacy.callbacks.allows(url) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_callback_url",
+                "its host is not in privacy.callbacks.hosts",
+            )
+            .on_field("status_callback_url"));
+        }
+    }
+    let value = serde_json::to_vec(&privacy_record(&request)).unwrap_or_default();
+    let key = request.identifier.owner_key().to_owned();
+    produce(state, &state.topology.physical_topic(privacy::REQUESTS_TOPIC), &[(key.as_str(), &value, None)]).await?;
+    tracing::info!(request_id = %request.request_id, kind = request.kind.as_str(), "privacy request filed");
+    let expected = request.received_at.saturating_add(state.topology.privacy.expected_completion.ms());
+    Ok(json!({
+        "request_id": request.request_id,
+        "type": request.kind.as_str(),
+        "status": "pending",
+        "expected_completion": chorus_processors::time::rfc3339(expected),
+    }))
+}
+
+/// The record a validated request is filed as: the body with the id and time chorus gave it.
+fn privacy_record(request: &PrivacyRequest) -> Value {
+    let mut record = json!({
+        "request_id": request.request_id,
+        "type": request.kind.as_str(),
+        "identifier": {"type": request.identifier.kind, "value": request.identifier.value},
+        "received_at": request.received_at,
+    });
+    if let Some(changes) = &request.changes {
+        record["changes"] = Value::Object(changes.clone());
+    }
+    if let Some(reason) = &request.reason {
+        record["reason"] = Value::String(reason.clone());
+    }
+    if let Some(url) = &request.status_callback_url {
+        record["status_callback_url"] = Value::String(url.clone());
+    }
+    record
+}
+
+/// A request id in a path, or its 400.
+fn request_id(id: &str) -> Result<uuid::Uuid, ApiError> {
+    uuid::Uuid::parse_str(id).map_err(|_| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_id", "a request id is a UUID").on_field("request_id")
+    })
+}
+
+/// The status actor's record of a request; a request filed a moment ago that the
+/// pipeline has not admitted yet is `pending`.
+async fn privacy_state(state: &ApiState, id: &str) -> Result<Option<RequestState>, ApiError> {
+    let uuid = request_id(id)?;
+    match state.query.privacy_request(&uuid.to_string()).await {
+        Lookup::Found(s) => Ok(Some(s)),
+        Lookup::Unavailable(why) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_available", why)),
+        Lookup::Unknown => {
+            let minted = uuid.get_timestamp().map(|t| t.to_unix()).map(|(s, n)| s as i64 * 1000 + n as i64 / 1_000_000);
+            if minted.is_some_and(|at| now_ms() - at < 60_000 && at <= now_ms() + 5_000) {
+                return Ok(None);
+            }
+            Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_request", format!("no privacy request {uuid}"))
+                .on_field("request_id"))
+        }
+    }
+}
+
+/// `GET /v1/privacy/requests/{id}`: status (`pending`, `in_progress`, `completed`,
+/// `failed` with the part that failed), per stage and store, and the receipt. It holds
+/// no personal data.
+async fn get_privacy_request(State(state): State<ApiState>, Path(id): Path<String>) -> Response {
+    let response = match privacy_state(&state, &id).await {
+        Ok(Some(s)) => (StatusCode::OK, Json(s.receipt())).into_response(),
+        Ok(None) => (StatusCode::OK, Json(json!({"request_id": id, "status": "pending"}))).into_response(),
+        Err(e) => e.into_response(),
+    };
+    count("/v1/privacy/requests/{id}", response.status());
+    response
+}
+
+/// `GET /v1/privacy/requests/{id}/export`: the access export. It is personal data, so
+/// it takes `Authorization: Bearer <privacy.api_key>`.
+async fn get_privacy_export(State(state): State<ApiState>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let response = match privacy_export(&state, &id, &headers).await {
+        Ok(v) => (StatusCode::OK, Json(v)).into_response(),
+        Err(e) => e.into_response(),
+    };
+    count("/v1/privacy/requests/{id}/export", response.status());
+    response
+}
+
+/// `GET /v1/privacy/requests/{id}/export.zip`: the same export as `export.json` with a
+/// CSV file per kind of record (portability).
+async fn get_privacy_export_zip(State(state): State<ApiState>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let zipped = privacy_export(&state, &id, &headers).await.and_then(|export| {
+        crate::export::zip(&export)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "export_failed", e.to_string()))
+    });
+    let response = match zipped {
+        Ok(bytes) => {
+            let disposition = format!("attachment; filename=\"chorus-export-{id}.zip\"");
+            ([(header::CONTENT_TYPE, "application/zip".to_owned()), (header::CONTENT_DISPOSITION, disposition)], bytes)
+                .into_response()
+        }
+        Err(e) => e.into_response(),
+    };
+    count("/v1/privacy/requests/{id}/export.zip", response.status());
+    response
+}
+
+async fn privacy_export(state: &ApiState, id: &str, headers: &HeaderMap) -> Result<Value, ApiError> {
+    authorise_privacy(state, headers)?;
+    let Some(request) = privacy_state(state, id).await? else {
+        return Err(ApiError::new(StatusCode::CONFLICT, "not_ready", "the request is still pending"));
+    };
+    if !request.kind().is_some_and(RequestType::exports) {
+        return Err(ApiError::new(StatusCode::CONFLICT, "no_export", "only access and portability requests export")
+            .on_field("request_id"));
+    }
+    if request.status != status::Status::Completed {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_ready",
+            format!("the request is {}; its export is ready when it is completed", request.status.as_str()),
+        ));
+    }
+    if request.note.as_deref() == Some(status::SUBJECT_ERASED) {
+        return Err(ApiError::new(
+            StatusCode::GONE,
+            "subject_erased",
+            "the subject was erased since; so was this export",
+        ));
+    }
+    // Filed over HTTP or on the topic, `received_at` is wall-clock time.
+    let received = request.admission.as_ref().map_or(0, |a| a.received_at);
+    if now_ms() > received.saturating_add(state.topology.privacy.export_ttl.ms()) {
+        return Err(ApiError::new(
+            StatusCode::GONE,
+            "export_expired",
+            "exports are kept privacy.export_ttl after the request was filed",
+        ));
+    }
+    state
+        .query
+        .privacy_export(&request, read_clock(state))
+        .await
+        .map_err(|why| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_available", why))
+}
+
+/// Exports need the privacy key; without one configured they are refused.
+fn authorise_privacy(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
+    use subtle::ConstantTimeEq as _;
+    let expected = state.privacy_key.as_deref().unwrap_or_default();
+    if expected.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "export_disabled",
+            "exports hold personal data: set privacy.api_key to serve them",
+        ));
+    }
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid privacy key is required (Authorization: Bearer ...)",
+        ))
+    }
 }
 
 async fn get_metrics(State(state): State<ApiState>) -> Response {

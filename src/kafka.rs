@@ -34,7 +34,7 @@ pub fn use_settings(settings: &BTreeMap<String, String>) -> Result<()> {
 }
 
 /// `${VAR}` replaced by the variable's value.
-fn expand_env(value: &str) -> Result<String> {
+pub fn expand_env(value: &str) -> Result<String> {
     let mut out = String::new();
     let mut rest = value;
     while let Some(start) = rest.find("${") {
@@ -118,6 +118,29 @@ pub async fn create_topics(brokers: &str, topology: &Topology) -> Result<Vec<Str
     create_topic_list(brokers, &all_topics(topology), topology).await
 }
 
+/// The settings that bound how long a record stays in a topic (README, "Privacy"): a
+/// compacted topic cleans a replaced value within `topics.compaction_lag` and drops the
+/// tombstone `topics.delete_retention` later; any other topic deletes a record within
+/// its retention plus `topics.segment`.
+pub fn topic_configs(topology: &Topology, topic: &TopicToCreate) -> Vec<(&'static str, String)> {
+    let topics = &topology.topics;
+    let ms = |d: chorus_processors::topology::Duration| d.ms().to_string();
+    if topic.compacted {
+        vec![
+            ("cleanup.policy", "compact".to_owned()),
+            ("max.compaction.lag.ms", ms(topics.compaction_lag)),
+            ("delete.retention.ms", ms(topics.delete_retention)),
+        ]
+    } else {
+        let logical = topology.logical_topic(&topic.name);
+        vec![
+            ("cleanup.policy", "delete".to_owned()),
+            ("retention.ms", ms(topics.retention_of(&logical))),
+            ("segment.ms", ms(topics.segment)),
+        ]
+    }
+}
+
 /// Create these topics (existing ones are checked, not changed), each accepting the
 /// largest record chorus writes (`limits.max_message_bytes`).
 pub async fn create_topic_list(brokers: &str, topics: &[TopicToCreate], topology: &Topology) -> Result<Vec<String>> {
@@ -126,16 +149,14 @@ pub async fn create_topic_list(brokers: &str, topics: &[TopicToCreate], topology
         client_config(brokers).create().context("cannot create a Kafka admin client")?;
     let replication = topology.topics.replication_factor;
     let max_message_bytes = topology.limits.max_message_bytes().to_string();
+    let configs: Vec<Vec<(&str, String)>> = topics.iter().map(|t| topic_configs(topology, t)).collect();
     let new_topics: Vec<NewTopic> = topics
         .iter()
-        .map(|t| {
+        .zip(&configs)
+        .map(|(t, configs)| {
             let topic = NewTopic::new(&t.name, t.partitions as i32, TopicReplication::Fixed(replication))
                 .set("max.message.bytes", &max_message_bytes);
-            if t.compacted {
-                topic.set("cleanup.policy", "compact")
-            } else {
-                topic
-            }
+            configs.iter().fold(topic, |topic, (key, value)| topic.set(key, value))
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
@@ -209,5 +230,53 @@ mod tests {
         tune(&mut config, "compression.type", "lz4");
         assert_eq!(config.get("linger.ms"), Some("50"));
         assert_eq!(config.get("compression.type"), Some("lz4"));
+    }
+}
+
+#[cfg(test)]
+mod topic_config_tests {
+    use super::{all_topics, topic_configs};
+    use chorus_processors::Topology;
+
+    fn configs_of(topology: &Topology, topic: &str) -> Vec<(&'static str, String)> {
+        let all = all_topics(topology);
+        let topic = all.iter().find(|t| t.name == topic).unwrap_or_else(|| panic!("no topic {topic}"));
+        topic_configs(topology, topic)
+    }
+
+    /// Every topic says how long a record may stay: compacted ones clean within the
+    /// compaction lag, the others delete within retention plus a segment.
+    #[test]
+    fn every_topic_bounds_how_long_a_record_stays() {
+        let topology = Topology::from_yaml_str(
+            "application_id: shop\ntopics:\n  retention: 3d\n  retention_per_topic: {events.raw: 2d}\n  segment: 6h\n  \
+             compaction_lag: 12h\nprivacy:\n  marker_ttl: 4d\n",
+        )
+        .unwrap();
+        let h = |n: i64| (n * 3_600_000).to_string();
+        assert_eq!(
+            configs_of(&topology, "events.raw"),
+            [("cleanup.policy", "delete".into()), ("retention.ms", h(48)), ("segment.ms", h(6))]
+        );
+        assert_eq!(configs_of(&topology, "decisions.email")[1], ("retention.ms", h(72)));
+        assert_eq!(
+            configs_of(&topology, "shop-profile-profiles-changelog"),
+            [("cleanup.policy", "compact".into()), ("max.compaction.lag.ms", h(12)), ("delete.retention.ms", h(24))]
+        );
+        assert_eq!(configs_of(&topology, "profiles")[0], ("cleanup.policy", "compact".into()));
+        for topic in all_topics(&topology) {
+            let configs = topic_configs(&topology, &topic);
+            assert!(
+                configs.iter().any(|(k, _)| *k == "retention.ms" || *k == "max.compaction.lag.ms"),
+                "{}: {configs:?}",
+                topic.name
+            );
+        }
+    }
+
+    #[test]
+    fn erasure_markers_must_outlive_events_resolved() {
+        let errors = Topology::from_yaml_str("topics:\n  retention: 7d\nprivacy:\n  marker_ttl: 7d\n").unwrap_err();
+        assert!(errors.iter().any(|e| e.to_string().contains("privacy.marker_ttl")), "{errors:?}");
     }
 }

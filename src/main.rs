@@ -3,9 +3,11 @@
 
 mod bench;
 mod broker;
+mod callbacks;
 mod commands;
 mod directory;
 mod engine;
+mod export;
 mod http;
 mod kafka;
 mod metrics;
@@ -125,6 +127,26 @@ enum Command {
         #[command(subcommand)]
         command: IdentityCommand,
     },
+    /// Local state tools.
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Print, one JSON line each, every entry of every store (every RocksDB column
+    /// family) under a member's data dir whose key or value contains one of the texts:
+    /// an audit that an erased subject left nothing behind. Run it while the member is
+    /// stopped, or on a copy.
+    Scan {
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+        /// Byte strings to look for (an identifier, a canonical id).
+        #[arg(long = "contains", required = true)]
+        needles: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -164,6 +186,12 @@ enum TopicsCommand {
     Create {
         #[arg(long)]
         brokers: String,
+        #[arg(long, default_value = "topology.yaml")]
+        topology: PathBuf,
+    },
+    /// Print every topic of the topology, changelogs included, as JSON lines
+    /// `{"topic", "partitions", "compacted"}` (no broker needed).
+    List {
         #[arg(long, default_value = "topology.yaml")]
         topology: PathBuf,
     },
@@ -217,6 +245,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Topics { command: TopicsCommand::Create { brokers, topology } } => {
             commands::topics_create(&brokers, &topology).await
         }
+        Command::Topics { command: TopicsCommand::List { topology } } => commands::topics_list(&topology),
         Command::Tail { topic, brokers, from_beginning, max, timeout_ms } => {
             commands::tail(&topic, &brokers, from_beginning, max, timeout_ms).await
         }
@@ -231,5 +260,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             bench::bench_identity(bench::IdentityBenchArgs { file, brokers, partitions, topology }).await
         }
         Command::Bench { command: None, args } => bench::bench(args).await,
+        Command::State { command: StateCommand::Scan { data_dir, needles } } => {
+            commands::state_scan(&data_dir, &needles)
+        }
     }
 }

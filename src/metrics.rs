@@ -45,6 +45,19 @@ pub struct Metrics {
     pub campaign_requests: IntCounterVec,
     /// Content items and campaigns changed or deleted at run time.
     pub catalog_changes: IntCounterVec,
+    pub privacy: PrivacyMetrics,
+}
+
+/// Data subject requests: by type and status, how long they took, and the inputs
+/// dropped because they named an erased subject.
+pub struct PrivacyMetrics {
+    pub requests: IntCounterVec,
+    pub seconds: HistogramVec,
+    pub suppressed_events: IntCounterVec,
+    /// Records still in flight for an erased subject, dropped by the stage they reached.
+    pub dropped: IntCounterVec,
+    /// Status callback attempts by outcome.
+    pub callbacks: IntCounterVec,
 }
 
 /// Journey progress: entries, steps, exits and conversions per step, and the seed's
@@ -112,6 +125,16 @@ impl Metrics {
                 let series = if name == "campaign_requests" { &self.campaign_requests } else { &self.catalog_changes };
                 series.with_label_values(&[first, second]).inc()
             }
+            "privacy_requests" => {
+                let (kind, status) = label.split_once('/').unwrap_or((label, ""));
+                self.privacy.requests.with_label_values(&[kind, status]).inc()
+            }
+            "privacy_request_seconds" => {
+                let (kind, seconds) = label.split_once('/').unwrap_or((label, "0"));
+                self.privacy.seconds.with_label_values(&[kind]).observe(seconds.parse().unwrap_or(0.0))
+            }
+            "privacy_suppressed_events" => self.privacy.suppressed_events.with_label_values(&[label]).inc(),
+            "privacy_dropped" => self.privacy.dropped.with_label_values(&[label]).inc(),
             "journey_conversions" => {
                 let (journey, reach) = label.split_once('/').unwrap_or((label, ""));
                 self.journeys.conversions.with_label_values(&[journey, reach]).inc()
@@ -237,6 +260,13 @@ pub fn metrics() -> &'static Metrics {
                     &registry,
                     prometheus::Gauge::new("cross_channel_conversion_rate", "Share of journey conversions that spanned several channels since this process started"),
                 ),
+            },
+            privacy: PrivacyMetrics {
+                requests: counter(&registry, "privacy_requests_total", "Data subject requests by type (access, portability, erasure, rectification, unsuppress) and status (received, completed, failed)", &["type", "status"]),
+                seconds: histogram(&registry, "privacy_request_seconds", "Seconds from receipt to completion (or failure) of data subject requests, by type", &["type"], vec![0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0]),
+                suppressed_events: counter(&registry, "privacy_suppressed_events_total", "Inputs dropped at intake because they named an erased subject, by topic", &["topic"]),
+                dropped: counter(&registry, "privacy_dropped_total", "Records still in flight for an erased subject, dropped by the stage they reached", &["stage"]),
+                callbacks: counter(&registry, "privacy_callbacks_total", "Status callbacks of data subject requests by outcome: delivered, retried (an attempt failed), failed (attempts exhausted), refused (host not allowed)", &["outcome"]),
             },
             registry,
         }

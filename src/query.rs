@@ -15,6 +15,7 @@ use chorus_processors::partition::partition_for;
 use chorus_processors::personalisation::{
     popularity_key, recommend, Personaliser, Popularity, RecommendationInputs, CONSENT_PURPOSE,
 };
+use chorus_processors::privacy::{self, status, status::RequestState};
 use chorus_processors::profile::{self, Profile};
 use chorus_processors::resolved::RESOLVED_TOPIC;
 use chorus_processors::segments::Segments;
@@ -530,9 +531,22 @@ impl Query {
         self.for_customer(identifier, |id| async move {
             let Some(profile) = self.load_profile(&id).await? else { return Ok(None) };
             let context = self.load_context(&id, now).await?;
+            self.render_profile(&profile, context.as_ref(), now).await.map(Some)
+        })
+        .await
+    }
+
+    /// A profile as `GET /v1/profiles` shows it (the access export shows the same).
+    async fn render_profile(
+        &self,
+        profile: &Profile,
+        context: Option<&CustomerContext>,
+        now: Option<i64>,
+    ) -> Result<Value, Unavailable> {
+        {
             let at = now.unwrap_or(profile.updated_at);
             let mut snapshot = profile.snapshot(at, &self.topology.profile);
-            let context_view = context.as_ref().map_or(Value::Null, CustomerContext::snapshot);
+            let context_view = context.map_or(Value::Null, CustomerContext::snapshot);
             let consent = profile.personalisation_allowed(self.topology.default_consent(CONSENT_PURPOSE));
             let mut view = profile.customer_view(at, &self.topology.profile);
             // The stage brings segments up to date when it commits: a live read
@@ -545,10 +559,74 @@ impl Query {
             let personalised = self.personaliser.resolve(&view, &context_view, &segments, consent);
             count_served("profile", personalised.personalised);
             snapshot["personalisation"] = serde_json::to_value(&personalised).unwrap_or(Value::Null);
-            snapshot["recommendations"] = self.recommend(&profile, context.as_ref(), at).await?;
-            Ok(Some(snapshot))
-        })
-        .await
+            snapshot["recommendations"] = self.recommend(profile, context, at).await?;
+            Ok(snapshot)
+        }
+    }
+
+    /// `GET /v1/privacy/requests/{id}`: the status actor's record of the request.
+    pub async fn privacy_request(&self, request_id: &str) -> Lookup<RequestState> {
+        let partition = partition_for(request_id.as_bytes(), self.topology.partitions_of(RESOLVED_TOPIC));
+        let key = status::request_key(request_id);
+        match self.read_json::<RequestState>(privacy::NAME, partition, status::STORE, &key).await {
+            Ok(Some(state)) => Lookup::Found(state),
+            Ok(None) => Lookup::Unknown,
+            Err(why) => Lookup::Unavailable(why),
+        }
+    }
+
+    /// `GET /v1/privacy/requests/{id}/export`: everything chorus held about the subject
+    /// when the access (or portability) request ran, assembled from its parts.
+    pub async fn privacy_export(&self, state: &RequestState, now: Option<i64>) -> Result<Value, Unavailable> {
+        let partition = partition_for(state.request_id.as_bytes(), self.topology.partitions_of(RESOLVED_TOPIC));
+        let mut stages: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        let mut identity = Value::Null;
+        for part in state.parts.keys() {
+            let key = format!("{}{part}", status::export_prefix(&state.request_id));
+            let Some(fragment) = self.read_json::<Value>(privacy::NAME, partition, status::STORE, &key).await? else {
+                continue;
+            };
+            if holds_nothing(&fragment) {
+                // A stage at a canonical id merged away, which keeps nothing there.
+                continue;
+            }
+            match part.split_once('/') {
+                Some((stage, _)) => stages.entry(stage.to_owned()).or_default().push(fragment),
+                None => identity = fragment,
+            }
+        }
+        let mut profiles = Vec::new();
+        for fragment in stages.get(profile::NAME).into_iter().flatten() {
+            if let Ok(p) = serde_json::from_value::<Profile>(fragment.clone()) {
+                let context = stages
+                    .get(context::NAME)
+                    .into_iter()
+                    .flatten()
+                    .find(|c| c["canonical_id"] == p.canonical_id.as_str())
+                    .and_then(|c| serde_json::from_value::<CustomerContext>(c.clone()).ok());
+                profiles.push(self.render_profile(&p, context.as_ref(), now).await?);
+            }
+        }
+        let contexts: Vec<Value> = stages
+            .get(context::NAME)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| serde_json::from_value::<CustomerContext>(c.clone()).ok())
+            .map(|c| c.snapshot())
+            .collect();
+        let take = |stages: &mut BTreeMap<String, Vec<Value>>, name: &str| stages.remove(name).unwrap_or_default();
+        Ok(serde_json::json!({
+            "request_id": state.request_id,
+            "type": state.kind().map(|k| k.as_str()),
+            "generated_at": state.finished_at,
+            "identity": identity,
+            "profiles": profiles,
+            "profile_state": take(&mut stages, profile::NAME),
+            "context": contexts,
+            "messaging": take(&mut stages, orchestrator::NAME),
+            "journeys": take(&mut stages, chorus_processors::journeys::NAME),
+            "campaign_memberships": take(&mut stages, chorus_processors::campaigns::NAME),
+        }))
     }
 
     /// `GET /v1/context/{identifier}`.
@@ -649,4 +727,14 @@ fn moving(processor: &str, partition: u32) -> Unavailable {
 fn count_served(endpoint: &str, personalised: bool) {
     let outcome = if personalised { "personalised" } else { "generic" };
     metrics().personalisation_served.with_label_values(&[endpoint, outcome]).inc();
+}
+
+/// Whether an export fragment is empty: null, or only nulls and empty lists.
+fn holds_nothing(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::Array(items) => items.is_empty(),
+        Value::Object(fields) => fields.values().all(holds_nothing),
+        _ => false,
+    }
 }

@@ -82,6 +82,8 @@ struct Replay<'a> {
     next: i64,
     end: i64,
     batch: Vec<StoreWrite>,
+    /// Expiry of the latest value of each key written in `batch` that has one.
+    expiring: std::collections::HashMap<Vec<u8>, i64>,
     /// Changelog records in `batch` (it also holds the expiry index entries they imply),
     /// and their bytes.
     batched: u64,
@@ -94,10 +96,29 @@ struct Replay<'a> {
 impl Replay<'_> {
     /// Add one changelog record to the batch, with the expiry index entry its value's
     /// header implies (the index has no changelog of its own).
-    fn push(&mut self, key: &[u8], value: Option<&[u8]>) {
-        if let Some(at) = value.and_then(expiry_of).filter(|at| *at > 0) {
-            let index_key = expiry_index_key(at, self.store, key);
-            self.batch.push(StoreWrite { store: EXPIRY_STORE.to_owned(), key: index_key, value: Some(Vec::new()) });
+    fn push(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<()> {
+        if value.is_none() {
+            // A tombstone: the index entry of the value it deletes (in this batch, or
+            // already in the store) goes too, or it would keep the key until it is due
+            // (an erased subject's key, say).
+            let replaced = match self.expiring.get(key) {
+                Some(at) => Some(*at),
+                None => self.target.db.get(self.store, key)?.as_deref().and_then(expiry_of),
+            };
+            if let Some(at) = replaced.filter(|at| *at > 0) {
+                let index_key = expiry_index_key(at, self.store, key);
+                self.batch.push(StoreWrite { store: EXPIRY_STORE.to_owned(), key: index_key, value: None });
+            }
+        }
+        match value.and_then(expiry_of).filter(|at| *at > 0) {
+            Some(at) => {
+                let index_key = expiry_index_key(at, self.store, key);
+                self.batch.push(StoreWrite { store: EXPIRY_STORE.to_owned(), key: index_key, value: Some(Vec::new()) });
+                self.expiring.insert(key.to_vec(), at);
+            }
+            None => {
+                self.expiring.remove(key);
+            }
         }
         self.batch.push(StoreWrite {
             store: self.store.to_owned(),
@@ -106,6 +127,7 @@ impl Replay<'_> {
         });
         self.batched += 1;
         self.batched_bytes += (key.len() + value.map_or(0, <[u8]>::len)) as u64;
+        Ok(())
     }
 
     /// Write the batch with the checkpoint `next`.
@@ -114,6 +136,7 @@ impl Replay<'_> {
         let bytes = std::mem::take(&mut self.batched_bytes);
         self.target.db.apply(&self.batch, &BTreeMap::from([(self.topic.clone(), self.next)]))?;
         self.batch.clear();
+        self.expiring.clear();
         self.total += n;
         metrics().restored_records.with_label_values(&[self.target.processor, self.store]).inc_by(n);
         metrics().restored_bytes.with_label_values(&[self.target.processor, self.store]).inc_by(bytes);
@@ -180,6 +203,7 @@ pub fn restore(config: &EngineConfig, sub_topology: &str, targets: &[Target<'_>]
                 next: from,
                 end: high,
                 batch: Vec::new(),
+                expiring: std::collections::HashMap::new(),
                 batched: 0,
                 batched_bytes: 0,
                 total: 0,
@@ -238,7 +262,7 @@ fn replay(consumer: &BaseConsumer, replays: &mut [Replay<'_>]) -> Result<()> {
                     open -= 1;
                     continue;
                 }
-                r.push(m.key().unwrap_or_default(), m.payload());
+                r.push(m.key().unwrap_or_default(), m.payload())?;
                 r.next = m.offset() + 1;
                 if r.next >= r.end {
                     r.finish()?;
@@ -345,17 +369,24 @@ mod tests {
             next: 3,
             end: 3,
             batch: Vec::new(),
+            expiring: Default::default(),
             batched: 0,
             batched_bytes: 0,
             total: 0,
             done: false,
             remaining: metrics().restore_remaining.with_label_values(&["identity", "dedupe", "0"]),
         };
-        replay.push(b"e1", Some(&encode_value(5_000, b"")));
-        replay.push(b"e2", Some(&encode_value(0, b"")));
-        replay.push(b"e3", None);
+        replay.push(b"e1", Some(&encode_value(5_000, b""))).unwrap();
+        replay.push(b"e2", Some(&encode_value(0, b""))).unwrap();
+        replay.push(b"e3", None).unwrap();
+        // Deleted later in the same batch, and in a later batch: no index entry stays.
+        replay.push(b"e4", Some(&encode_value(6_000, b""))).unwrap();
+        replay.push(b"e4", None).unwrap();
+        replay.push(b"e5", Some(&encode_value(7_000, b""))).unwrap();
+        replay.flush().unwrap();
+        replay.push(b"e5", None).unwrap();
         replay.finish().unwrap();
-        assert_eq!(replay.total, 3, "index entries are not changelog records");
+        assert_eq!(replay.total, 7, "index entries are not changelog records");
         let index = db.range(EXPIRY_STORE, &[0u8; 8], &[0xff; 8], 10).unwrap();
         let keys: Vec<Vec<u8>> = index.into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, vec![expiry_index_key(5_000, "dedupe", b"e1")]);

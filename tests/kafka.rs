@@ -299,3 +299,66 @@ fn a_large_rejected_record_does_not_stall_the_pipeline() {
     assert!(letter["original_base64"].as_str().unwrap().len() < 100 * 1024);
     member.stop();
 }
+
+/// Every changelog topic of the topology.
+fn changelog_topics(topology: &Path) -> Vec<String> {
+    let out = Command::new(bin()).args(["topics", "list", "--topology", topology.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "topics list: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["topic"].as_str().unwrap().to_owned())
+        .filter(|t| t.ends_with("-changelog"))
+        .collect()
+}
+
+/// The erasure scenario on real Kafka: after the erasure no store, no compacted topic
+/// and no changelog holds anything of the subject's (the latest record of each of their
+/// keys is a tombstone), nothing of theirs comes out, and a member that lost its whole
+/// state dir restores from the changelogs with no trace of them either.
+#[test]
+fn erasure_leaves_no_trace_on_real_kafka_even_after_a_full_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kafka, topology) = setup(dir.path());
+    let data = dir.path().join("data");
+    let member = run_member(&kafka.bootstrap, &topology, &data, "a");
+    let http = member.http().to_owned();
+    let seeded = erasure::seed(&http, &kafka.bootstrap, &topology);
+    let changelogs = changelog_topics(&topology);
+    assert!(changelogs.len() >= 8, "{changelogs:?}");
+    let mentions = |v: &Value| seeded.needles.iter().any(|n| v.to_string().contains(n.as_str()));
+    let held: usize = changelogs
+        .iter()
+        .map(|t| latest_by_key(tail(&kafka.bootstrap, t, 500)).iter().filter(|(k, v)| mentions(&json!([k, v]))).count())
+        .sum();
+    assert!(held > 0, "the changelogs held the subject before the erasure");
+
+    erasure::erase(&http);
+    erasure::assert_erased_online(&http, &kafka.bootstrap, &topology, &seeded);
+    for topic in &changelogs {
+        let records = tail(&kafka.bootstrap, topic, 500);
+        let keys: BTreeSet<String> = records
+            .iter()
+            .filter(|r| mentions(&r["key"]) || mentions(&r["value"]))
+            .filter_map(|r| r["key"].as_str().map(str::to_owned))
+            .collect();
+        let latest = latest_by_key(records);
+        let left: Vec<&String> = keys.iter().filter(|k| latest.contains_key(*k)).collect();
+        assert!(left.is_empty(), "{topic}: the latest record of {left:?} is not a tombstone");
+        let named: Vec<&String> = latest.iter().filter(|(k, v)| mentions(&json!([k, v]))).map(|(k, _)| k).collect();
+        assert!(named.is_empty(), "{topic} still names the subject under {named:?}");
+    }
+    member.stop();
+    erasure::assert_no_trace_on_disk(&data, &seeded);
+
+    // The state dir is lost: the member restores every store from its changelog.
+    std::fs::remove_dir_all(data.join("state")).unwrap();
+    let member = run_member(&kafka.bootstrap, &topology, &data, "a");
+    let http = member.http().to_owned();
+    eventually(120, "the other customer restored", || {
+        let (status, p) = get_json(&format!("{http}/v1/profiles/other1@example.com"));
+        (status == 200 && p["metrics"]["event_count"] == 2).then_some(())
+    });
+    assert_eq!(get_json(&format!("{http}/v1/profiles/zq83@example.com")).0, 404);
+    member.stop();
+    erasure::assert_no_trace_on_disk(&data, &seeded);
+}

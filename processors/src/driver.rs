@@ -47,6 +47,17 @@ struct DriverTask {
 /// Index into `subs` and partition.
 type TaskId = (usize, u32);
 
+/// One raw entry of a store, as [`TestDriver::dump`] finds it.
+#[derive(Debug, Clone)]
+pub struct StoreEntry {
+    pub processor: &'static str,
+    pub store: String,
+    pub partition: u32,
+    pub key: Vec<u8>,
+    /// The stored bytes (expiry header included).
+    pub value: Vec<u8>,
+}
+
 pub struct TestDriver {
     topology: Topology,
     subs: Vec<SubTopology>,
@@ -265,15 +276,20 @@ impl TestDriver {
     }
 
     /// Every raw entry of every store of every member on every partition, timers and
-    /// expiry index included: `(processor, store, partition, key, stored value)`. What a
-    /// search for a person's traces must look through.
-    pub fn dump(&mut self) -> Vec<(&'static str, String, u32, Vec<u8>, Vec<u8>)> {
+    /// expiry index included: what a search for a person's traces must look through.
+    pub fn dump(&mut self) -> Vec<StoreEntry> {
         let mut out = Vec::new();
         for ((i, p), t) in self.tasks.iter_mut() {
             for (m, member) in self.subs[*i].members.iter().enumerate() {
                 for (store, entries) in &t.stores[m].stores.stores {
                     for (k, v) in entries.entries() {
-                        out.push((member.name, store.clone(), *p, k.clone(), v.clone()));
+                        out.push(StoreEntry {
+                            processor: member.name,
+                            store: store.clone(),
+                            partition: *p,
+                            key: k.clone(),
+                            value: v.clone(),
+                        });
                     }
                 }
             }

@@ -84,6 +84,14 @@ pub fn expiry_index_key(at: i64, store: &str, key: &[u8]) -> Vec<u8> {
     index_key
 }
 
+/// A scheduled timer, as [`Ctx::timers_where`] finds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timer {
+    pub due: i64,
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
 /// Everything a processor may touch while handling one record or timer.
 pub struct Ctx<'a> {
     pub now: i64,
@@ -298,15 +306,12 @@ impl<'a> Ctx<'a> {
     /// When timers of `key` are due, earliest first: a scan of this member's timers (for
     /// rare work such as an erasure, which must stop everything a key has scheduled).
     pub fn timers_for(&mut self, key: &[u8]) -> Result<Vec<i64>, ProcessError> {
-        Ok(self.timers_where(|k| k == key)?.into_iter().map(|(at, _, _)| at).collect())
+        Ok(self.timers_where(|k| k == key)?.into_iter().map(|timer| timer.due).collect())
     }
 
-    /// Every timer of this member whose key passes `keep`: (due, key, payload), earliest
-    /// first. A scan of all the member's timers.
-    pub fn timers_where(
-        &mut self,
-        mut keep: impl FnMut(&[u8]) -> bool,
-    ) -> Result<Vec<(i64, Vec<u8>, Vec<u8>)>, ProcessError> {
+    /// Every timer of this member whose key passes `keep`, earliest first. A scan of all
+    /// the member's timers.
+    pub fn timers_where(&mut self, mut keep: impl FnMut(&[u8]) -> bool) -> Result<Vec<Timer>, ProcessError> {
         let mut found = Vec::new();
         let mut from = vec![0u8; 8];
         let until = [0xffu8; 8].to_vec();
@@ -318,7 +323,7 @@ impl<'a> Ctx<'a> {
                 let Some(at) = k.get(..8).and_then(|h| <[u8; 8]>::try_from(h).ok()) else { continue };
                 if keep(&k[8..]) {
                     let (_, payload) = decode_value(&k, &stored)?;
-                    found.push((u64::from_be_bytes(at) as i64, k[8..].to_vec(), payload));
+                    found.push(Timer { due: u64::from_be_bytes(at) as i64, key: k[8..].to_vec(), payload });
                 }
             }
         }

@@ -58,6 +58,9 @@ pub enum Processing {
 pub struct Duration(pub i64);
 
 impl Duration {
+    pub const fn seconds(s: i64) -> Self {
+        Duration(s * 1_000)
+    }
     pub const fn minutes(m: i64) -> Self {
         Duration(m * 60_000)
     }
@@ -162,6 +165,27 @@ pub struct TopicsConfig {
     pub replication_factor: i32,
     /// Per-topic partition counts overriding `default_partitions`.
     pub partitions: BTreeMap<String, u32>,
+    /// How long a record of a topic that is not compacted (`events.raw`,
+    /// `events.resolved`, `decisions.*`, ...) is kept: what bounds how long an erased
+    /// subject's records stay in it (with `segment`).
+    pub retention: Duration,
+    /// Per-topic overrides of `retention`.
+    pub retention_per_topic: BTreeMap<String, Duration>,
+    /// Segments of topics that are not compacted roll this often; retention deletes whole
+    /// segments, so a record leaves within `retention` + `segment`.
+    pub segment: Duration,
+    /// A compacted topic's overwritten values (an erased subject's, under a tombstone)
+    /// are cleaned within this (Kafka's `max.compaction.lag.ms`; it also rolls the
+    /// active segment).
+    pub compaction_lag: Duration,
+    /// How long a tombstone itself stays after cleaning (`delete.retention.ms`).
+    pub delete_retention: Duration,
+}
+
+impl TopicsConfig {
+    pub fn retention_of(&self, topic: &str) -> Duration {
+        self.retention_per_topic.get(topic).copied().unwrap_or(self.retention)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -288,7 +312,16 @@ impl Default for Topology {
 
 impl Default for TopicsConfig {
     fn default() -> Self {
-        TopicsConfig { default_partitions: 8, replication_factor: 1, partitions: BTreeMap::new() }
+        TopicsConfig {
+            default_partitions: 8,
+            replication_factor: 1,
+            partitions: BTreeMap::new(),
+            retention: Duration::days(7),
+            retention_per_topic: BTreeMap::new(),
+            segment: Duration::days(1),
+            compaction_lag: Duration::days(1),
+            delete_retention: Duration::days(1),
+        }
     }
 }
 
@@ -430,6 +463,30 @@ impl Topology {
         }
         if self.commit_latency_budget.ms() <= 0 {
             errors.push(err("commit_latency_budget", "must be positive"));
+        }
+        for (name, d) in [
+            ("retention", self.topics.retention),
+            ("segment", self.topics.segment),
+            ("compaction_lag", self.topics.compaction_lag),
+            ("delete_retention", self.topics.delete_retention),
+        ]
+        .into_iter()
+        .chain(self.topics.retention_per_topic.iter().map(|(t, d)| (t.as_str(), *d)))
+        {
+            if d.ms() <= 0 {
+                errors.push(err(format!("topics.{name}"), "must be positive"));
+            }
+        }
+        let resolved = self.topics.retention_of(crate::resolved::RESOLVED_TOPIC).ms() + self.topics.segment.ms();
+        if self.privacy.marker_ttl.ms() < resolved {
+            errors.push(err(
+                "privacy.marker_ttl",
+                format!(
+                    "must be at least the retention of events.resolved plus topics.segment ({} h): a record still in \
+                     that topic for an erased customer would otherwise recreate them",
+                    resolved / 3_600_000
+                ),
+            ));
         }
         if self.topics.default_partitions == 0 {
             errors.push(err("topics.default_partitions", "must be at least 1"));

@@ -72,8 +72,8 @@ fn scenario(raw: u32, partitions: u32, seed: u64) -> (TestDriver, i64) {
 fn traces(d: &mut TestDriver, needles: &BTreeSet<String>) -> Vec<String> {
     d.dump()
         .into_iter()
-        .filter(|(_, _, _, k, v)| needles.iter().any(|n| contains(k, n.as_bytes()) || contains(v, n.as_bytes())))
-        .map(|(p, s, part, k, _)| format!("{p}/{s}@{part}: {}", String::from_utf8_lossy(&k)))
+        .filter(|e| needles.iter().any(|n| contains(&e.key, n.as_bytes()) || contains(&e.value, n.as_bytes())))
+        .map(|e| format!("{}/{}@{}: {}", e.processor, e.store, e.partition, String::from_utf8_lossy(&e.key)))
         .collect()
 }
 
@@ -386,5 +386,86 @@ proptest! {
         let with = profiles(true)?;
         let without = profiles(false)?;
         prop_assert_eq!(with, without);
+    }
+}
+
+/// Another customer's guard refused the subject's identifiers (two business ids on one
+/// email), and identifiers remember the links they sent: neither names the subject in
+/// the other customer's state, so the erasure leaves nothing there either.
+#[test]
+fn other_customers_refusals_and_link_memory_do_not_name_the_subject() {
+    for (raw, partitions, seed) in [(1, 1, 1), (2, 4, 5)] {
+        let mut d = TestDriver::new(topology(raw, partitions), seed);
+        let t = at("2026-05-01T10:00:00Z");
+        let mut e = event("ev-keep-1", "identify", t, json!({"customer_id": "c-keep"}), json!({}));
+        e["traits"] = json!({"email": "keep@example.com"});
+        send(&mut d, &e);
+        let mut e = event("ev-zq8-1", "identify", t + 1, json!({"customer_id": "cust-zq8a"}), json!({}));
+        e["traits"] = json!({"email": "zq8a@example.com"});
+        send(&mut d, &e);
+        d.run().unwrap();
+        // The subject claims the other's email: the unique customer_id guard refuses it.
+        let mut e = event("ev-zq8-2", "identify", t + 2, json!({"customer_id": "cust-zq8a"}), json!({}));
+        e["traits"] = json!({"email": "keep@example.com"});
+        send(&mut d, &e);
+        d.run().unwrap();
+        assert!(d.counter("guard_refusals", "unique") >= 1);
+        let mut needles: BTreeSet<String> = canonical_ids(&d);
+        needles.insert(MARK.to_owned());
+        privacy(
+            &mut d,
+            json!({"type": "erasure", "identifier": {"type": "customer_id", "value": "cust-zq8a"},
+                "request_id": "0190a2b4-0000-7000-8000-0000000000f3"}),
+        );
+        assert_eq!(receipts(&d)["0190a2b4-0000-7000-8000-0000000000f3"]["status"], "completed");
+        let left = traces(&mut d, &needles);
+        assert!(left.is_empty(), "{raw}/{partitions}: {left:?}");
+        // The other customer kept the refusal, by hash.
+        let kept: Vec<String> = d
+            .dump()
+            .into_iter()
+            .filter(|e| {
+                e.store == "identity"
+                    && e.key.starts_with(b"comp:")
+                    && contains(&e.value, b"refusals")
+                    && contains(&e.value, b"c-keep")
+            })
+            .map(|e| String::from_utf8_lossy(&e.value).into_owned())
+            .collect();
+        assert_eq!(kept.len(), 1, "{raw}/{partitions}: the other customer's refusal stays: {kept:?}");
+    }
+}
+
+/// An access export filed before an erasure holds the subject's data: the erasure takes
+/// it too, on whichever partition the access request's status lives.
+#[test]
+fn an_erasure_takes_earlier_exports_of_its_subject_with_it() {
+    for (raw, partitions, seed) in [(1, 1, 2), (2, 4, 9)] {
+        let (mut d, _) = scenario(raw, partitions, seed);
+        let access = "0190a2b4-0000-7000-8000-0000000000a1";
+        privacy(
+            &mut d,
+            json!({"type": "access", "identifier": {"type": "anonymous_id", "value": "anon-zq81"}, "request_id": access}),
+        );
+        assert!(!d.store_scan("privacy", "privacy", &format!("part:{access}\u{1}")).is_empty());
+        // The access request's reports are on events.resolved too, under its id.
+        let mut needles: BTreeSet<String> = canonical_ids(&d).into_iter().filter(|c| c != access).collect();
+        needles.insert(MARK.to_owned());
+        privacy(
+            &mut d,
+            json!({"type": "erasure", "identifier": {"type": "customer_id", "value": "cust-zq82"},
+                "request_id": "0190a2b4-0000-7000-8000-0000000000e1"}),
+        );
+        let receipts = receipts(&d);
+        assert_eq!(receipts["0190a2b4-0000-7000-8000-0000000000e1"]["status"], "completed");
+        assert!(d.store_scan("privacy", "privacy", &format!("part:{access}\u{1}")).is_empty());
+        let left = traces(&mut d, &needles);
+        assert!(left.is_empty(), "{raw}/{partitions}: {left:?}");
+        let status: Value = d
+            .store_scan("privacy", "privacy", &format!("req:{access}"))
+            .first()
+            .map(|(_, _, v)| chorus_processors::cache::decode(v).unwrap())
+            .unwrap();
+        assert_eq!(status["note"], "subject_erased", "{status:#}");
     }
 }

@@ -98,6 +98,25 @@ impl SharedResources {
     }
 }
 
+/// Visit every entry of every column family of the task database at `path`, opened
+/// read-only (the task may not be running): what an audit reads to prove a subject is
+/// gone. Deleted entries are not visited (their bytes leave the files at compaction).
+pub fn scan_all(path: &Path, mut visit: impl FnMut(&str, &[u8], &[u8])) -> Result<(), StateError> {
+    let display = path.display().to_string();
+    let rocks = |source| StateError::Rocks { path: display.clone(), source };
+    let opts = Options::default();
+    let names = DB::list_cf(&opts, path).map_err(rocks)?;
+    let db = DB::open_cf_for_read_only(&opts, path, &names, false).map_err(rocks)?;
+    for name in &names {
+        let cf = db.cf_handle(name).ok_or_else(|| StateError::UnknownStore(name.clone()))?;
+        for entry in db.iterator_cf(cf, IteratorMode::Start) {
+            let (key, value) = entry.map_err(rocks)?;
+            visit(name, &key, &value);
+        }
+    }
+    Ok(())
+}
+
 pub struct TaskDb {
     db: DB,
     path: String,

@@ -11,6 +11,6 @@ mod live;
 mod overlay;
 
 pub use chorus_processors::store::{MemStore, MemStoreSet};
-pub use db::{changelog_topic, Durability, SharedResources, StateError, TaskDb, CHECKPOINT_CF};
+pub use db::{changelog_topic, scan_all, Durability, SharedResources, StateError, TaskDb, CHECKPOINT_CF};
 pub use live::{LiveStore, MemberState};
 pub use overlay::{StoreWrite, TaskState};

@@ -2,6 +2,8 @@
 //! same CLI, topics and HTTP a user would use.
 #![allow(dead_code)]
 
+pub mod erasure;
+
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};

@@ -257,13 +257,13 @@ impl CampaignStage {
             report.deleted(NAME, STORE, crate::privacy::delete_counted(ctx, STORE, &key)?);
             let paused = ctx.timers_where(|k| k.starts_with(CAMPAIGN.as_bytes()))?;
             let mut moved = 0;
-            for (at, timer, payload) in paused {
-                let Ok(mut run) = serde_json::from_slice::<Run>(&payload) else { continue };
+            for timer in paused {
+                let Ok(mut run) = serde_json::from_slice::<Run>(&timer.payload) else { continue };
                 if run.after.as_deref() != Some(key.as_str()) {
                     continue;
                 }
                 run.after = self.member_before(ctx, &key)?;
-                ctx.schedule(at, &timer, &serde_json::to_vec(&run).unwrap_or_default())?;
+                ctx.schedule(timer.due, &timer.key, &serde_json::to_vec(&run).unwrap_or_default())?;
                 moved += 1;
             }
             report.stopped("scheduled_runs_moved_on", moved);

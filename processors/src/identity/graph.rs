@@ -139,15 +139,20 @@ impl Component {
 }
 
 /// A link a guard refused, kept on the customer that refused it (visible in
-/// `GET /v1/identity/...`).
+/// `GET /v1/identity/...`). The other side is named by hashes only
+/// ([`crate::privacy::Hasher`]): this customer's state must hold nothing of another
+/// customer's, which an erasure of theirs could not find. An operator checks a
+/// suspect identifier by its hash.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GuardRefusal {
     pub guard: String,
-    /// The identifiers that asked to join (the first few of a refused customer's).
-    pub identifiers: Vec<String>,
-    /// The other customer, when a merge was refused.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub customer: Option<String>,
+    /// Hashes of the identifiers that asked to join (the first few of a refused
+    /// customer's).
+    #[serde(alias = "identifiers")]
+    pub identifier_hashes: Vec<String>,
+    /// Hash of the other customer's canonical id, when a merge was refused.
+    #[serde(default, alias = "customer", skip_serializing_if = "Option::is_none")]
+    pub customer_hash: Option<String>,
     pub at: i64,
 }
 
@@ -155,8 +160,30 @@ pub struct GuardRefusal {
 const REFUSALS_KEPT: usize = 20;
 
 impl Component {
-    fn refused(&mut self, guard: &str, identifiers: Vec<String>, customer: Option<String>, at: i64) {
-        self.refusals.push(GuardRefusal { guard: guard.to_owned(), identifiers, customer, at });
+    fn refused(
+        &mut self,
+        hasher: &crate::privacy::Hasher,
+        guard: &str,
+        identifiers: Vec<String>,
+        customer: Option<String>,
+        at: i64,
+    ) {
+        // Refusals stored before they were hashed named identifiers as `type:value`.
+        let hash_legacy = |x: &mut String| {
+            if x.contains(':') || x.len() != 32 {
+                *x = hasher.hash(x);
+            }
+        };
+        for refusal in &mut self.refusals {
+            refusal.identifier_hashes.iter_mut().for_each(hash_legacy);
+            refusal.customer_hash.iter_mut().for_each(hash_legacy);
+        }
+        self.refusals.push(GuardRefusal {
+            guard: guard.to_owned(),
+            identifier_hashes: identifiers.iter().map(|l| hasher.hash(l)).collect(),
+            customer_hash: customer.map(|c| hasher.hash(&c)),
+            at,
+        });
         if self.refusals.len() > REFUSALS_KEPT {
             self.refusals.remove(0);
         }
@@ -175,7 +202,8 @@ pub struct IdState {
     /// A join or an unlink in flight; the identifier is frozen until it is answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<Pending>,
-    /// Identifiers this one has already sent a link for (skip repeating them).
+    /// Hashes of the identifiers this one has already sent a link for (skip repeating
+    /// them); hashes, so that nothing here names another customer.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub linked: Vec<String>,
     /// How many times an operator unlinked it (new lineages get new canonical ids).
@@ -558,12 +586,16 @@ impl Graph<'_> {
         let here_merges = self.merges(&here);
         for id in r.identifiers.iter().filter(|id| **id != here) {
             let label = id.label();
+            // Remembered by hash: this identifier's state must not name another
+            // customer's identifier, which an erasure of theirs could not find.
+            let hash = self.suppression.hasher().hash(&label);
             // A frozen identifier waits for this link: always send it.
-            if st.linked.contains(&label) && !r.frozen.contains(&label) {
+            if st.linked.contains(&hash) && !r.frozen.contains(&label) {
                 continue;
             }
             if st.linked.len() < LINKED_MEMORY {
-                st.linked.push(label);
+                st.linked.retain(|l| !l.contains(':'));
+                st.linked.push(hash);
                 changed = true;
             }
             // A link made through a shared identifier (on either end) never merges
@@ -760,7 +792,7 @@ impl Graph<'_> {
         let joining = [LinkedIdentifier::new(&id, &evidence, at)];
         if let Some(guard) = self.refusal(&comp, &joining, &[], &[]) {
             ctx.count("guard_refusals", guard);
-            comp.refused(guard, vec![id.label()], None, at);
+            comp.refused(self.suppression.hasher(), guard, vec![id.label()], None, at);
             self.save_comp(ctx, &comp)?;
             return send(ctx, at, Msg::JoinRefused { id, canonical, guard: guard.to_owned() });
         }
@@ -827,7 +859,7 @@ impl Graph<'_> {
         if evidence.shared {
             // A shared identifier (a family's device) never merges two customers.
             ctx.count("guard_refusals", "shared_identifier");
-            comp.refused("shared_identifier", evidence.identifiers, Some(into), at);
+            comp.refused(self.suppression.hasher(), "shared_identifier", evidence.identifiers, Some(into), at);
             return self.save_comp(ctx, &comp);
         }
         comp.pending = Some(into.clone());
@@ -859,7 +891,7 @@ impl Graph<'_> {
         if let Some(guard) = self.refusal(&comp, &from.identifiers, &from_aliases, &from.excluded) {
             ctx.count("guard_refusals", guard);
             let labels = from.identifiers.iter().take(5).map(|l| l.identifier().label()).collect();
-            comp.refused(guard, labels, Some(from_id.clone()), at);
+            comp.refused(self.suppression.hasher(), guard, labels, Some(from_id.clone()), at);
             self.save_comp(ctx, &comp)?;
             return send(ctx, at, Msg::Refused { from: from_id, into, guard: guard.to_owned() });
         }

@@ -46,7 +46,8 @@ pub struct PrivacyConfig {
     /// read from the environment. Without one, exports are refused.
     pub api_key: String,
     /// How long customer stages remember an erased canonical id, dropping records still
-    /// in flight for it. Keep it above the retention of `events.resolved`.
+    /// in flight for it: at least the retention of `events.resolved` plus
+    /// `topics.segment` (checked), so no record older than the erasure is left there.
     pub marker_ttl: Duration,
     /// A request whose parts have not all reported by then fails, naming them.
     pub timeout: Duration,
@@ -54,6 +55,62 @@ pub struct PrivacyConfig {
     pub export_ttl: Duration,
     /// What `expected_completion` promises, after the request is received.
     pub expected_completion: Duration,
+    /// How `status_callback_url`s are called.
+    pub callbacks: CallbackConfig,
+}
+
+/// Status callbacks: every status change of a request that named a
+/// `status_callback_url` is POSTed there, signed, and retried with backoff.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallbackConfig {
+    /// Key of the HMAC-SHA256 in `X-Chorus-Signature`; `${VAR}` is read from the
+    /// environment. Without one, callbacks are signed with [`DEVELOPMENT_CALLBACK_SECRET`].
+    pub secret: String,
+    /// Hosts a callback URL may name: `api.example.com`, or `*.example.com` for its
+    /// subdomains. Empty allows any host.
+    pub hosts: Vec<String>,
+    /// Attempts per status change before it is given up (counted and logged).
+    pub max_attempts: u32,
+    /// The wait before the second attempt; it doubles each time, up to `max_backoff`.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+    /// How long one attempt may take.
+    pub timeout: Duration,
+}
+
+/// The callback secret used when the topology names none; the binary warns.
+pub const DEVELOPMENT_CALLBACK_SECRET: &str = "chorus-development-callback-secret";
+
+impl Default for CallbackConfig {
+    fn default() -> Self {
+        CallbackConfig {
+            secret: String::new(),
+            hosts: Vec::new(),
+            max_attempts: 10,
+            backoff: Duration::seconds(1),
+            max_backoff: Duration::hours(1),
+            timeout: Duration::seconds(10),
+        }
+    }
+}
+
+impl CallbackConfig {
+    /// Whether `url` names a host the topology allows.
+    pub fn allows(&self, url: &str) -> bool {
+        if self.hosts.is_empty() {
+            return true;
+        }
+        let Some(host) = request::callback_host(url) else { return false };
+        let host = host.to_ascii_lowercase();
+        self.hosts.iter().any(|allowed| {
+            let allowed = allowed.to_ascii_lowercase();
+            match allowed.strip_prefix("*.") {
+                Some(domain) => host.strip_suffix(domain).is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
+                None => host == allowed,
+            }
+        })
+    }
 }
 
 impl Default for PrivacyConfig {
@@ -61,10 +118,11 @@ impl Default for PrivacyConfig {
         PrivacyConfig {
             hash_key: String::new(),
             api_key: String::new(),
-            marker_ttl: Duration::days(7),
+            marker_ttl: Duration::days(8),
             timeout: Duration::hours(1),
             export_ttl: Duration::days(7),
             expected_completion: Duration::minutes(5),
+            callbacks: CallbackConfig::default(),
         }
     }
 }
@@ -104,10 +162,21 @@ impl std::fmt::Debug for Hasher {
 
 impl Hasher {
     pub fn hash(&self, text: &str) -> String {
-        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.key).expect("HMAC takes a key of any length");
-        mac.update(text.as_bytes());
-        mac.finalize().into_bytes()[..16].iter().map(|b| format!("{b:02x}")).collect()
+        hex(&hmac_sha256(&self.key, &[text.as_bytes()])[..16])
     }
+}
+
+/// HMAC-SHA256 under `key` of the concatenated `parts`.
+pub fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes a key of any length");
+    for part in parts {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What a request asks of one stage, travelling with it through the pipeline. It holds
@@ -217,15 +286,28 @@ impl Report {
 
     /// Send the report to the status actor (keyed by request id on `events.resolved`).
     pub fn send(&self, ctx: &mut Ctx<'_>) -> Result<(), ProcessError> {
-        let resolved = Resolved {
+        ctx.emit_json(RESOLVED_TOPIC, &self.request_id, &self.to_resolved(ctx.now))
+    }
+
+    /// Send the report to the status actor of every partition.
+    pub fn broadcast(&self, ctx: &mut Ctx<'_>) -> Result<(), ProcessError> {
+        let bytes = serde_json::to_vec(&self.to_resolved(ctx.now))
+            .map_err(|e| ProcessError::Encode { what: RESOLVED_TOPIC.into(), message: e.to_string() })?;
+        for partition in 0..ctx.partitions(RESOLVED_TOPIC) {
+            ctx.emit(RESOLVED_TOPIC, self.request_id.as_bytes(), Some(bytes.clone()), Some(partition));
+        }
+        Ok(())
+    }
+
+    fn to_resolved(&self, at: i64) -> Resolved {
+        Resolved {
             kind: Kind::PrivacyReport,
             canonical_id: self.request_id.clone(),
             customer_id: None,
-            at: ctx.now,
+            at,
             body: serde_json::to_value(self).unwrap_or(Value::Null),
             stage: Some(NAME.to_owned()),
-        };
-        ctx.emit_json(RESOLVED_TOPIC, &self.request_id, &resolved)
+        }
     }
 }
 
@@ -334,4 +416,25 @@ pub fn stage_order(
         report.deleted(stage, store, 1);
     }
     Ok((report, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CallbackConfig;
+
+    #[test]
+    fn callback_hosts_allow_exact_names_and_subdomains_only() {
+        let open = CallbackConfig::default();
+        assert!(open.allows("https://anything.test/hook"));
+        let config = CallbackConfig { hosts: vec!["hooks.example.com".into(), "*.corp.test".into()], ..open };
+        assert!(config.allows("https://hooks.example.com/privacy"));
+        assert!(config.allows("https://HOOKS.example.com:8443/privacy"));
+        assert!(config.allows("https://a.corp.test/x"));
+        assert!(config.allows("https://a.b.corp.test/x"));
+        assert!(!config.allows("https://corp.test/x"));
+        assert!(!config.allows("https://evilcorp.test/x"));
+        assert!(!config.allows("https://hooks.example.com.evil.test/x"));
+        assert!(!config.allows("https://hooks.example.com@evil.test/x"));
+        assert!(!config.allows("https://169.254.169.254/latest"));
+    }
 }

@@ -243,15 +243,25 @@ fn validate_changes(changes: &Map<String, Value>, max_bytes: usize) -> Result<Ma
 
 fn validate_callback(url: &str) -> Result<String, FieldError> {
     let field = "status_callback_url";
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"))
-        .ok_or_else(|| invalid("invalid_callback_url", field, "must be an http(s) URL"))?;
-    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if host.is_empty() || url.len() > 2_000 || url.chars().any(char::is_whitespace) {
+    if !(url.starts_with("https://") || url.starts_with("http://")) {
+        return Err(invalid("invalid_callback_url", field, "must be an http(s) URL"));
+    }
+    if callback_host(url).is_none() || url.len() > 2_000 || url.chars().any(char::is_whitespace) {
         return Err(invalid("invalid_callback_url", field, "must be an http(s) URL with a host"));
     }
     Ok(url.to_owned())
+}
+
+/// The host an http(s) URL names, without user info or port.
+pub fn callback_host(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"))?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split_once(']')?.0,
+        None => host_port.split(':').next()?,
+    };
+    (!host.is_empty()).then_some(host)
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ pub fn spec(topology: &Topology) -> ProcessorSpec {
         name: NAME,
         inputs: vec![RESOLVED_TOPIC.into()],
         stores: vec![STORE],
-        outputs: vec![RESULTS_TOPIC.into()],
+        outputs: vec![RESULTS_TOPIC.into(), RESOLVED_TOPIC.into()],
         forwards: vec![],
         sub_topology: crate::subtopology::CUSTOMER,
         factory: Box::new(move || Box::new(StatusActor { config: config.clone() })),
@@ -186,8 +186,46 @@ impl RequestState {
             "topics": topics.iter().map(|(topic, n)| serde_json::json!({"topic": topic, "tombstones": n})).collect::<Vec<_>>(),
             "stopped": stopped,
             "subject_hashes": self.subject_hashes,
+            "status_callback_url": admission.and_then(|a| a.callback.as_deref()),
         })
     }
+}
+
+/// The part of the broadcast an erasure's completion sends to every status actor.
+const FORGET: &str = "forget";
+/// `forgot:<subject hash>` → the erasure's request id, kept `export_ttl`.
+const FORGOTTEN: &str = "forgot:";
+/// The note of an access request whose export went with an erasure of its subject.
+pub const SUBJECT_ERASED: &str = "subject_erased";
+
+/// Whether an erasure of this request's subject completed since.
+fn forgotten(ctx: &mut Ctx<'_>, state: &RequestState) -> Result<bool, ProcessError> {
+    if !state.kind().is_some_and(RequestType::exports) {
+        return Ok(false);
+    }
+    for hash in &state.subject_hashes {
+        if ctx.get_json::<String>(STORE, &format!("{FORGOTTEN}{hash}"))?.is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Delete a request's export fragments; its status says why.
+fn purge_exports(ctx: &mut Ctx<'_>, state: &mut RequestState) -> Result<(), ProcessError> {
+    let prefix = export_prefix(&state.request_id);
+    loop {
+        let rows = ctx.scan_prefix(STORE, &prefix, 512)?;
+        if rows.is_empty() {
+            break;
+        }
+        for (key, _) in rows {
+            ctx.delete_expiring(STORE, key.as_bytes())?;
+        }
+    }
+    state.note = Some(SUBJECT_ERASED.to_owned());
+    ctx.count("privacy_exports_erased", state.kind().map(RequestType::as_str).unwrap_or("unknown"));
+    Ok(())
 }
 
 pub fn request_key(request_id: &str) -> String {
@@ -205,6 +243,9 @@ pub struct StatusActor {
 
 impl StatusActor {
     fn on_report(&mut self, ctx: &mut Ctx<'_>, report: Report) -> Result<(), ProcessError> {
+        if report.part == FORGET {
+            return self.on_forget(ctx, &report);
+        }
         let key = request_key(&report.request_id);
         let now = ctx.now;
         let mut state: RequestState =
@@ -233,6 +274,11 @@ impl StatusActor {
                 state.subject_hashes = report.subject_hashes.clone();
                 state.note = report.note.clone();
                 self.record_part(ctx, &mut state, &report)?;
+                // Parts may arrive before the root: an export of a subject erased
+                // meanwhile goes now.
+                if forgotten(ctx, &state)? {
+                    purge_exports(ctx, &mut state)?;
+                }
             }
             _ => {
                 if state.parts.contains_key(&report.part) {
@@ -249,6 +295,12 @@ impl StatusActor {
         if state.status != before && state.status.is_final() {
             state.finished_at = Some(now);
             self.count_final(ctx, &state);
+            if state.status == Status::Completed && state.kind() == Some(RequestType::Erasure) {
+                // Exports of earlier access requests hold the subject's data too.
+                let mut forget = Report::new(&state.request_id, FORGET);
+                forget.subject_hashes = state.subject_hashes.clone();
+                forget.broadcast(ctx)?;
+            }
         }
         if state.status != before || report.part == "admit" {
             self.publish(ctx, &state)?;
@@ -264,10 +316,39 @@ impl StatusActor {
             at: ctx.now,
         };
         state.parts.insert(report.part.clone(), summary);
+        if state.note.as_deref() == Some(SUBJECT_ERASED) {
+            return Ok(());
+        }
         if let Some(export) = &report.export {
             let until = ctx.now.saturating_add(self.config.export_ttl.ms());
             let key = format!("{}{}", export_prefix(&report.request_id), report.part);
             ctx.put_json_expiring(STORE, &key, export, until)?;
+        }
+        Ok(())
+    }
+
+    /// An erasure completed (on some partition): every export about its subject held
+    /// here is deleted, and exports still arriving for it are not kept.
+    fn on_forget(&self, ctx: &mut Ctx<'_>, report: &Report) -> Result<(), ProcessError> {
+        let until = ctx.now.saturating_add(self.config.export_ttl.ms());
+        for hash in &report.subject_hashes {
+            ctx.put_json_expiring(STORE, &format!("{FORGOTTEN}{hash}"), &report.request_id, until)?;
+        }
+        let mut keys = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let rows = ctx.scan_after(STORE, "req:", after.as_deref(), 512)?;
+            let Some((last, _)) = rows.last() else { break };
+            after = Some(last.clone());
+            keys.extend(rows.into_iter().map(|(key, _)| key));
+        }
+        for key in keys {
+            let Some(mut state) = ctx.get_json::<RequestState>(STORE, &key)? else { continue };
+            let about = state.subject_hashes.iter().any(|h| report.subject_hashes.contains(h));
+            if about && state.kind().is_some_and(RequestType::exports) && state.request_id != report.request_id {
+                purge_exports(ctx, &mut state)?;
+                ctx.put_json_owned(STORE, &key, state)?;
+            }
         }
         Ok(())
     }
