@@ -45,21 +45,26 @@ pub fn load_topology(path: &Path) -> Result<Topology> {
     crate::kafka::use_settings(&topology.kafka)?;
     let mut topology = topology;
     topology.privacy.hash_key = crate::kafka::expand_env(&topology.privacy.hash_key).context("privacy.hash_key")?;
+    let callbacks = &mut topology.privacy.callbacks;
+    callbacks.secret = crate::kafka::expand_env(&callbacks.secret).context("privacy.callbacks.secret")?;
+    Ok(topology)
+}
+
+/// Say at start, once, which privacy keys are development ones (the commands that
+/// serve: `up`, `run`; the others keep stderr to their one line).
+fn warn_development_keys(topology: &Topology) {
     if topology.privacy.hash_key.is_empty() {
         tracing::warn!(
             "privacy.hash_key is not set: erased identifiers are hashed with the development key, which anyone can \
              use to test an email against the suppression list; set it (for example ${{CHORUS_PRIVACY_KEY}}) in production"
         );
     }
-    let callbacks = &mut topology.privacy.callbacks;
-    callbacks.secret = crate::kafka::expand_env(&callbacks.secret).context("privacy.callbacks.secret")?;
-    if callbacks.secret.is_empty() {
+    if topology.privacy.callbacks.secret.is_empty() {
         tracing::warn!(
             "privacy.callbacks.secret is not set: status callbacks are signed with the development secret, which \
              anyone can use to forge one; set it (for example ${{CHORUS_CALLBACK_SECRET}}) in production"
         );
     }
-    Ok(topology)
 }
 
 /// The topology file every command reads unless told otherwise.
@@ -252,6 +257,7 @@ fn advertised_url(bound: &str) -> String {
 
 impl Pipeline {
     async fn run(self) -> Result<()> {
+        warn_development_keys(&self.topology);
         let subs = chorus_processors::subtopology::select(processor_specs(&self.topology), &self.processors)?;
         for sub in &subs {
             tracing::info!(sub_topology = %sub.name, members = ?sub.member_names(), "running");

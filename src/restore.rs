@@ -10,7 +10,7 @@
 //! may have removed tombstones it never saw): it is wiped and restored whole.
 
 use crate::engine::EngineConfig;
-use crate::kafka::client_config;
+use crate::kafka::{client_config, now_ms};
 use crate::metrics::metrics;
 use anyhow::{anyhow, Context as _, Result};
 use chorus_processors::processor::{expiry_index_key, EXPIRY_STORE};
@@ -50,9 +50,24 @@ pub struct Plan {
     pub wipe: bool,
 }
 
+/// Whether a checkpoint written at `written_at` is too old to resume from: compaction
+/// keeps a tombstone at least `topics.delete_retention` after it was written, so a store
+/// checkpointed within that horizon (less a margin for clocks) has seen every tombstone
+/// it could miss.
+pub fn is_stale(written_at: Option<i64>, topology: &chorus_processors::Topology, now: i64) -> bool {
+    let retention = topology.topics.delete_retention.ms();
+    let horizon = retention - (retention / 10).min(3_600_000);
+    written_at.is_some_and(|at| now.saturating_sub(at) >= horizon)
+}
+
 /// Decide how to restore from a local `checkpoint` given the changelog's log start
 /// (`low`) and end (`high`) offsets.
-pub fn plan(checkpoint: i64, low: i64, high: i64) -> Plan {
+pub fn plan(checkpoint: i64, low: i64, high: i64, stale: bool) -> Plan {
+    if stale && checkpoint > 0 {
+        // Older than the changelog's tombstones are kept: an erased customer's
+        // tombstone may be gone, and resuming would keep their value.
+        return Plan { from: low, wipe: true };
+    }
     if checkpoint > high {
         // The changelog is behind the store (recreated): rebuild from it.
         return Plan { from: low, wipe: true };
@@ -182,8 +197,11 @@ pub fn restore(config: &EngineConfig, sub_topology: &str, targets: &[Target<'_>]
                 .fetch_watermarks(&topic, partition, Duration::from_secs(10))
                 .map_err(|e| anyhow!("cannot read the end of {topic}[{partition}]: {e}"))?;
             let checkpoint = db.checkpoint(&topic)?;
-            let Plan { from, wipe } = plan(checkpoint, low, high);
-            if wipe {
+            let stale = is_stale(db.checkpoint_written_at()?, &config.topology, now_ms());
+            let Plan { from, wipe } = plan(checkpoint, low, high, stale);
+            if wipe && stale {
+                tracing::warn!(%topic, partition, checkpoint, "local store is older than its changelog keeps tombstones (topics.delete_retention); rebuilding it from the changelog");
+            } else if wipe {
                 tracing::warn!(%topic, partition, checkpoint, low, high, "local store does not match its changelog (compacted past its checkpoint, or recreated); rebuilding it from the changelog");
                 db.clear_store(store)?;
             }
@@ -337,22 +355,37 @@ mod tests {
 
     #[test]
     fn a_checkpoint_inside_the_log_resumes_there() {
-        assert_eq!(plan(40, 10, 100), Plan { from: 40, wipe: false });
-        assert_eq!(plan(100, 10, 100), Plan { from: 100, wipe: false });
-        assert_eq!(plan(0, 0, 100), Plan { from: 0, wipe: false });
+        assert_eq!(plan(40, 10, 100, false), Plan { from: 40, wipe: false });
+        assert_eq!(plan(100, 10, 100, false), Plan { from: 100, wipe: false });
+        assert_eq!(plan(0, 0, 100, false), Plan { from: 0, wipe: false });
     }
 
     #[test]
     fn a_checkpoint_before_the_log_start_rebuilds_the_store() {
         // Compaction removed offsets 5..10, tombstones possibly among them.
-        assert_eq!(plan(5, 10, 100), Plan { from: 10, wipe: true });
+        assert_eq!(plan(5, 10, 100, false), Plan { from: 10, wipe: true });
         // A new store: nothing to wipe, but it starts at the log start.
-        assert_eq!(plan(0, 10, 100), Plan { from: 10, wipe: true });
+        assert_eq!(plan(0, 10, 100, false), Plan { from: 10, wipe: true });
     }
 
     #[test]
     fn a_checkpoint_past_the_end_rebuilds_the_store() {
-        assert_eq!(plan(500, 0, 100), Plan { from: 0, wipe: true });
+        assert_eq!(plan(500, 0, 100, false), Plan { from: 0, wipe: true });
+    }
+
+    /// A member away longer than the changelog keeps tombstones rebuilds its stores: an
+    /// erasure's tombstone may have been compacted away meanwhile.
+    #[test]
+    fn a_checkpoint_older_than_the_tombstones_rebuilds_the_store() {
+        assert_eq!(plan(40, 10, 100, true), Plan { from: 10, wipe: true });
+        assert_eq!(plan(0, 0, 100, true), Plan { from: 0, wipe: false }, "a new store has nothing to wipe");
+        let topology = chorus_processors::Topology::default();
+        let day = 86_400_000;
+        let now = 100 * day;
+        assert!(!is_stale(None, &topology, now));
+        assert!(!is_stale(Some(now - day + 2 * 3_600_000), &topology, now));
+        assert!(is_stale(Some(now - day + 3_600_000), &topology, now), "within the one-hour margin");
+        assert!(is_stale(Some(now - 2 * day), &topology, now));
     }
 
     #[test]
@@ -392,6 +425,8 @@ mod tests {
         assert_eq!(keys, vec![expiry_index_key(5_000, "dedupe", b"e1")]);
         assert_eq!(db.get("dedupe", b"e2").unwrap(), Some(encode_value(0, b"")));
         assert_eq!(db.checkpoint("chorus-identity-dedupe-changelog").unwrap(), 3);
+        let written = db.checkpoint_written_at().unwrap().expect("the checkpoint says when it was written");
+        assert!((now_ms() - written).abs() < 60_000, "{written}");
     }
 
     #[test]

@@ -11,6 +11,13 @@ use std::path::Path;
 
 /// Column family holding `changelog topic` → next offset to restore from.
 pub const CHECKPOINT_CF: &str = "__checkpoint";
+/// Key of [`CHECKPOINT_CF`] holding when the checkpoints were last written (no topic
+/// name starts with `__`).
+const WRITTEN_AT_KEY: &[u8] = b"__written_at";
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -196,7 +203,22 @@ impl TaskDb {
         for (topic, next) in checkpoints {
             batch.put_cf(checkpoint_cf, topic.as_bytes(), next.to_be_bytes());
         }
+        if !checkpoints.is_empty() {
+            batch.put_cf(checkpoint_cf, WRITTEN_AT_KEY, wall_ms().to_be_bytes());
+        }
         self.db.write_opt(batch, &self.writes).map_err(|e| self.rocks(e))
+    }
+
+    /// When a checkpoint was last written (wall clock, ms), if ever. A store whose
+    /// checkpoint is older than its changelog's `delete.retention.ms` may have missed
+    /// tombstones that compaction has since removed: it must be rebuilt, not resumed.
+    pub fn checkpoint_written_at(&self) -> Result<Option<i64>, StateError> {
+        let Some(bytes) = self.db.get_cf(self.cf(CHECKPOINT_CF)?, WRITTEN_AT_KEY).map_err(|e| self.rocks(e))? else {
+            return Ok(None);
+        };
+        let arr: [u8; 8] =
+            bytes.as_slice().try_into().map_err(|_| StateError::CorruptCheckpoint("written_at".to_owned()))?;
+        Ok(Some(i64::from_be_bytes(arr)))
     }
 
     /// Remove every entry of a store (its changelog no longer matches it).

@@ -159,7 +159,7 @@ pub fn erase(http: &str) -> (String, Value) {
 /// of a compacted topic; time moves past the deferral and the journey timer, and only
 /// the other customer's promotion and journey step come out.
 pub fn assert_erased_online(http: &str, bootstrap: &str, topology: &Path, seeded: &Seeded) {
-    let compacted = ["profiles", "context", "identity.graph"];
+    let compacted = ["profiles", "context", "identity.graph", "recommendations"];
     let outputs = [
         "decisions.email",
         "decisions.push",

@@ -52,7 +52,7 @@ pub fn spec(topology: &Topology) -> ProcessorSpec {
         name: NAME,
         inputs: vec![RESOLVED_TOPIC.into(), RECOMMENDATIONS_TOPIC.into()],
         stores: vec![STORE],
-        outputs: vec![TOPIC.into(), SEGMENTS_TOPIC.into(), RESOLVED_TOPIC.into()],
+        outputs: vec![TOPIC.into(), SEGMENTS_TOPIC.into(), RESOLVED_TOPIC.into(), RECOMMENDATIONS_TOPIC.into()],
         forwards: vec![TOPIC.into(), SEGMENTS_TOPIC.into()],
         sub_topology: crate::subtopology::CUSTOMER,
         factory: Box::new(move || {
@@ -985,6 +985,11 @@ impl ProfileStage {
                 self.changed.remove(id);
                 ctx.emit_tombstone(TOPIC, id);
                 report.tombstoned(TOPIC, 1);
+                // A precomputed list is the customer's too (a job's, on a compacted
+                // topic keyed by canonical id); the tombstone comes back here and is
+                // dropped by the erasure marker.
+                ctx.emit_tombstone(RECOMMENDATIONS_TOPIC, id);
+                report.tombstoned(RECOMMENDATIONS_TOPIC, 1);
             }
             (crate::privacy::RequestType::Rectification, Some(changes)) if state.is_some() => {
                 let at = order.received_at;
