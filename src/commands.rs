@@ -418,6 +418,7 @@ pub async fn tail(
     from_beginning: bool,
     max: Option<usize>,
     timeout_ms: Option<u64>,
+    to_end: bool,
 ) -> Result<()> {
     crate::kafka::check_reachable(brokers, Duration::from_secs(10))?;
     let consumer: BaseConsumer = client_config(brokers)
@@ -440,6 +441,18 @@ pub async fn tail(
         tpl.add_partition_offset(topic, p, offset)?;
     }
     consumer.assign(&tpl).context("cannot assign partitions")?;
+    // `--to-end`: each partition's end when the command started.
+    let mut ends = Vec::new();
+    if to_end {
+        for p in 0..partitions as i32 {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .map_err(|e| anyhow!("cannot read the end of {topic}[{p}]: {e}"))?;
+            if high > low {
+                ends.push((p, high));
+            }
+        }
+    }
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut seen = 0usize;
@@ -447,6 +460,9 @@ pub async fn tail(
     let idle = timeout_ms.map(Duration::from_millis);
     loop {
         if max.is_some_and(|m| seen >= m) {
+            break;
+        }
+        if to_end && reached(&consumer, topic, &ends)? {
             break;
         }
         if idle.is_some_and(|d| last.elapsed() >= d) {
@@ -474,6 +490,14 @@ pub async fn tail(
         }
     }
     Ok(())
+}
+
+/// Whether the consumer's position is at or past `ends` on every partition listed.
+fn reached(consumer: &BaseConsumer, topic: &str, ends: &[(i32, i64)]) -> Result<bool> {
+    let positions = consumer.position().context("cannot read the consumer's position")?;
+    Ok(ends.iter().all(|(p, end)| {
+        matches!(positions.find_partition(topic, *p).map(|e| e.offset()), Some(rdkafka::Offset::Offset(at)) if at >= *end)
+    }))
 }
 
 /// A record value as JSON: Avro single-object, JSON, or (otherwise) a string.

@@ -97,6 +97,10 @@ enum Command {
         /// Stop when no record arrives for this long.
         #[arg(long)]
         timeout_ms: Option<u64>,
+        /// Stop at the end each partition had when the command started (records
+        /// written meanwhile are not awaited).
+        #[arg(long)]
+        to_end: bool,
     },
     /// Produce JSON lines from stdin to a topic (validated for the pipeline's inputs).
     Produce {
@@ -246,8 +250,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             commands::topics_create(&brokers, &topology).await
         }
         Command::Topics { command: TopicsCommand::List { topology } } => commands::topics_list(&topology),
-        Command::Tail { topic, brokers, from_beginning, max, timeout_ms } => {
-            commands::tail(&topic, &brokers, from_beginning, max, timeout_ms).await
+        Command::Tail { topic, brokers, from_beginning, max, timeout_ms, to_end } => {
+            commands::tail(&topic, &brokers, from_beginning, max, timeout_ms, to_end).await
         }
         Command::Produce { topic, brokers, topology, no_validate } => {
             commands::produce(&topic, &brokers, &topology, no_validate).await

@@ -229,6 +229,16 @@ pub struct Report {
     /// The root: why there is nothing to do (`never_seen`, `already_erased`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    #[serde(flatten)]
+    pub counts: Counts,
+    /// Access and portability: this part's share of the export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<Value>,
+}
+
+/// What one part did, counted: the receipt adds them up.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counts {
     /// `processor/store` → entries deleted (erasure) or read (access).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub stores: BTreeMap<String, u64>,
@@ -238,9 +248,6 @@ pub struct Report {
     /// What was in flight and will not happen: `deferred_messages`, `journey_timers`, ...
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub stopped: BTreeMap<String, u64>,
-    /// Access and portability: this part's share of the export.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub export: Option<Value>,
 }
 
 /// What intake knows of a request.
@@ -268,19 +275,19 @@ impl Report {
 
     pub fn deleted(&mut self, processor: &str, store: &str, n: u64) {
         if n > 0 {
-            *self.stores.entry(format!("{processor}/{store}")).or_default() += n;
+            *self.counts.stores.entry(format!("{processor}/{store}")).or_default() += n;
         }
     }
 
     pub fn tombstoned(&mut self, topic: &str, n: u64) {
         if n > 0 {
-            *self.topics.entry(topic.to_owned()).or_default() += n;
+            *self.counts.topics.entry(topic.to_owned()).or_default() += n;
         }
     }
 
     pub fn stopped(&mut self, what: &str, n: u64) {
         if n > 0 {
-            *self.stopped.entry(what.to_owned()).or_default() += n;
+            *self.counts.stopped.entry(what.to_owned()).or_default() += n;
         }
     }
 

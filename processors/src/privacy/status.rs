@@ -6,7 +6,7 @@
 //! Store `privacy`: `req:<request_id>` → [`RequestState`]; `part:<request_id>\u{1}<part>`
 //! → that part's share of an access export (expiring at `privacy.export_ttl`).
 
-use super::{Admission, Report, RequestType, NAME, RESULTS_TOPIC};
+use super::{Admission, Counts, Report, RequestType, NAME, RESULTS_TOPIC};
 use crate::processor::{Ctx, ProcessError, Processor, Record};
 use crate::resolved::{decode, parse_for_stage, Kind, RESOLVED_TOPIC};
 use crate::task::ProcessorSpec;
@@ -57,12 +57,8 @@ impl Status {
 /// The counts a part reported.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PartSummary {
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub stores: BTreeMap<String, u64>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub topics: BTreeMap<String, u64>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub stopped: BTreeMap<String, u64>,
+    #[serde(flatten)]
+    pub counts: Counts,
     pub at: i64,
 }
 
@@ -143,15 +139,15 @@ impl RequestState {
         let mut topics: BTreeMap<&str, u64> = BTreeMap::new();
         let mut stopped: BTreeMap<&str, u64> = BTreeMap::new();
         for part in self.parts.values() {
-            for (store, n) in &part.stores {
+            for (store, n) in &part.counts.stores {
                 let entry = stores.entry(store).or_default();
                 entry.0 += n;
                 entry.1 += 1;
             }
-            for (topic, n) in &part.topics {
+            for (topic, n) in &part.counts.topics {
                 *topics.entry(topic).or_default() += n;
             }
-            for (what, n) in &part.stopped {
+            for (what, n) in &part.counts.stopped {
                 *stopped.entry(what).or_default() += n;
             }
         }
@@ -309,12 +305,7 @@ impl StatusActor {
     }
 
     fn record_part(&self, ctx: &mut Ctx<'_>, state: &mut RequestState, report: &Report) -> Result<(), ProcessError> {
-        let summary = PartSummary {
-            stores: report.stores.clone(),
-            topics: report.topics.clone(),
-            stopped: report.stopped.clone(),
-            at: ctx.now,
-        };
+        let summary = PartSummary { counts: report.counts.clone(), at: ctx.now };
         state.parts.insert(report.part.clone(), summary);
         if state.note.as_deref() == Some(SUBJECT_ERASED) {
             return Ok(());
