@@ -132,6 +132,16 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A handler's JSON answer (`ok` with the value, or the error), counted under `route`.
+fn answer(route: &str, ok: StatusCode, result: Result<Value, ApiError>) -> Response {
+    let response = match result {
+        Ok(v) => (ok, Json(v)).into_response(),
+        Err(e) => e.into_response(),
+    };
+    count(route, response.status());
+    response
+}
+
 fn count(route: &str, status: StatusCode) {
     metrics().http_requests.with_label_values(&[route, status.as_str()]).inc();
 }
@@ -412,12 +422,7 @@ struct ConsentUpdate {
 /// (so they reach every stage in order with the customer's events); `202` with the
 /// changes accepted.
 async fn put_consent(State(state): State<ApiState>, Path(identifier): Path<String>, body: Bytes) -> Response {
-    let response = match change_consent(&state, &identifier, &body).await {
-        Ok(v) => (StatusCode::ACCEPTED, Json(v)).into_response(),
-        Err(e) => e.into_response(),
-    };
-    count("/v1/consent", response.status());
-    response
+    answer("/v1/consent", StatusCode::ACCEPTED, change_consent(&state, &identifier, &body).await)
 }
 
 async fn change_consent(state: &ApiState, identifier: &str, body: &[u8]) -> Result<Value, ApiError> {
@@ -569,12 +574,7 @@ struct UnlinkRequest {
 /// `identity.merges` (rule `unlink`).
 async fn post_unlink(State(state): State<ApiState>, body: Bytes) -> Response {
     let result = unlink(&state, &body).await;
-    let response = match result {
-        Ok(v) => (StatusCode::ACCEPTED, Json(v)).into_response(),
-        Err(e) => e.into_response(),
-    };
-    count("/v1/identity/unlink", response.status());
-    response
+    answer("/v1/identity/unlink", StatusCode::ACCEPTED, result)
 }
 
 async fn unlink(state: &ApiState, body: &[u8]) -> Result<Value, ApiError> {
@@ -612,23 +612,17 @@ async fn unlink(state: &ApiState, body: &[u8]) -> Result<Value, ApiError> {
 /// `privacy.requests` (or not at all), answered `202 {"request_id",
 /// "expected_completion"}`.
 async fn post_privacy_request(State(state): State<ApiState>, body: Bytes) -> Response {
-    let response = match file_privacy_request(&state, &body, None).await {
-        Ok(v) => (StatusCode::ACCEPTED, Json(v)).into_response(),
-        Err(e) => e.into_response(),
-    };
-    count("/v1/privacy/requests", response.status());
-    response
+    answer("/v1/privacy/requests", StatusCode::ACCEPTED, file_privacy_request(&state, &body, None).await)
 }
 
 /// `POST /v1/privacy/unsuppress {"identifier": {"type", "value"}, "reason"}`: an erased
 /// identifier may come back (its subject asked to).
 async fn post_unsuppress(State(state): State<ApiState>, body: Bytes) -> Response {
-    let response = match file_privacy_request(&state, &body, Some(RequestType::Unsuppress)).await {
-        Ok(v) => (StatusCode::ACCEPTED, Json(v)).into_response(),
-        Err(e) => e.into_response(),
-    };
-    count("/v1/privacy/unsuppress", response.status());
-    response
+    answer(
+        "/v1/privacy/unsuppress",
+        StatusCode::ACCEPTED,
+        file_privacy_request(&state, &body, Some(RequestType::Unsuppress)).await,
+    )
 }
 
 async fn file_privacy_request(state: &ApiState, body: &[u8], kind: Option<RequestType>) -> Result<Value, ApiError> {
@@ -752,12 +746,7 @@ async fn get_privacy_request(State(state): State<ApiState>, Path(id): Path<Strin
 /// `GET /v1/privacy/requests/{id}/export`: the access export. It is personal data, so
 /// it takes `Authorization: Bearer <privacy.api_key>`.
 async fn get_privacy_export(State(state): State<ApiState>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    let response = match privacy_export(&state, &id, &headers).await {
-        Ok(v) => (StatusCode::OK, Json(v)).into_response(),
-        Err(e) => e.into_response(),
-    };
-    count("/v1/privacy/requests/{id}/export", response.status());
-    response
+    answer("/v1/privacy/requests/{id}/export", StatusCode::OK, privacy_export(&state, &id, &headers).await)
 }
 
 /// `GET /v1/privacy/requests/{id}/export.zip`: the same export as `export.json` with a
