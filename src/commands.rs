@@ -284,10 +284,27 @@ impl Pipeline {
             fresh_broker: self.fresh_broker,
             embedded_broker,
         };
-        let directory = Directory::new(&self.instance_id, local.clone(), &self.topology);
-        let api = ApiState::new(&self.brokers, Query::new(self.topology.clone(), local.clone(), directory.clone()))?;
+        let access = Arc::new(crate::auth::Access::from_config(
+            &self.topology.access,
+            &self.topology.privacy.api_key,
+            &self.data_dir,
+        )?);
+        let directory = Directory::new(&self.instance_id, local.clone(), &self.topology, &access);
+        let query = Query::new(self.topology.clone(), local.clone(), directory.clone());
+        let api = ApiState::new(&self.brokers, query, access.clone())?;
         let http_stop = Arc::new(tokio::sync::Notify::new());
         let (http_task, bound) = serve(&self.http, api, http_stop.clone()).await?;
+        // Development credentials go to stdout (as `bootstrap:` and `http:` do), never
+        // to the log.
+        for line in access.development_lines() {
+            println!("{line}");
+        }
+        if !access.development.is_empty() {
+            tracing::warn!(
+                "access: development credentials are in use (printed on stdout, kept in the data directory); set \
+                 access.sources and access.api_keys in production"
+            );
+        }
         println!("http: http://{bound}");
         std::io::stdout().flush().ok();
         let url = self.advertise.clone().unwrap_or_else(|| advertised_url(&bound));

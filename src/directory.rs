@@ -37,13 +37,22 @@ pub struct Member {
     /// Processor → partitions open (restored and serving) there.
     pub tasks: BTreeMap<String, Vec<u32>>,
     pub at: i64,
+    /// The secret other members present to read this one's stores, when the
+    /// application has no shared `access.cluster_secret` (then each member makes its
+    /// own; only members read this topic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_key: Option<String>,
 }
 
 /// Where a task is served.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Owner {
     Local,
-    Remote(String),
+    /// Another member: its URL and the cluster secret it takes.
+    Remote {
+        url: String,
+        key: String,
+    },
     /// Nobody serves it right now (a rebalance is moving it, or it is restoring).
     Nobody,
 }
@@ -55,15 +64,25 @@ pub struct Directory {
     topic: String,
     members: Arc<RwLock<BTreeMap<String, Member>>>,
     local: LocalStores,
+    /// The application's shared cluster secret, or this member's own one (published).
+    cluster_key: String,
+    cluster_key_shared: bool,
 }
 
 impl Directory {
-    pub fn new(instance_id: &str, local: LocalStores, topology: &chorus_processors::Topology) -> Directory {
+    pub fn new(
+        instance_id: &str,
+        local: LocalStores,
+        topology: &chorus_processors::Topology,
+        access: &crate::auth::Access,
+    ) -> Directory {
         Directory {
             instance_id: instance_id.to_owned(),
             topic: topology.physical_topic(INSTANCES_TOPIC).into_owned(),
             members: Arc::default(),
             local,
+            cluster_key: access.cluster_key.clone(),
+            cluster_key_shared: access.cluster_key_shared,
         }
     }
 
@@ -78,7 +97,14 @@ impl Directory {
             .filter(|m| m.instance_id != self.instance_id && now - m.at < STALE_MS)
             .filter(|m| m.tasks.get(processor).is_some_and(|ps| ps.contains(&partition)))
             .max_by_key(|m| m.at)
-            .map_or(Owner::Nobody, |m| Owner::Remote(m.url.clone()))
+            .map_or(Owner::Nobody, |m| Owner::Remote {
+                url: m.url.clone(),
+                key: if self.cluster_key_shared {
+                    self.cluster_key.clone()
+                } else {
+                    m.cluster_key.clone().unwrap_or_default()
+                },
+            })
     }
 
     /// Every live member, this one included (for `/v1/instances`).
@@ -157,6 +183,7 @@ impl Directory {
                     url: url.clone(),
                     tasks: tasks.clone(),
                     at: now_ms(),
+                    cluster_key: (!self.cluster_key_shared).then(|| self.cluster_key.clone()),
                 };
                 let payload = serde_json::to_vec(&member).unwrap_or_default();
                 let record = FutureRecord::to(&self.topic).key(&self.instance_id).payload(&payload).partition(0);

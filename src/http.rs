@@ -1,18 +1,22 @@
-//! The HTTP API (axum): event intake, Customer 360 profile and context reads, content
-//! previews, health, readiness and Prometheus metrics. Errors are JSON
+//! The HTTP API (axum): event intake (chorus's own and Segment's, `tracking.rs`),
+//! Customer 360 profile and context reads, content previews, identity and privacy
+//! operations, visitor tokens, health, readiness and Prometheus metrics. Every route but
+//! the open ones checks its caller's key and scope (`auth.rs`). Errors are JSON
 //! `{"error": {"code", "message"}}` with the matching 4xx/5xx status.
 
+use crate::auth::{Access, Caller};
 use crate::kafka::{client_config, now_ms};
 use crate::metrics::{metrics, render};
 use crate::query::{Consistency, Lookup, PreviewError, Query};
 use anyhow::{Context as _, Result};
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query as Params, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query as Params, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use chorus_processors::access::Scope;
 use chorus_processors::content::CHANNELS;
 use chorus_processors::identity::{self, Identifier};
 use chorus_processors::privacy::{self, status, status::RequestState, PrivacyRequest, RequestType};
@@ -21,6 +25,7 @@ use chorus_processors::Topology;
 use chorus_schemas::{ConsentChange, Event};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{json, Value};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,12 +34,12 @@ pub struct ApiState {
     pub topology: Arc<Topology>,
     pub query: Query,
     pub producer: FutureProducer,
-    /// `privacy.api_key` with `${VAR}` expanded: the bearer key exports need.
-    pub privacy_key: Option<Arc<str>>,
+    /// Write keys, secret keys, visitor tokens, the cluster secret.
+    pub access: Arc<Access>,
 }
 
 impl ApiState {
-    pub fn new(brokers: &str, query: Query) -> Result<ApiState> {
+    pub fn new(brokers: &str, query: Query, access: Arc<Access>) -> Result<ApiState> {
         let topology = query.topology.clone();
         let producer: FutureProducer = client_config(brokers)
             .set("partitioner", "murmur2_random")
@@ -44,11 +49,7 @@ impl ApiState {
             .set("message.max.bytes", topology.limits.max_message_bytes().to_string())
             .create()
             .context("cannot create the HTTP intake producer")?;
-        let privacy_key = match topology.privacy.api_key.as_str() {
-            "" => None,
-            key => Some(crate::kafka::expand_env(key).context("privacy.api_key")?.into()),
-        };
-        Ok(ApiState { topology, query, producer, privacy_key })
+        Ok(ApiState { topology, query, producer, access })
     }
 }
 
@@ -70,10 +71,13 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/privacy/requests/{id}/export", get(get_privacy_export))
         .route("/v1/privacy/requests/{id}/export.zip", get(get_privacy_export_zip))
         .route("/metrics", get(get_metrics))
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/v1/tokens", post(post_token))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(crate::tracking::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(axum::middleware::map_response(json_body_limit))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), cors))
         .layer(DefaultBodyLimit::max(body_limit(&state.topology)))
         .with_state(state)
 }
@@ -109,11 +113,26 @@ pub struct ApiError {
     message: String,
     /// The request field at fault, when there is one.
     field: Option<String>,
+    /// Seconds, for a `Retry-After` header.
+    retry_after: Option<i64>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into(), field: None }
+        ApiError { status, code, message: message.into(), field: None, retry_after: None }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn message(&self) -> String {
+        self.message.clone()
+    }
+
+    pub fn retry_after(mut self, seconds: i64) -> ApiError {
+        self.retry_after = Some(seconds);
+        self
     }
 
     pub fn on_field(mut self, field: impl Into<String>) -> ApiError {
@@ -128,7 +147,18 @@ impl IntoResponse for ApiError {
         if let Some(field) = self.field {
             error["field"] = Value::String(field);
         }
-        (self.status, Json(json!({"error": error}))).into_response()
+        let mut response = (self.status, Json(json!({"error": error}))).into_response();
+        if let Some(seconds) = self.retry_after {
+            if let Ok(v) = header::HeaderValue::from_str(&seconds.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer realm=\"chorus\""));
+        }
+        response
     }
 }
 
@@ -142,7 +172,7 @@ fn answer(route: &str, ok: StatusCode, result: Result<Value, ApiError>) -> Respo
     response
 }
 
-fn count(route: &str, status: StatusCode) {
+pub(crate) fn count(route: &str, status: StatusCode) {
     metrics().http_requests.with_label_values(&[route, status.as_str()]).inc();
 }
 
@@ -152,8 +182,22 @@ pub fn event_key(topology: &Topology, event: &Event) -> String {
     identity::partition_key(&topology.identity, event).unwrap_or_else(|| event.event_id.clone())
 }
 
-async fn post_events(State(state): State<ApiState>, body: Bytes) -> Result<Response, ApiError> {
-    let result = accept_events(&state, &body).await;
+async fn post_events(
+    State(state): State<ApiState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    // A source's write key (as the Segment routes take) or a secret key with write:events.
+    let result = match state.access.caller(&headers, Some(addr.ip()), Scope::WriteEvents) {
+        Ok(Caller::Visitor(_)) => Err(state.access.fail(
+            Some(addr.ip()),
+            "insufficient_scope",
+            ApiError::new(StatusCode::FORBIDDEN, "insufficient_scope", "a visitor token does not send events"),
+        )),
+        Ok(_) => accept_events(&state, &body).await,
+        Err(e) => Err(e),
+    };
     let status = match &result {
         Ok(_) => StatusCode::ACCEPTED,
         Err(e) => e.status,
@@ -217,7 +261,11 @@ async fn accept_events(state: &ApiState, body: &[u8]) -> Result<usize, ApiError>
 
 /// Write records (key, value, partition or the key's) to `topic` and wait until every
 /// one is acknowledged; `503 broker_unavailable` when one is not.
-async fn produce(state: &ApiState, topic: &str, records: &[(&str, &[u8], Option<i32>)]) -> Result<(), ApiError> {
+pub(crate) async fn produce(
+    state: &ApiState,
+    topic: &str,
+    records: &[(&str, &[u8], Option<i32>)],
+) -> Result<(), ApiError> {
     let deliveries = records.iter().map(|(key, value, partition)| {
         let mut record = FutureRecord::to(topic).key(*key).payload(*value).timestamp(now_ms());
         if let Some(p) = partition {
@@ -293,44 +341,205 @@ fn counted(route: &str, e: ApiError) -> Response {
 
 type ReadQuery = Result<Params<ReadParams>, QueryRejection>;
 
-async fn get_profile(State(state): State<ApiState>, Path(identifier): Path<String>, params: ReadQuery) -> Response {
-    let query = match reader(&state, params) {
-        Ok(q) => q,
-        Err(e) => return counted("/v1/profiles", e),
-    };
-    let lookup = query.profile(&identifier, read_clock(&state)).await;
-    lookup_response("/v1/profiles", "profile", &identifier, lookup)
+/// The customer reads, each with its route, its name in messages and the scope it needs.
+#[derive(Clone, Copy)]
+enum CustomerRead {
+    Profile,
+    Context,
+    Recommendations,
+    Consent,
 }
 
-async fn get_context(State(state): State<ApiState>, Path(identifier): Path<String>, params: ReadQuery) -> Response {
-    let query = match reader(&state, params) {
-        Ok(q) => q,
-        Err(e) => return counted("/v1/context", e),
+impl CustomerRead {
+    fn route(self) -> &'static str {
+        match self {
+            CustomerRead::Profile => "/v1/profiles",
+            CustomerRead::Context => "/v1/context",
+            CustomerRead::Recommendations => "/v1/recommendations",
+            CustomerRead::Consent => "/v1/consent",
+        }
+    }
+
+    fn scope(self) -> Scope {
+        match self {
+            CustomerRead::Profile => Scope::ReadProfiles,
+            CustomerRead::Context => Scope::ReadContext,
+            CustomerRead::Recommendations => Scope::ReadRecommendations,
+            CustomerRead::Consent => Scope::ReadConsent,
+        }
+    }
+
+    /// What a browser shows an anonymous visitor with only the site's write key.
+    fn anonymous(self) -> bool {
+        matches!(self, CustomerRead::Context | CustomerRead::Recommendations)
+    }
+}
+
+async fn customer_read(
+    state: &ApiState,
+    addr: SocketAddr,
+    headers: &HeaderMap,
+    identifier: &str,
+    params: ReadQuery,
+    read: CustomerRead,
+) -> Response {
+    let identifier = match customer_access(state, headers, addr, read.scope(), identifier, read.anonymous()).await {
+        Ok(i) => i,
+        Err(e) => return counted(read.route(), e),
     };
-    let lookup = query.context(&identifier, read_clock(&state)).await;
-    lookup_response("/v1/context", "context", &identifier, lookup)
+    let query = match reader(state, params) {
+        Ok(q) => q,
+        Err(e) => return counted(read.route(), e),
+    };
+    let (kind, lookup) = match read {
+        CustomerRead::Profile => ("profile", query.profile(&identifier, read_clock(state)).await),
+        CustomerRead::Context => ("context", query.context(&identifier, read_clock(state)).await),
+        CustomerRead::Recommendations => {
+            ("recommendations", query.recommendations(&identifier, read_clock(state)).await)
+        }
+        CustomerRead::Consent => ("consent", query.consent(&identifier).await),
+    };
+    lookup_response(read.route(), kind, &identifier, lookup)
+}
+
+async fn get_profile(
+    State(state): State<ApiState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(identifier): Path<String>,
+    params: ReadQuery,
+) -> Response {
+    customer_read(&state, addr, &headers, &identifier, params, CustomerRead::Profile).await
+}
+
+async fn get_context(
+    State(state): State<ApiState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(identifier): Path<String>,
+    params: ReadQuery,
+) -> Response {
+    customer_read(&state, addr, &headers, &identifier, params, CustomerRead::Context).await
 }
 
 async fn get_recommendations(
     State(state): State<ApiState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Path(identifier): Path<String>,
     params: ReadQuery,
 ) -> Response {
-    let query = match reader(&state, params) {
-        Ok(q) => q,
-        Err(e) => return counted("/v1/recommendations", e),
-    };
-    let lookup = query.recommendations(&identifier, read_clock(&state)).await;
-    lookup_response("/v1/recommendations", "recommendations", &identifier, lookup)
+    customer_read(&state, addr, &headers, &identifier, params, CustomerRead::Recommendations).await
 }
 
-async fn get_consent(State(state): State<ApiState>, Path(identifier): Path<String>, params: ReadQuery) -> Response {
-    let query = match reader(&state, params) {
-        Ok(q) => q,
-        Err(e) => return counted("/v1/consent", e),
+async fn get_consent(
+    State(state): State<ApiState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(identifier): Path<String>,
+    params: ReadQuery,
+) -> Response {
+    customer_read(&state, addr, &headers, &identifier, params, CustomerRead::Consent).await
+}
+
+/// The identifier a read or change about one customer goes through, if the caller may:
+/// a secret key with `scope` for anyone; a visitor token with `scope` for its own
+/// customer only (`me`, or any identifier of theirs); and, where `anonymous`, the
+/// site's write key for an anonymous visitor's own `anonymous_id:...` while that
+/// visitor is not linked to a known customer.
+async fn customer_access(
+    state: &ApiState,
+    headers: &HeaderMap,
+    addr: SocketAddr,
+    scope: Scope,
+    identifier: &str,
+    anonymous: bool,
+) -> Result<String, ApiError> {
+    let ip = Some(addr.ip());
+    let refuse = |reason: &'static str, status, message: String| {
+        Err(state.access.fail(ip, reason, ApiError::new(status, reason, message)))
     };
-    let lookup = query.consent(&identifier).await;
-    lookup_response("/v1/consent", "consent", &identifier, lookup)
+    match state.access.caller(headers, ip, scope)? {
+        Caller::Secret(_) if identifier == "me" => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_identifier",
+            "`me` names the customer of a visitor token; a secret key names the customer",
+        )),
+        Caller::Secret(_) => Ok(identifier.to_owned()),
+        Caller::Visitor(subject) => {
+            if identifier == "me" || identifier == subject {
+                return Ok(subject);
+            }
+            match (state.query.resolve(&subject).await, state.query.resolve(identifier).await) {
+                (Lookup::Found(a), Lookup::Found(b)) if a == b => Ok(identifier.to_owned()),
+                (Lookup::Unavailable(why), _) | (_, Lookup::Unavailable(why)) => {
+                    Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_available", why).retry_after(1))
+                }
+                _ => refuse(
+                    "wrong_customer",
+                    StatusCode::FORBIDDEN,
+                    "a visitor token answers only for its own customer".to_owned(),
+                ),
+            }
+        }
+        Caller::WriteKey(_) if !anonymous => refuse(
+            "insufficient_scope",
+            StatusCode::FORBIDDEN,
+            format!(
+                "a write key only sends events; this read needs a secret key or visitor token with {}",
+                scope.as_str()
+            ),
+        ),
+        Caller::WriteKey(source) => {
+            if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+                if !source.allows_origin(origin) {
+                    return refuse(
+                        "origin_not_allowed",
+                        StatusCode::FORBIDDEN,
+                        format!("the origin {origin} is not in the allowed_origins of source {}", source.name),
+                    );
+                }
+            }
+            let anonymous_id = identifier
+                .strip_prefix("anonymous_id:")
+                .and_then(|value| Identifier::parse(&state.topology.identity, "anonymous_id", value).ok());
+            let Some(id) = anonymous_id else {
+                return refuse(
+                    "token_required",
+                    StatusCode::FORBIDDEN,
+                    "a write key reads only an anonymous visitor's own data (anonymous_id:<id>); use a visitor token"
+                        .to_owned(),
+                );
+            };
+            match state.query.identity(&id.label()).await {
+                Lookup::Found(component) => {
+                    let known = component["identifiers"]
+                        .as_array()
+                        .is_some_and(|ids| ids.iter().any(|i| i["type"] != "anonymous_id"));
+                    if known {
+                        return refuse(
+                            "token_required",
+                            StatusCode::FORBIDDEN,
+                            "this visitor is a known customer: read with a visitor token (POST /v1/tokens)".to_owned(),
+                        );
+                    }
+                    Ok(id.label())
+                }
+                Lookup::Unknown => Ok(id.label()),
+                Lookup::Unavailable(why) => {
+                    Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_available", why).retry_after(1))
+                }
+            }
+        }
+    }
+}
+
+/// A secret key with `scope` (no visitor token, no write key), or the refusal counted
+/// under `route`.
+fn secret(state: &ApiState, headers: &HeaderMap, addr: SocketAddr, scope: Scope) -> Result<(), ApiError> {
+    let name = state.access.require_secret(headers, Some(addr.ip()), scope)?;
+    tracing::debug!(key = name, scope = scope.as_str(), "authorised");
+    Ok(())
 }
 
 #[derive(serde::Deserialize)]
@@ -346,9 +555,24 @@ struct PreviewParams {
 /// a decision would carry it, personalised for the customer when they consent.
 async fn get_content_preview(
     State(state): State<ApiState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Path(content_id): Path<String>,
     params: Result<Params<PreviewParams>, QueryRejection>,
 ) -> Response {
+    // Personalised for a customer, the rendering shows their profile: that needs
+    // read:profiles too.
+    let personalised = params.as_ref().is_ok_and(|Params(p)| p.customer.is_some());
+    let allowed = secret(&state, &headers, addr, Scope::ReadContent).and_then(|()| {
+        if personalised {
+            secret(&state, &headers, addr, Scope::ReadProfiles)
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = allowed {
+        return counted("/v1/content", e);
+    }
     let response = match content_preview(&state, &content_id, params).await {
         Ok(preview) => (StatusCode::OK, Json(preview)).into_response(),
         Err(response) => response,
@@ -421,8 +645,18 @@ struct ConsentUpdate {
 /// `PUT /v1/consent/{identifier}`: consent changes, written to the `consent` topic
 /// (so they reach every stage in order with the customer's events); `202` with the
 /// changes accepted.
-async fn put_consent(State(state): State<ApiState>, Path(identifier): Path<String>, body: Bytes) -> Response {
-    answer("/v1/consent", StatusCode::ACCEPTED, change_consent(&state, &identifier, &body).await)
+async fn put_consent(
+    State(state): State<ApiState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(identifier): Path<String>,
+    body: Bytes,
+) -> Response {
+    let result = match customer_access(&state, &headers, addr, Scope::WriteConsent, &identifier, false).await {
+        Ok(identifier) => change_consent(&state, &identifier, &body).await,
+        Err(e) => Err(e),
+    };
+    answer("/v1/consent", StatusCode::ACCEPTED, result)
 }
 
 async fn change_consent(state: &ApiState, identifier: &str, body: &[u8]) -> Result<Value, ApiError> {
@@ -494,9 +728,22 @@ async fn change_consent(state: &ApiState, identifier: &str, body: &[u8]) -> Resu
 }
 
 /// Every live instance, its address and the tasks it serves.
-async fn get_instances(State(state): State<ApiState>) -> Response {
-    count("/v1/instances", StatusCode::OK);
-    Json(json!({"instances": state.query.directory.members()})).into_response()
+async fn get_instances(
+    State(state): State<ApiState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let result = secret(&state, &headers, addr, Scope::ReadInstances).map(|()| {
+        let members: Vec<Value> = state
+            .query
+            .directory
+            .members()
+            .into_iter()
+            .map(|m| json!({"instance_id": m.instance_id, "url": m.url, "tasks": m.tasks, "at": m.at}))
+            .collect();
+        json!({"instances": members})
+    });
+    answer("/v1/instances", StatusCode::OK, result)
 }
 
 #[derive(serde::Deserialize)]
@@ -511,9 +758,20 @@ struct KeyParam {
 /// caller retries).
 async fn get_store_value(
     State(state): State<ApiState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Path((processor, partition, store)): Path<(String, String, String)>,
     Params(param): Params<KeyParam>,
 ) -> Response {
+    // Raw store values of any customer: only the members of this application.
+    let presented = headers.get(crate::auth::CLUSTER_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if let Err(e) = state.access.check_rate(Some(addr.ip())) {
+        return counted("/internal/v1/stores", e);
+    }
+    if !state.access.is_cluster_key(presented) {
+        let e = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "members present the cluster secret");
+        return counted("/internal/v1/stores", state.access.fail(Some(addr.ip()), "unknown_key", e));
+    }
     let response = match (partition.parse::<u32>(), param.key) {
         (Err(_), _) => {
             ApiError::new(StatusCode::BAD_REQUEST, "invalid_partition", "partition must be a number").into_response()
@@ -540,9 +798,14 @@ fn parse_identifier(topology: &Topology, kind: &str, value: &str) -> Result<Iden
 
 async fn get_identity(
     State(state): State<ApiState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Path((kind, value)): Path<(String, String)>,
     params: ReadQuery,
 ) -> Response {
+    if let Err(e) = secret(&state, &headers, addr, Scope::ReadIdentity) {
+        return counted("/v1/identity", e);
+    }
     let query = match reader(&state, params) {
         Ok(q) => q,
         Err(e) => return counted("/v1/identity", e),
@@ -572,8 +835,16 @@ struct UnlinkRequest {
 /// `POST /v1/identity/unlink {"type", "value", "reason"}`: the identifier leaves its
 /// customer, starts a new one that never merges back, and the split is emitted on
 /// `identity.merges` (rule `unlink`).
-async fn post_unlink(State(state): State<ApiState>, body: Bytes) -> Response {
-    let result = unlink(&state, &body).await;
+async fn post_unlink(
+    State(state): State<ApiState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let result = match secret(&state, &headers, addr, Scope::AdminIdentity) {
+        Ok(()) => unlink(&state, &body).await,
+        Err(e) => Err(e),
+    };
     answer("/v1/identity/unlink", StatusCode::ACCEPTED, result)
 }
 
@@ -611,18 +882,32 @@ async fn unlink(state: &ApiState, body: &[u8]) -> Result<Value, ApiError> {
 /// "reason", "status_callback_url"}`: validated here, written as one record to
 /// `privacy.requests` (or not at all), answered `202 {"request_id",
 /// "expected_completion"}`.
-async fn post_privacy_request(State(state): State<ApiState>, body: Bytes) -> Response {
-    answer("/v1/privacy/requests", StatusCode::ACCEPTED, file_privacy_request(&state, &body, None).await)
+async fn post_privacy_request(
+    State(state): State<ApiState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let result = match secret(&state, &headers, addr, Scope::AdminPrivacy) {
+        Ok(()) => file_privacy_request(&state, &body, None).await,
+        Err(e) => Err(e),
+    };
+    answer("/v1/privacy/requests", StatusCode::ACCEPTED, result)
 }
 
 /// `POST /v1/privacy/unsuppress {"identifier": {"type", "value"}, "reason"}`: an erased
 /// identifier may come back (its subject asked to).
-async fn post_unsuppress(State(state): State<ApiState>, body: Bytes) -> Response {
-    answer(
-        "/v1/privacy/unsuppress",
-        StatusCode::ACCEPTED,
-        file_privacy_request(&state, &body, Some(RequestType::Unsuppress)).await,
-    )
+async fn post_unsuppress(
+    State(state): State<ApiState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let result = match secret(&state, &headers, addr, Scope::AdminPrivacy) {
+        Ok(()) => file_privacy_request(&state, &body, Some(RequestType::Unsuppress)).await,
+        Err(e) => Err(e),
+    };
+    answer("/v1/privacy/unsuppress", StatusCode::ACCEPTED, result)
 }
 
 async fn file_privacy_request(state: &ApiState, body: &[u8], kind: Option<RequestType>) -> Result<Value, ApiError> {
@@ -733,7 +1018,15 @@ async fn privacy_state(state: &ApiState, id: &str) -> Result<Option<RequestState
 /// `GET /v1/privacy/requests/{id}`: status (`pending`, `in_progress`, `completed`,
 /// `failed` with the part that failed), per stage and store, and the receipt. It holds
 /// no personal data.
-async fn get_privacy_request(State(state): State<ApiState>, Path(id): Path<String>) -> Response {
+async fn get_privacy_request(
+    State(state): State<ApiState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(e) = secret(&state, &headers, addr, Scope::AdminPrivacy) {
+        return counted("/v1/privacy/requests/{id}", e);
+    }
     let response = match privacy_state(&state, &id).await {
         Ok(Some(s)) => (StatusCode::OK, Json(s.receipt())).into_response(),
         Ok(None) => (StatusCode::OK, Json(json!({"request_id": id, "status": "pending"}))).into_response(),
@@ -745,14 +1038,32 @@ async fn get_privacy_request(State(state): State<ApiState>, Path(id): Path<Strin
 
 /// `GET /v1/privacy/requests/{id}/export`: the access export. It is personal data, so
 /// it takes `Authorization: Bearer <privacy.api_key>`.
-async fn get_privacy_export(State(state): State<ApiState>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    answer("/v1/privacy/requests/{id}/export", StatusCode::OK, privacy_export(&state, &id, &headers).await)
+async fn get_privacy_export(
+    State(state): State<ApiState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let result = match secret(&state, &headers, addr, Scope::AdminPrivacy) {
+        Ok(()) => privacy_export(&state, &id).await,
+        Err(e) => Err(e),
+    };
+    answer("/v1/privacy/requests/{id}/export", StatusCode::OK, result)
 }
 
 /// `GET /v1/privacy/requests/{id}/export.zip`: the same export as `export.json` with a
 /// CSV file per kind of record (portability).
-async fn get_privacy_export_zip(State(state): State<ApiState>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    let zipped = privacy_export(&state, &id, &headers).await.and_then(|export| {
+async fn get_privacy_export_zip(
+    State(state): State<ApiState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let export = match secret(&state, &headers, addr, Scope::AdminPrivacy) {
+        Ok(()) => privacy_export(&state, &id).await,
+        Err(e) => Err(e),
+    };
+    let zipped = export.and_then(|export| {
         crate::export::zip(&export)
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "export_failed", e.to_string()))
     });
@@ -768,8 +1079,7 @@ async fn get_privacy_export_zip(State(state): State<ApiState>, Path(id): Path<St
     response
 }
 
-async fn privacy_export(state: &ApiState, id: &str, headers: &HeaderMap) -> Result<Value, ApiError> {
-    authorise_privacy(state, headers)?;
+async fn privacy_export(state: &ApiState, id: &str) -> Result<Value, ApiError> {
     let Some(request) = privacy_state(state, id).await? else {
         return Err(ApiError::new(StatusCode::CONFLICT, "not_ready", "the request is still pending"));
     };
@@ -807,34 +1117,169 @@ async fn privacy_export(state: &ApiState, id: &str, headers: &HeaderMap) -> Resu
         .map_err(|why| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_available", why))
 }
 
-/// Exports need the privacy key; without one configured they are refused.
-fn authorise_privacy(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
-    use subtle::ConstantTimeEq as _;
-    let expected = state.privacy_key.as_deref().unwrap_or_default();
-    if expected.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "export_disabled",
-            "exports hold personal data: set privacy.api_key to serve them",
-        ));
-    }
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "a valid privacy key is required (Authorization: Bearer ...)",
-        ))
-    }
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    /// `type:value` (`customer_id:cust_123`), or `{"type", "value"}`.
+    identifier: Value,
+    /// Default: read:context and read:recommendations.
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
+    /// Default 15 minutes; at most `access.token_max_ttl`.
+    #[serde(default)]
+    ttl: Option<String>,
 }
 
-async fn get_metrics(State(state): State<ApiState>) -> Response {
+/// How long a visitor token lives unless asked otherwise.
+const DEFAULT_TOKEN_TTL_MS: i64 = 15 * 60_000;
+
+/// `POST /v1/tokens` (a secret key with admin:tokens): a short-lived visitor token for
+/// one customer, which the site's backend hands to the browser so that it can read that
+/// customer's context and recommendations, and nobody else's.
+async fn post_token(
+    State(state): State<ApiState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let result = match secret(&state, &headers, addr, Scope::AdminTokens) {
+        Ok(()) => mint_token(&state, &body),
+        Err(e) => Err(e),
+    };
+    answer("/v1/tokens", StatusCode::OK, result)
+}
+
+fn mint_token(state: &ApiState, body: &[u8]) -> Result<Value, ApiError> {
+    let bad =
+        |code, field: &str, message: String| ApiError::new(StatusCode::BAD_REQUEST, code, message).on_field(field);
+    let request: TokenRequest = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("expected {{\"identifier\", \"scopes\", \"ttl\"}}: {e}"),
+        )
+    })?;
+    let (kind, value) = match &request.identifier {
+        Value::String(label) => label
+            .split_once(':')
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .ok_or_else(|| bad("invalid_identifier", "identifier", format!("{label:?} is not `type:value`")))?,
+        Value::Object(o) => match (o.get("type").and_then(Value::as_str), o.get("value").and_then(Value::as_str)) {
+            (Some(k), Some(v)) => (k.to_owned(), v.to_owned()),
+            _ => return Err(bad("invalid_identifier", "identifier", "expected {\"type\", \"value\"}".into())),
+        },
+        _ => {
+            return Err(bad(
+                "invalid_identifier",
+                "identifier",
+                "expected `type:value` or {\"type\", \"value\"}".into(),
+            ))
+        }
+    };
+    let id = parse_identifier(&state.topology, &kind, &value).map_err(|e| e.on_field("identifier"))?;
+    let names = request.scopes.unwrap_or_else(|| vec!["read:context".into(), "read:recommendations".into()]);
+    let mut scopes = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        match Scope::parse(name).filter(|s| Scope::VISITOR.contains(s)) {
+            Some(scope) => scopes.push(scope),
+            None => {
+                let allowed: Vec<&str> = Scope::VISITOR.iter().map(|s| s.as_str()).collect();
+                return Err(bad(
+                    "invalid_scope",
+                    &format!("scopes[{i}]"),
+                    format!("{name:?} cannot be given to a visitor (allowed: {})", allowed.join(", ")),
+                ));
+            }
+        }
+    }
+    let ttl = match request.ttl.as_deref() {
+        None => DEFAULT_TOKEN_TTL_MS.min(state.access.token_max_ttl_ms),
+        Some(text) => {
+            chorus_processors::topology::Duration::parse(text).map_err(|e| bad("invalid_request", "ttl", e))?.ms()
+        }
+    };
+    if ttl <= 0 || ttl > state.access.token_max_ttl_ms {
+        return Err(bad(
+            "invalid_request",
+            "ttl",
+            format!("a visitor token lives at most access.token_max_ttl ({} s)", state.access.token_max_ttl_ms / 1000),
+        ));
+    }
+    let (token, claims) = state.access.mint_token(&id.label(), &scopes, ttl);
+    Ok(crate::auth::token_answer(&token, &claims))
+}
+
+/// CORS for browsers: a preflight from an origin some source allows is answered (the
+/// Segment routes then check the origin against the key's own source); answers to such
+/// an origin carry `Access-Control-Allow-Origin`. Other origins get no CORS headers, so
+/// their pages cannot read anything.
+async fn cors(
+    State(state): State<ApiState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let origin = request.headers().get(header::ORIGIN).cloned();
+    let allowed = origin.as_ref().and_then(|o| o.to_str().ok()).is_some_and(|o| state.access.any_source_allows(o));
+    let preflight = request.method() == axum::http::Method::OPTIONS
+        && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut response = if preflight {
+        if !allowed {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "origin_not_allowed",
+                "this origin is not allowed by any source",
+            )
+            .into_response();
+        }
+        let mut r = StatusCode::NO_CONTENT.into_response();
+        let h = r.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, header::HeaderValue::from_static("GET, POST, PUT, OPTIONS"));
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            header::HeaderValue::from_static("authorization, content-type, content-encoding, x-retry-count"),
+        );
+        h.insert(header::ACCESS_CONTROL_MAX_AGE, header::HeaderValue::from_static("600"));
+        r
+    } else {
+        next.run(request).await
+    };
+    if let (true, Some(origin)) = (allowed, origin) {
+        let h = response.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        h.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, header::HeaderValue::from_static("true"));
+        h.append(header::VARY, header::HeaderValue::from_static("Origin"));
+    }
+    response
+}
+
+/// `/healthz`, `/readyz` and `/metrics` are open unless `access.open` leaves them out;
+/// then they take a secret key with read:metrics (Prometheus sends it as a bearer token).
+fn open_or_keyed(state: &ApiState, endpoint: &str, headers: &HeaderMap, addr: SocketAddr) -> Result<(), Response> {
+    if state.access.is_open(endpoint) {
+        return Ok(());
+    }
+    secret(state, headers, addr, Scope::ReadMetrics).map_err(|e| counted(&format!("/{endpoint}"), e))
+}
+
+async fn healthz(
+    State(state): State<ApiState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = open_or_keyed(&state, "healthz", &headers, addr) {
+        return refused;
+    }
+    Json(json!({"status": "ok"})).into_response()
+}
+
+async fn get_metrics(
+    State(state): State<ApiState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = open_or_keyed(&state, "metrics", &headers, addr) {
+        return refused;
+    }
     let sizes = state.query.local.store_sizes(&state.topology);
     // Only partitions open right now: a partition handed to another member disappears.
     metrics().store_entries.reset();
@@ -851,7 +1296,14 @@ async fn get_metrics(State(state): State<ApiState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render()).into_response()
 }
 
-async fn readyz(State(state): State<ApiState>) -> Response {
+async fn readyz(
+    State(state): State<ApiState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = open_or_keyed(&state, "readyz", &headers, addr) {
+        return refused;
+    }
     if let Some(why) = state.query.local.failure() {
         return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "task_failed", why).into_response();
     }
@@ -871,6 +1323,7 @@ pub async fn serve(
     let bound = listener.local_addr()?.to_string();
     let app = router(state);
     let handle = tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         let _ = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.notified().await }).await;
     });
     Ok((handle, bound))

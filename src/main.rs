@@ -1,6 +1,7 @@
 //! chorus: an omni-channel customer engagement pipeline on Kafka. This binary is the
 //! CLI, the Kafka runtime, the HTTP API and the embedded broker.
 
+mod auth;
 mod bench;
 mod broker;
 mod callbacks;
@@ -13,6 +14,7 @@ mod kafka;
 mod metrics;
 mod query;
 mod restore;
+mod tracking;
 
 use chorus_processors::heap::Metered;
 use clap::{Parser, Subcommand};

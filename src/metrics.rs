@@ -32,6 +32,11 @@ pub struct Metrics {
     pub restore_remaining: IntGaugeVec,
     pub business: IntCounterVec,
     pub http_requests: IntCounterVec,
+    /// Refused credentials, by reason (missing, unknown_key, bad_token, expired_token,
+    /// insufficient_scope, wrong_customer, origin_not_allowed, rate_limited).
+    pub auth_failures: IntCounterVec,
+    /// Segment-compatible messages accepted, by source and call type.
+    pub tracking_messages: IntCounterVec,
     pub identity: IdentityMetrics,
     /// Interactions (events) whose customer got personalised content, or generic.
     pub personalisation: IntCounterVec,
@@ -218,6 +223,8 @@ pub fn metrics() -> &'static Metrics {
                 &["processor", "name", "label"],
             ),
             http_requests: counter(&registry, "http_requests_total", "HTTP requests by route and status", &["route", "status"]),
+            auth_failures: counter(&registry, "auth_failures_total", "Requests refused for their credentials, by reason", &["reason"]),
+            tracking_messages: counter(&registry, "tracking_messages_total", "Segment-compatible messages accepted, by source and call type", &["source", "type"]),
             identity: IdentityMetrics {
                 resolved: counter(&registry, "identity_resolved_total", "Inputs resolved, by known (customer has a business id) or anonymous", &["result"]),
                 merges: counter(&registry, "identity_merges_total", "Customers merged, by rule", &["rule"]),

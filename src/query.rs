@@ -249,10 +249,11 @@ impl Query {
                 .read(processor, partition, store, key, self.consistency)
                 .map_err(|()| moving(processor, partition)),
             Owner::Nobody => Err(moving(processor, partition)),
-            Owner::Remote(url) => {
+            Owner::Remote { url, key: cluster_key } => {
                 let response = self
                     .client
                     .get(format!("{url}/internal/v1/stores/{processor}/{partition}/{store}"))
+                    .header(crate::auth::CLUSTER_HEADER, cluster_key.as_str())
                     .query(&[("key", key), ("consistency", self.consistency.as_str())])
                     .send()
                     .await

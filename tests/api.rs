@@ -176,7 +176,7 @@ fn every_customer_endpoint_answers_on_the_embedded_broker() {
     assert_eq!(consent["purposes"]["personalisation"], json!({"granted": true, "default": true}));
     assert_eq!(consent["purposes"]["marketing_email"]["granted"], false, "marketing is opt-in");
     let put = |body: Value| {
-        let r = reqwest::blocking::Client::new().put(format!("{http}/v1/consent/app-1")).json(&body).send().unwrap();
+        let r = client().put(format!("{http}/v1/consent/app-1")).json(&body).send().unwrap();
         (r.status().as_u16(), r.json::<Value>().unwrap_or(Value::Null))
     };
     let (status, e) = put(json!({"purposes": {"marketing_fax": true}}));
@@ -223,7 +223,7 @@ fn every_customer_endpoint_answers_on_the_embedded_broker() {
     }
     // A body over the limit is refused with the API's JSON error, like every other.
     let huge = format!("{{\"batch\": [\"{}\"]}}", "x".repeat(5 << 20));
-    let r = reqwest::blocking::Client::new().post(format!("{http}/v1/events")).body(huge).send().unwrap();
+    let r = client().post(format!("{http}/v1/events")).body(huge).send().unwrap();
     assert_eq!(r.status().as_u16(), 413);
     let e: Value = r.json().unwrap();
     assert_eq!(e["error"]["code"], "payload_too_large", "{e}");
@@ -316,7 +316,7 @@ fn content_previews_render_items_for_a_channel_and_a_customer() {
 
     // Without personalisation consent templates see who the message is for, no more.
     let withdraw = json!({"purpose": "personalisation", "granted": false});
-    let r = reqwest::blocking::Client::new().put(format!("{http}/v1/consent/u7")).json(&withdraw).send().unwrap();
+    let r = client().put(format!("{http}/v1/consent/u7")).json(&withdraw).send().unwrap();
     assert_eq!(r.status().as_u16(), 202);
     let generic = eventually(30, "the consent withdrawal to apply", || {
         let (status, p) = preview("cart_reminder", &[("channel", "email"), ("customer", "u7")]);
@@ -393,7 +393,7 @@ fn two_instances_answer_for_every_customer() {
     while std::time::Instant::now() < deadline && settled < 20 {
         let before = unavailable;
         for (customer, want) in expected.iter().take(10) {
-            let r = reqwest::blocking::get(format!("{}/v1/profiles/{customer}", one.http())).unwrap();
+            let r = client().get(format!("{}/v1/profiles/{customer}", one.http())).send().unwrap();
             match r.status().as_u16() {
                 200 => assert_eq!(totals(&r.json::<Value>().unwrap()), *want, "{customer}"),
                 503 => {

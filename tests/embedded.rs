@@ -91,7 +91,7 @@ fn bad_input_lands_in_the_dlq_and_decisions_follow_consent() {
     assert_eq!(invalid_json["value"]["original_base64"], "e25vdCBqc29u");
 
     // HTTP intake validates before anything is written.
-    let client = reqwest::blocking::Client::new();
+    let client = client();
     let bad = client
         .post(format!("{}/v1/events", chorus.http()))
         .body(r#"{"event_id":"e","event_type":"page.viewed","timestamp":5}"#)
@@ -141,7 +141,7 @@ fn bad_input_lands_in_the_dlq_and_decisions_follow_consent() {
     });
     assert_eq!(sent[0]["value"]["request_id"], "r2");
     assert_eq!(sent[0]["value"]["customer_id"], "c1");
-    let (_, metrics) = (0, reqwest::blocking::get(format!("{}/metrics", chorus.http())).unwrap().text().unwrap());
+    let (_, metrics) = (0, client.get(format!("{}/metrics", chorus.http())).send().unwrap().text().unwrap());
     assert!(metrics.contains("chorus_dlq_total"), "metrics expose DLQ counts");
     assert!(metrics.contains("chorus_end_to_end_seconds"));
     chorus.stop();

@@ -174,7 +174,7 @@ fn two_members_split_partitions_and_hand_over_state() {
     // graph's messages cross between the two processes.
     eventually(90, "both members processing", || {
         let owned = |http: &str, processor: &str, store: &str| {
-            let text = reqwest::blocking::get(format!("{http}/metrics")).ok()?.text().ok()?;
+            let text = client().get(format!("{http}/metrics")).send().ok()?.text().ok()?;
             let (p, s) = (format!("processor=\"{processor}\""), format!("store=\"{store}\""));
             Some(
                 text.lines()

@@ -66,7 +66,7 @@ fn erasure_and_access_through_the_api_on_the_embedded_broker() {
     assert_eq!(history.len(), 3, "the consent history");
     assert!(export.to_string().contains(erasure::SUBJECT_REQUEST), "the deferred promotion is in the export");
     assert!(!export["journeys"].as_array().unwrap().is_empty(), "the waiting journey is in the export");
-    let zip = reqwest::blocking::Client::new().get(format!("{url}.zip")).bearer_auth(KEY).send().unwrap();
+    let zip = client().get(format!("{url}.zip")).bearer_auth(KEY).send().unwrap();
     assert_eq!(zip.status().as_u16(), 200);
     assert_eq!(zip.headers()["content-type"], "application/zip");
     let bytes = zip.bytes().unwrap();
@@ -151,7 +151,7 @@ fn bad_privacy_requests_get_json_errors_naming_the_field() {
             "{body}: {answer}"
         );
     }
-    let response = reqwest::blocking::Client::new().post(&url).body("{nope").send().unwrap();
+    let response = client().post(&url).body("{nope").send().unwrap();
     assert_eq!(response.status().as_u16(), 400);
     assert_eq!(response.json::<Value>().unwrap()["error"]["code"], "invalid_json");
     // Nothing was filed.
@@ -269,7 +269,7 @@ fn status_changes_are_posted_signed_and_retried() {
     let rank = |s: &String| ["pending", "in_progress", "completed"].iter().position(|x| x == s).unwrap();
     assert_eq!(delivered.first().map(String::as_str), Some("pending"), "{delivered:?}");
     assert!(delivered.windows(2).all(|w| rank(&w[0]) < rank(&w[1])), "in order, once each: {delivered:?}");
-    let metrics = reqwest::blocking::get(format!("{http}/metrics")).unwrap().text().unwrap();
+    let metrics = client().get(format!("{http}/metrics")).send().unwrap().text().unwrap();
     assert!(metrics.contains("privacy_callbacks_total{outcome=\"retried\"} 2"), "{metrics}");
     chorus.stop();
 }

@@ -4,6 +4,7 @@
 //! of partitions and any interleaving. The Kafka runtime (`src/`) drives the very same
 //! [`Task`] code with RocksDB-backed stores.
 
+pub mod access;
 pub mod cache;
 pub mod campaigns;
 pub mod catalog;
@@ -28,6 +29,7 @@ pub mod subtopology;
 pub mod task;
 pub mod time;
 pub mod topology;
+pub mod tracking;
 
 pub use driver::TestDriver;
 pub use processor::{Counter, Ctx, Output, ProcessError, Processor, Record};

@@ -156,6 +156,11 @@ pub struct Topology {
     /// Data subject rights: the key hashing erased identifiers, how long erasure
     /// markers and exports are kept, when a request fails.
     pub privacy: crate::privacy::PrivacyConfig,
+    /// Write keys per source, secret API keys with scopes, visitor tokens, the
+    /// cluster secret (README, "Access control").
+    pub access: crate::access::AccessConfig,
+    /// Segment-compatible intake: track event names → event types.
+    pub segment: crate::tracking::SegmentConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -256,6 +261,8 @@ pub const DEFAULT_APPLICATION_ID: &str = "chorus";
 pub const DEFAULT_EVENT_TYPES: &[&str] = &[
     "identify",
     "alias",
+    "group",
+    "track",
     "page.viewed",
     "screen.viewed",
     "app.opened",
@@ -263,6 +270,8 @@ pub const DEFAULT_EVENT_TYPES: &[&str] = &[
     "product.viewed",
     "cart.item_added",
     "cart.item_removed",
+    "cart.viewed",
+    "checkout.started",
     "order.completed",
     "order.returned",
     "email.opened",
@@ -306,6 +315,8 @@ impl Default for Topology {
             personalisation: Default::default(),
             state: StateConfig::default(),
             privacy: Default::default(),
+            access: Default::default(),
+            segment: Default::default(),
         }
     }
 }
@@ -588,6 +599,8 @@ impl Topology {
         errors.extend(self.content.validate("content").into_iter().map(|(path, message)| err(path, message)));
         crate::campaigns::config::validate(&self.campaigns, self, &mut errors);
         self.privacy.validate(&mut errors);
+        self.access.validate(&mut errors);
+        self.segment.validate(&self.event_types, &mut errors);
         if self.state.block_cache_mb == 0 || self.state.write_buffer_mb == 0 {
             errors.push(err("state", "block_cache_mb and write_buffer_mb must be positive"));
         }

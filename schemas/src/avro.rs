@@ -37,6 +37,9 @@ struct Registered {
 
 const SOURCES: &[(&str, &str)] = &[
     ("event", include_str!("../avro/event.avsc")),
+    // The event as written before the Segment-compatible intake added context fields:
+    // still decoded (by its fingerprint), never written.
+    ("event_v1", include_str!("../avro/event.v1.avsc")),
     ("dlq", include_str!("../avro/dlq.avsc")),
     ("resolved", include_str!("../avro/resolved.avsc")),
     ("merge", include_str!("../avro/merge.avsc")),
@@ -294,7 +297,11 @@ mod tests {
         let event = json!({"event_id": "e1", "event_type": "order.completed", "timestamp": "2024-02-14T10:30:00Z",
             "customer_id": "c1", "anonymous_id": null, "session_id": null, "channel": "web",
             "context": {"device_type": null, "app_version": null, "geo": {"country": "AU"}, "ip": null,
-                        "user_agent": null, "device_id": "d1", "timezone": null, "locale": null},
+                        "user_agent": null, "device_id": "d1", "timezone": null, "locale": null,
+                        "library": {"name": "analytics.js", "version": "1.2"}, "campaign": null,
+                        "page": {"url": "https://shop.example/p/1"}, "source": "website",
+                        "original_timestamp": "2024-02-14T10:40:00Z", "sent_at": "2024-02-14T10:40:01Z",
+                        "received_at": "2024-02-14T10:30:01Z"},
             "identifiers": {"email": "a@b.c"}, "traits": {"name": "Ann"},
             "payload": {"order_id": "o1", "total": 12.5, "items": [{"sku": "x"}]}});
         let bytes = encode_avro("events.raw", &event).unwrap();
@@ -302,6 +309,26 @@ mod tests {
         let (name, back) = decode_avro(&bytes).unwrap();
         assert_eq!(name, "event");
         assert_eq!(back, event);
+    }
+
+    #[test]
+    fn events_written_with_the_first_event_schema_still_decode() {
+        let event = json!({"event_id": "e1", "event_type": "page.viewed", "timestamp": "2024-02-14T10:30:00Z",
+            "customer_id": "c1", "anonymous_id": null, "session_id": null, "channel": "web",
+            "context": {"device_type": null, "app_version": null, "geo": null, "ip": "10.0.0.1",
+                        "user_agent": null, "device_id": null, "timezone": null, "locale": null},
+            "identifiers": {}, "traits": null, "payload": {"url": "/"}});
+        let v1 = lookup("event_v1").unwrap();
+        let mut names = HashMap::new();
+        collect_names(&v1.schema, &mut names);
+        let datum = to_avro_datum(&v1.schema, to_avro(&event, &v1.schema, &names, "").unwrap()).unwrap();
+        let mut bytes = AVRO_MAGIC.to_vec();
+        bytes.extend_from_slice(&v1.fingerprint.to_le_bytes());
+        bytes.extend_from_slice(&datum);
+        let (name, back) = decode_avro(&bytes).unwrap();
+        assert_eq!(name, "event_v1");
+        assert_eq!(back, event);
+        assert!(crate::Event::from_json(&back).is_ok());
     }
 
     #[test]

@@ -53,6 +53,27 @@ pub struct EventContext {
     pub timezone: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locale: Option<String>,
+    /// The sending library `{name, version}` (Segment's `context.library`).
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub library: Value,
+    /// UTM campaign `{name, source, medium, term, content}`.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub campaign: Value,
+    /// The page the event came from `{url, path, referrer, title, search}`.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub page: Value,
+    /// The source (topology `access.sources`) whose write key sent the event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// The client's own timestamp, before clock-skew correction (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_timestamp: Option<String>,
+    /// When the client sent the event, by its own clock (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<String>,
+    /// When chorus received it (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_at: Option<String>,
 }
 
 impl EventContext {
@@ -61,8 +82,19 @@ impl EventContext {
     }
 }
 
-const CONTEXT_STRINGS: [&str; 7] =
-    ["device_type", "app_version", "ip", "user_agent", "device_id", "timezone", "locale"];
+const CONTEXT_STRINGS: [&str; 11] = [
+    "device_type",
+    "app_version",
+    "ip",
+    "user_agent",
+    "device_id",
+    "timezone",
+    "locale",
+    "source",
+    "original_timestamp",
+    "sent_at",
+    "received_at",
+];
 
 impl Event {
     /// Parse and validate one event from JSON bytes.

@@ -61,8 +61,7 @@ fn promotion(request_id: &str, customer: &str) -> Value {
 
 fn put_consent(http: &str, customer: &str, granted: bool, at: i64) {
     let body = json!({"purpose": "marketing_email", "granted": granted, "timestamp": ts(T0 + at)});
-    let response =
-        reqwest::blocking::Client::new().put(format!("{http}/v1/consent/{customer}")).json(&body).send().unwrap();
+    let response = client().put(format!("{http}/v1/consent/{customer}")).json(&body).send().unwrap();
     assert_eq!(response.status().as_u16(), 202);
 }
 

@@ -12,6 +12,42 @@ use std::time::{Duration, Instant};
 
 pub const T0: i64 = 1_707_906_600_000; // 2024-02-14T10:30:00Z
 
+/// The credentials `test_topology` configures: a source's write key, a secret key with
+/// every scope (every helper here sends it), a narrow key, and the token secret.
+pub const WRITE_KEY: &str = "wk_test_website_0123";
+pub const SECRET_KEY: &str = "sk_test_all_scopes_0123456789";
+pub const READER_KEY: &str = "sk_test_reader_0123456789abc";
+pub const TOKEN_SECRET: &str = "test-token-secret-0123456789";
+
+/// A client that authenticates with [`SECRET_KEY`].
+pub fn client() -> reqwest::blocking::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {SECRET_KEY}").parse().unwrap());
+    reqwest::blocking::Client::builder().default_headers(headers).build().unwrap()
+}
+
+/// The `access:` section of every test topology.
+pub const TEST_ACCESS: &str = r#"
+access:
+  sources:
+    - name: website
+      write_keys: [wk_test_website_0123, wk_test_website_next]
+      channel: web
+      allowed_origins: ["http://127.0.0.1:*", "http://localhost:*"]
+    - name: store_backend
+      write_keys: [wk_test_store_0123456]
+      channel: store
+  api_keys:
+    - { name: test, key: sk_test_all_scopes_0123456789, scopes: ["*"] }
+    - { name: reader, key: sk_test_reader_0123456789abc, scopes: [read:profiles] }
+  token_secret: test-token-secret-0123456789
+  token_max_ttl: 1h
+  cluster_secret: ""
+  open: [healthz, readyz, metrics]
+  failed_auth_limit: 100000
+  failed_auth_window: 1m
+"#;
+
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_chorus"))
 }
@@ -29,6 +65,8 @@ pub struct Chorus {
     pub child: Child,
     pub bootstrap: Option<String>,
     pub http: Option<String>,
+    /// Every stdout line up to the `http:` one (development keys among them).
+    pub printed: Vec<String>,
 }
 
 impl Chorus {
@@ -47,7 +85,7 @@ impl Chorus {
                 let _ = tx.send(line);
             }
         });
-        let mut me = Chorus { child, bootstrap: None, http: None };
+        let mut me = Chorus { child, bootstrap: None, http: None, printed: Vec::new() };
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if me.http.is_some() || (!want_http && me.bootstrap.is_some()) {
@@ -60,6 +98,7 @@ impl Chorus {
                 if let Some(h) = line.strip_prefix("http: ") {
                     me.http = Some(h.trim().to_owned());
                 }
+                me.printed.push(line);
             }
             if let Ok(Some(status)) = me.child.try_wait() {
                 panic!("chorus {args:?} exited early: {status}");
@@ -85,6 +124,13 @@ impl Chorus {
         );
         c.wait_ready();
         c
+    }
+
+    /// The value of a printed `name: value  # ...` line (`write_key`, `secret_key`).
+    pub fn printed_value(&self, name: &str) -> Option<String> {
+        self.printed.iter().find_map(|l| {
+            l.strip_prefix(&format!("{name}: ")).and_then(|rest| rest.split_whitespace().next()).map(str::to_owned)
+        })
     }
 
     pub fn bootstrap(&self) -> &str {
@@ -186,19 +232,19 @@ pub fn tail(bootstrap: &str, topic: &str, idle_ms: u64) -> Vec<Value> {
 }
 
 pub fn get_json(url: &str) -> (u16, Value) {
-    let r = reqwest::blocking::get(url).unwrap();
+    let r = client().get(url).send().unwrap();
     let status = r.status().as_u16();
     (status, r.json().unwrap_or(Value::Null))
 }
 
 pub fn get_text(url: &str) -> (u16, String) {
-    let r = reqwest::blocking::get(url).unwrap();
+    let r = client().get(url).send().unwrap();
     let status = r.status().as_u16();
     (status, r.text().unwrap_or_default())
 }
 
 pub fn post_json(url: &str, body: &Value) -> (u16, Value) {
-    let r = reqwest::blocking::Client::new().post(url).json(body).send().unwrap();
+    let r = client().post(url).json(body).send().unwrap();
     let status = r.status().as_u16();
     (status, r.json().unwrap_or(Value::Null))
 }
@@ -275,8 +321,18 @@ pub fn test_topology(dir: &Path) -> PathBuf {
         )
         .replace("default_partitions: 8", "default_partitions: 4");
     let path = dir.join("topology.yaml");
-    std::fs::write(&path, text).unwrap();
+    std::fs::write(&path, with_access(&text)).unwrap();
     path
+}
+
+/// A topology text with the shipped `access:` section replaced by [`TEST_ACCESS`].
+pub fn with_access(text: &str) -> String {
+    let start = text.find("\naccess:\n").expect("the topology has an access section") + 1;
+    let end = text[start..].find("\n\n").map_or(text.len(), |e| start + e + 1);
+    let mut out = text[..start].to_owned();
+    out.push_str(TEST_ACCESS.trim_start());
+    out.push_str(&text[end..]);
+    out
 }
 
 /// Whether every customer's profile, read over HTTP, has the expected totals.
