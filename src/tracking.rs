@@ -49,7 +49,9 @@ pub fn routes() -> Router<ApiState> {
             );
         }
     }
-    router
+    // analytics.js's own usage metrics go to `{apiHost}/m` when a site points apiHost at
+    // chorus: accepted and dropped (they are about the library, not a customer).
+    router.route("/v1/m", post(|| async { Json(json!({"success": true})) }))
 }
 
 /// A Segment-shaped refusal: `{"code", "message"}`, with the field when one is at fault.
