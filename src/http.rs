@@ -56,11 +56,17 @@ impl ApiState {
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/events", post(post_events))
-        .route("/v1/profiles/{identifier}", get(get_profile))
-        .route("/v1/context/{identifier}", get(get_context))
-        .route("/v1/recommendations/{identifier}", get(get_recommendations))
+        .route("/v1/profiles/{identifier}", get(|s, a, h, p, q| customer_read(CustomerRead::Profile, s, a, h, p, q)))
+        .route("/v1/context/{identifier}", get(|s, a, h, p, q| customer_read(CustomerRead::Context, s, a, h, p, q)))
+        .route(
+            "/v1/recommendations/{identifier}",
+            get(|s, a, h, p, q| customer_read(CustomerRead::Recommendations, s, a, h, p, q)),
+        )
         .route("/v1/instances", get(get_instances))
-        .route("/v1/consent/{identifier}", get(get_consent).put(put_consent))
+        .route(
+            "/v1/consent/{identifier}",
+            get(|s, a, h, p, q| customer_read(CustomerRead::Consent, s, a, h, p, q)).put(put_consent),
+        )
         .route("/v1/content/{id}", get(get_content_preview))
         .route("/internal/v1/stores/{processor}/{partition}/{store}", get(get_store_value))
         .route("/v1/identity/unlink", post(post_unlink))
@@ -375,15 +381,17 @@ impl CustomerRead {
     }
 }
 
+/// `GET /v1/{profiles,context,recommendations,consent}/{identifier}`.
 async fn customer_read(
-    state: &ApiState,
-    addr: SocketAddr,
-    headers: &HeaderMap,
-    identifier: &str,
-    params: ReadQuery,
     read: CustomerRead,
+    State(state): State<ApiState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(identifier): Path<String>,
+    params: ReadQuery,
 ) -> Response {
-    let identifier = match customer_access(state, headers, addr, read.scope(), identifier, read.anonymous()).await {
+    let state = &state;
+    let identifier = match customer_access(state, &headers, addr, read.scope(), &identifier, read.anonymous()).await {
         Ok(i) => i,
         Err(e) => return counted(read.route(), e),
     };
@@ -400,46 +408,6 @@ async fn customer_read(
         CustomerRead::Consent => ("consent", query.consent(&identifier).await),
     };
     lookup_response(read.route(), kind, &identifier, lookup)
-}
-
-async fn get_profile(
-    State(state): State<ApiState>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(identifier): Path<String>,
-    params: ReadQuery,
-) -> Response {
-    customer_read(&state, addr, &headers, &identifier, params, CustomerRead::Profile).await
-}
-
-async fn get_context(
-    State(state): State<ApiState>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(identifier): Path<String>,
-    params: ReadQuery,
-) -> Response {
-    customer_read(&state, addr, &headers, &identifier, params, CustomerRead::Context).await
-}
-
-async fn get_recommendations(
-    State(state): State<ApiState>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(identifier): Path<String>,
-    params: ReadQuery,
-) -> Response {
-    customer_read(&state, addr, &headers, &identifier, params, CustomerRead::Recommendations).await
-}
-
-async fn get_consent(
-    State(state): State<ApiState>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(identifier): Path<String>,
-    params: ReadQuery,
-) -> Response {
-    customer_read(&state, addr, &headers, &identifier, params, CustomerRead::Consent).await
 }
 
 /// The identifier a read or change about one customer goes through, if the caller may:
@@ -1254,11 +1222,11 @@ async fn cors(
 
 /// `/healthz`, `/readyz` and `/metrics` are open unless `access.open` leaves them out;
 /// then they take a secret key with read:metrics (Prometheus sends it as a bearer token).
-fn open_or_keyed(state: &ApiState, endpoint: &str, headers: &HeaderMap, addr: SocketAddr) -> Result<(), Response> {
+fn open_or_keyed(state: &ApiState, endpoint: &str, headers: &HeaderMap, addr: SocketAddr) -> Option<Response> {
     if state.access.is_open(endpoint) {
-        return Ok(());
+        return None;
     }
-    secret(state, headers, addr, Scope::ReadMetrics).map_err(|e| counted(&format!("/{endpoint}"), e))
+    secret(state, headers, addr, Scope::ReadMetrics).err().map(|e| counted(&format!("/{endpoint}"), e))
 }
 
 async fn healthz(
@@ -1266,7 +1234,7 @@ async fn healthz(
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = open_or_keyed(&state, "healthz", &headers, addr) {
+    if let Some(refused) = open_or_keyed(&state, "healthz", &headers, addr) {
         return refused;
     }
     Json(json!({"status": "ok"})).into_response()
@@ -1277,7 +1245,7 @@ async fn get_metrics(
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = open_or_keyed(&state, "metrics", &headers, addr) {
+    if let Some(refused) = open_or_keyed(&state, "metrics", &headers, addr) {
         return refused;
     }
     let sizes = state.query.local.store_sizes(&state.topology);
@@ -1301,7 +1269,7 @@ async fn readyz(
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = open_or_keyed(&state, "readyz", &headers, addr) {
+    if let Some(refused) = open_or_keyed(&state, "readyz", &headers, addr) {
         return refused;
     }
     if let Some(why) = state.query.local.failure() {

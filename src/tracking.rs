@@ -214,11 +214,14 @@ fn call_name(call: Option<CallType>) -> &'static str {
     call.map_or("batch", CallType::as_str)
 }
 
+/// A message and its size as the client sent it.
+type SizedMessage<'a> = (&'a Value, usize);
+
 /// The messages of a batch with their size as sent, and what they share.
 fn batch_messages<'a>(
     object: &'a Map<String, Value>,
     body: &[u8],
-) -> Result<(Vec<(&'a Value, usize)>, BatchDefaults<'a>), Refusal> {
+) -> Result<(Vec<SizedMessage<'a>>, BatchDefaults<'a>), Refusal> {
     let field = |message: &str| Refusal {
         field: Some("batch".into()),
         ..Refusal::new(StatusCode::BAD_REQUEST, "invalid_request", message.to_owned())

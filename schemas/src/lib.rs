@@ -11,4 +11,4 @@ mod validate;
 pub use avro::{decode_avro, encode_avro, schema_for_topic, AvroError, AVRO_MAGIC};
 pub use event::{Event, EventContext};
 pub use inputs::{ConsentChange, MessageRequest};
-pub use validate::{parse_timestamp_ms, ValidationError};
+pub use validate::{kind_of, parse_timestamp_ms, ValidationError};

@@ -29,7 +29,8 @@ impl fmt::Display for ValidationError {
 
 impl std::error::Error for ValidationError {}
 
-pub(crate) fn kind_of(value: &Value) -> &'static str {
+/// How a JSON value is described in an error (`a string`, `an object`).
+pub fn kind_of(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -13,7 +13,7 @@
 pub mod config;
 
 use crate::topology::Topology;
-use chorus_schemas::{Event, ValidationError};
+use chorus_schemas::{kind_of, Event, ValidationError};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
@@ -438,17 +438,6 @@ fn derived_message_id(source: &str, message: &Value) -> String {
     let digest = hash.finalize();
     let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
     format!("chorus-{hex}")
-}
-
-fn kind_of(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]
