@@ -86,6 +86,7 @@ pub struct Access {
     failures: Mutex<HashMap<IpAddr, Window>>,
     failure_limit: u32,
     failure_window_ms: i64,
+    trusted_proxies: Vec<ipnet::IpNet>,
     /// Development credentials made for this data directory (`write_key`, `secret_key`):
     /// printed by `chorus up` and `chorus run`, never logged.
     pub development: Vec<(&'static str, String)>,
@@ -224,8 +225,30 @@ impl Access {
             failures: Mutex::default(),
             failure_limit: config.failed_auth_limit,
             failure_window_ms: config.failed_auth_window.ms(),
+            trusted_proxies: config
+                .trusted_proxies
+                .iter()
+                .filter_map(|p| chorus_processors::access::parse_network(p))
+                .collect(),
             development,
         })
+    }
+
+    /// The client's address: the peer's, or behind trusted proxies the last address of
+    /// `X-Forwarded-For` that is not a proxy (the ones before it could be forged).
+    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        let trusted = |ip: &IpAddr| self.trusted_proxies.iter().any(|net| net.contains(ip));
+        if !trusted(&peer) {
+            return peer;
+        }
+        let forwarded = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|a| a.trim().parse::<IpAddr>().ok())
+            .collect::<Vec<_>>();
+        forwarded.into_iter().rev().find(|ip| !trusted(ip)).unwrap_or(peer)
     }
 
     pub fn is_open(&self, endpoint: &str) -> bool {
@@ -613,6 +636,21 @@ mod tests {
             StatusCode::TOO_MANY_REQUESTS
         );
         assert!(a.require(&right, Some(other), Scope::ReadContext).is_ok());
+    }
+
+    #[test]
+    fn forwarded_addresses_are_believed_only_from_trusted_proxies() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = AccessConfig { trusted_proxies: vec!["10.0.0.0/8".into()], ..AccessConfig::default() };
+        let a = Access::from_config(&config, "", dir.path()).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", "198.51.100.1, 203.0.113.5, 10.1.1.1".parse().unwrap());
+        let proxy: IpAddr = "10.2.3.4".parse().unwrap();
+        let stranger: IpAddr = "192.0.2.9".parse().unwrap();
+        // The last untrusted hop: what a client prepends itself cannot be told from a forgery.
+        assert_eq!(a.client_ip(proxy, &headers), "203.0.113.5".parse::<IpAddr>().unwrap());
+        assert_eq!(a.client_ip(stranger, &headers), stranger, "an untrusted peer's header is ignored");
+        assert_eq!(a.client_ip(proxy, &HeaderMap::new()), proxy);
     }
 
     #[test]

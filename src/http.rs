@@ -84,6 +84,7 @@ pub fn router(state: ApiState) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(axum::middleware::map_response(json_body_limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), cors))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), client_address))
         .layer(DefaultBodyLimit::max(body_limit(&state.topology)))
         .with_state(state)
 }
@@ -1175,6 +1176,23 @@ fn mint_token(state: &ApiState, body: &[u8]) -> Result<Value, ApiError> {
     }
     let (token, claims) = state.access.mint_token(&id.label(), &scopes, ttl);
     Ok(crate::auth::token_answer(&token, &claims))
+}
+
+/// Behind trusted proxies, the client's address from `X-Forwarded-For` replaces the
+/// peer's in the request's `ConnectInfo`, so every handler (rate limits, `context.ip`)
+/// sees the client and none has to know about proxies.
+async fn client_address(
+    State(state): State<ApiState>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(ConnectInfo(peer)) = request.extensions().get::<ConnectInfo<SocketAddr>>().copied() {
+        let client = state.access.client_ip(peer.ip(), request.headers());
+        if client != peer.ip() {
+            request.extensions_mut().insert(ConnectInfo(SocketAddr::new(client, peer.port())));
+        }
+    }
+    next.run(request).await
 }
 
 /// CORS for browsers: a preflight from an origin some source allows is answered (the

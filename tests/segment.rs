@@ -259,7 +259,11 @@ fn limits_hold_at_exactly_their_size_and_refuse_one_byte_more() {
 #[test]
 fn duplicates_clock_skew_bad_input_and_auth_answer_as_segment_does() {
     let dir = tempfile::tempdir().unwrap();
-    let chorus = Chorus::up(&dir.path().join("data"), &test_topology(dir.path()));
+    // Calls come through a trusted proxy on 127.0.0.1 (a load balancer).
+    let path = test_topology(dir.path());
+    let text = std::fs::read_to_string(&path).unwrap().replace("trusted_proxies: []", "trusted_proxies: [127.0.0.1]");
+    std::fs::write(&path, text).unwrap();
+    let chorus = Chorus::up(&dir.path().join("data"), &path);
     let http = chorus.http().to_owned();
 
     // A message sent twice (a client retry) is counted once.
@@ -356,6 +360,15 @@ fn duplicates_clock_skew_bad_input_and_auth_answer_as_segment_does() {
     let (status, answer) = send_raw(store, body, false, false, Some("http://localhost:8000"));
     assert_eq!((status, answer["code"].as_str()), (403, Some("origin_not_allowed")));
 
+    // Without context.ip, the event carries the client's address: behind the trusted
+    // proxy, the last hop of X-Forwarded-For it did not add itself.
+    let forwarded = reqwest::blocking::Client::new()
+        .post(format!("{http}/v1/page"))
+        .basic_auth(WRITE_KEY, Some(""))
+        .header("X-Forwarded-For", "198.51.100.1, 203.0.113.77")
+        .json(&json!({"anonymousId": "xff-1", "messageId": "xff-message"}));
+    assert_eq!(forwarded.send().unwrap().status().as_u16(), 200);
+
     // A marker after everything above: once it is processed (one events.raw partition,
     // so in order), everything earlier is too.
     assert_eq!(send(&http, Call::new("/v1/track", json!({"userId": "marker", "event": "Product Viewed"}))).0, 200);
@@ -373,6 +386,8 @@ fn duplicates_clock_skew_bad_input_and_auth_answer_as_segment_does() {
     let (at, received) = (ms(&event["timestamp"]), ms(&event["context"]["received_at"]));
     assert_eq!(received - at, 2_000, "{event}");
     assert!((received - now.as_millisecond()).abs() < 30_000, "received now, not ten minutes ahead: {event}");
+    let xff = raw.iter().map(|r| &r["value"]).find(|v| v["event_id"] == "xff-message").unwrap();
+    assert_eq!(xff["context"]["ip"], "203.0.113.77");
     let original = ms(&event["context"]["original_timestamp"]);
     assert!((original - at - 600_000).abs() < 1_000, "the client's own timestamp is kept: {event}");
 

@@ -114,6 +114,10 @@ pub struct AccessConfig {
     /// before its requests are refused (429) until the window ends.
     pub failed_auth_limit: u32,
     pub failed_auth_window: Duration,
+    /// Load balancers and proxies (addresses or CIDRs) whose `X-Forwarded-For` is
+    /// believed: behind them, a client's address (for rate limiting and an event's
+    /// `context.ip`) is the last address of that header that is not one of them.
+    pub trusted_proxies: Vec<String>,
 }
 
 /// One source of events: a website, an app, a backend.
@@ -165,6 +169,7 @@ impl Default for AccessConfig {
             open: OPENABLE.iter().map(|s| s.to_string()).collect(),
             failed_auth_limit: 20,
             failed_auth_window: Duration::minutes(1),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -264,7 +269,21 @@ impl AccessConfig {
         if self.failed_auth_window.ms() <= 0 {
             errors.push(config_error("access.failed_auth_window", "must be positive"));
         }
+        for (i, proxy) in self.trusted_proxies.iter().enumerate() {
+            if parse_network(proxy).is_none() {
+                errors.push(config_error(
+                    format!("access.trusted_proxies[{i}]"),
+                    format!("{proxy:?} is not an address or a CIDR (`10.0.0.0/8`, `2001:db8::/32`, `10.1.2.3`)"),
+                ));
+            }
+        }
     }
+}
+
+/// An address or a CIDR as a network (an address is a network of one).
+pub fn parse_network(text: &str) -> Option<ipnet::IpNet> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>().ok().or_else(|| text.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
 }
 
 #[cfg(test)]
@@ -294,6 +313,7 @@ sources:
 api_keys:
   - {name: backend, key: too-short, scopes: [read:everything]}
 open: [privacy]
+trusted_proxies: [10.0.0.0/8, "192.168.1.7", nonsense]
 "#,
         )
         .unwrap();
@@ -308,6 +328,7 @@ open: [privacy]
             "access.api_keys[0].key",
             "access.api_keys[0].scopes[0]",
             "access.open[0]",
+            "access.trusted_proxies[2]",
         ] {
             assert!(paths.contains(&want), "{want} missing from {paths:?}");
         }

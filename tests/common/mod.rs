@@ -46,6 +46,7 @@ access:
   open: [healthz, readyz, metrics]
   failed_auth_limit: 100000
   failed_auth_window: 1m
+  trusted_proxies: []
 "#;
 
 pub fn bin() -> PathBuf {

@@ -251,3 +251,87 @@ fn short_route_names_are_the_call_types() {
     }
     assert_eq!(CallType::parse("b"), None);
 }
+
+mod never_panics {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Any JSON value, a few levels deep.
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+            ".{0,12}".prop_map(Value::String),
+            Just(json!("2024-02-14T10:30:00Z")),
+            Just(json!("Order Completed")),
+        ];
+        leaf.prop_recursive(3, 24, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z]{1,8}", inner, 0..5)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A message whose spec fields hold anything.
+    fn message() -> impl Strategy<Value = Value> {
+        let fields = [
+            "type",
+            "userId",
+            "anonymousId",
+            "messageId",
+            "event",
+            "name",
+            "properties",
+            "traits",
+            "context",
+            "timestamp",
+            "sentAt",
+            "groupId",
+            "previousId",
+            "category",
+        ];
+        let kinds = prop_oneof![
+            Just(json!("identify")),
+            Just(json!("track")),
+            Just(json!("page")),
+            Just(json!("screen")),
+            Just(json!("group")),
+            Just(json!("alias")),
+        ];
+        (kinds, prop::collection::vec((0..fields.len(), any_json()), 0..10), ".{1,8}").prop_map(
+            move |(kind, values, id)| {
+                let mut m = json!({"type": kind, "userId": id});
+                for (i, v) in values {
+                    m[fields[i]] = v;
+                }
+                m
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn any_message_maps_or_is_refused_with_a_field(msg in message(), batch_context in any_json(), route in 0..7usize) {
+            let call = [None, Some(CallType::Identify), Some(CallType::Track), Some(CallType::Page),
+                        Some(CallType::Screen), Some(CallType::Group), Some(CallType::Alias)][route];
+            let defaults = BatchDefaults { context: batch_context.as_object(), sent_at: None };
+            match to_event(&msg, call, &defaults, &receipt(), &Topology::default()) {
+                // What is accepted is a valid standard event, and stays one on the wire.
+                Ok(event) => {
+                    let wire = serde_json::to_value(&event).unwrap();
+                    prop_assert_eq!(Event::from_json(&wire).unwrap(), event);
+                }
+                Err(e) => prop_assert!(!e.message.is_empty()),
+            }
+        }
+
+        #[test]
+        fn any_json_is_mapped_or_refused(value in any_json()) {
+            let _ = to_event(&value, None, &BatchDefaults::default(), &receipt(), &Topology::default());
+        }
+    }
+}
