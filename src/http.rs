@@ -53,7 +53,12 @@ impl ApiState {
     }
 }
 
+/// Every route, with the credential it takes (README, "Access control"): the customer
+/// reads and consent check their caller themselves (secret keys, visitor tokens, write
+/// keys for anonymous visitors); `secret(scope, ...)` routes take a secret key with the
+/// scope, checked before the handler runs.
 pub fn router(state: ApiState) -> Router {
+    let secret = |scope, label, route| keyed(&state, scope, label, route);
     Router::new()
         .route("/v1/events", post(post_events))
         .route("/v1/profiles/{identifier}", get(|s, a, h, p, q| customer_read(CustomerRead::Profile, s, a, h, p, q)))
@@ -62,22 +67,31 @@ pub fn router(state: ApiState) -> Router {
             "/v1/recommendations/{identifier}",
             get(|s, a, h, p, q| customer_read(CustomerRead::Recommendations, s, a, h, p, q)),
         )
-        .route("/v1/instances", get(get_instances))
+        .route("/v1/instances", secret(Scope::ReadInstances, "/v1/instances", get(get_instances)))
         .route(
             "/v1/consent/{identifier}",
             get(|s, a, h, p, q| customer_read(CustomerRead::Consent, s, a, h, p, q)).put(put_consent),
         )
-        .route("/v1/content/{id}", get(get_content_preview))
+        .route("/v1/content/{id}", secret(Scope::ReadContent, "/v1/content", get(get_content_preview)))
         .route("/internal/v1/stores/{processor}/{partition}/{store}", get(get_store_value))
-        .route("/v1/identity/unlink", post(post_unlink))
-        .route("/v1/identity/{kind}/{value}", get(get_identity))
-        .route("/v1/privacy/requests", post(post_privacy_request))
-        .route("/v1/privacy/unsuppress", post(post_unsuppress))
-        .route("/v1/privacy/requests/{id}", get(get_privacy_request))
-        .route("/v1/privacy/requests/{id}/export", get(get_privacy_export))
-        .route("/v1/privacy/requests/{id}/export.zip", get(get_privacy_export_zip))
+        .route("/v1/identity/unlink", secret(Scope::AdminIdentity, "/v1/identity/unlink", post(post_unlink)))
+        .route("/v1/identity/{kind}/{value}", secret(Scope::ReadIdentity, "/v1/identity", get(get_identity)))
+        .route("/v1/privacy/requests", secret(Scope::AdminPrivacy, "/v1/privacy/requests", post(post_privacy_request)))
+        .route("/v1/privacy/unsuppress", secret(Scope::AdminPrivacy, "/v1/privacy/unsuppress", post(post_unsuppress)))
+        .route(
+            "/v1/privacy/requests/{id}",
+            secret(Scope::AdminPrivacy, "/v1/privacy/requests/{id}", get(get_privacy_request)),
+        )
+        .route(
+            "/v1/privacy/requests/{id}/export",
+            secret(Scope::AdminPrivacy, "/v1/privacy/requests/{id}/export", get(get_privacy_export)),
+        )
+        .route(
+            "/v1/privacy/requests/{id}/export.zip",
+            secret(Scope::AdminPrivacy, "/v1/privacy/requests/{id}/export.zip", get(get_privacy_export_zip)),
+        )
         .route("/metrics", get(get_metrics))
-        .route("/v1/tokens", post(post_token))
+        .route("/v1/tokens", secret(Scope::AdminTokens, "/v1/tokens", post(post_token)))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(crate::tracking::routes())
@@ -87,6 +101,28 @@ pub fn router(state: ApiState) -> Router {
         .layer(axum::middleware::from_fn_with_state(state.clone(), client_address))
         .layer(DefaultBodyLimit::max(body_limit(&state.topology)))
         .with_state(state)
+}
+
+/// `route` behind a check for a secret key with `scope`; a refusal is counted under `label`.
+fn keyed(
+    state: &ApiState,
+    scope: Scope,
+    label: &'static str,
+    route: axum::routing::MethodRouter<ApiState>,
+) -> axum::routing::MethodRouter<ApiState> {
+    route.route_layer(axum::middleware::from_fn_with_state((state.clone(), scope, label), require_secret))
+}
+
+async fn require_secret(
+    State((state, scope, label)): State<(ApiState, Scope, &'static str)>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match secret(&state, request.headers(), addr, scope) {
+        Ok(()) => next.run(request).await,
+        Err(e) => counted(label, e),
+    }
 }
 
 /// The largest request body: a batch of events up to the intake's own limits, and at
@@ -530,15 +566,9 @@ async fn get_content_preview(
     params: Result<Params<PreviewParams>, QueryRejection>,
 ) -> Response {
     // Personalised for a customer, the rendering shows their profile: that needs
-    // read:profiles too.
+    // read:profiles too (the route checks read:content).
     let personalised = params.as_ref().is_ok_and(|Params(p)| p.customer.is_some());
-    let allowed = secret(&state, &headers, addr, Scope::ReadContent).and_then(|()| {
-        if personalised {
-            secret(&state, &headers, addr, Scope::ReadProfiles)
-        } else {
-            Ok(())
-        }
-    });
+    let allowed = if personalised { secret(&state, &headers, addr, Scope::ReadProfiles) } else { Ok(()) };
     if let Err(e) = allowed {
         return counted("/v1/content", e);
     }
@@ -697,22 +727,16 @@ async fn change_consent(state: &ApiState, identifier: &str, body: &[u8]) -> Resu
 }
 
 /// Every live instance, its address and the tasks it serves.
-async fn get_instances(
-    State(state): State<ApiState>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    let result = secret(&state, &headers, addr, Scope::ReadInstances).map(|()| {
-        let members: Vec<Value> = state
-            .query
-            .directory
-            .members()
-            .into_iter()
-            .map(|m| json!({"instance_id": m.instance_id, "url": m.url, "tasks": m.tasks, "at": m.at}))
-            .collect();
-        json!({"instances": members})
-    });
-    answer("/v1/instances", StatusCode::OK, result)
+async fn get_instances(State(state): State<ApiState>) -> Response {
+    // The members' cluster keys stay off this answer.
+    let members: Vec<Value> = state
+        .query
+        .directory
+        .members()
+        .into_iter()
+        .map(|m| json!({"instance_id": m.instance_id, "url": m.url, "tasks": m.tasks, "at": m.at}))
+        .collect();
+    answer("/v1/instances", StatusCode::OK, Ok(json!({"instances": members})))
 }
 
 #[derive(serde::Deserialize)]
@@ -767,14 +791,9 @@ fn parse_identifier(topology: &Topology, kind: &str, value: &str) -> Result<Iden
 
 async fn get_identity(
     State(state): State<ApiState>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
     Path((kind, value)): Path<(String, String)>,
     params: ReadQuery,
 ) -> Response {
-    if let Err(e) = secret(&state, &headers, addr, Scope::ReadIdentity) {
-        return counted("/v1/identity", e);
-    }
     let query = match reader(&state, params) {
         Ok(q) => q,
         Err(e) => return counted("/v1/identity", e),
@@ -804,16 +823,8 @@ struct UnlinkRequest {
 /// `POST /v1/identity/unlink {"type", "value", "reason"}`: the identifier leaves its
 /// customer, starts a new one that never merges back, and the split is emitted on
 /// `identity.merges` (rule `unlink`).
-async fn post_unlink(
-    State(state): State<ApiState>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let result = match secret(&state, &headers, addr, Scope::AdminIdentity) {
-        Ok(()) => unlink(&state, &body).await,
-        Err(e) => Err(e),
-    };
+async fn post_unlink(State(state): State<ApiState>, body: Bytes) -> Response {
+    let result = unlink(&state, &body).await;
     answer("/v1/identity/unlink", StatusCode::ACCEPTED, result)
 }
 
@@ -851,31 +862,14 @@ async fn unlink(state: &ApiState, body: &[u8]) -> Result<Value, ApiError> {
 /// "reason", "status_callback_url"}`: validated here, written as one record to
 /// `privacy.requests` (or not at all), answered `202 {"request_id",
 /// "expected_completion"}`.
-async fn post_privacy_request(
-    State(state): State<ApiState>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let result = match secret(&state, &headers, addr, Scope::AdminPrivacy) {
-        Ok(()) => file_privacy_request(&state, &body, None).await,
-        Err(e) => Err(e),
-    };
-    answer("/v1/privacy/requests", StatusCode::ACCEPTED, result)
+async fn post_privacy_request(State(state): State<ApiState>, body: Bytes) -> Response {
+    answer("/v1/privacy/requests", StatusCode::ACCEPTED, file_privacy_request(&state, &body, None).await)
 }
 
 /// `POST /v1/privacy/unsuppress {"identifier": {"type", "value"}, "reason"}`: an erased
 /// identifier may come back (its subject asked to).
-async fn post_unsuppress(
-    State(state): State<ApiState>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let result = match secret(&state, &headers, addr, Scope::AdminPrivacy) {
-        Ok(()) => file_privacy_request(&state, &body, Some(RequestType::Unsuppress)).await,
-        Err(e) => Err(e),
-    };
+async fn post_unsuppress(State(state): State<ApiState>, body: Bytes) -> Response {
+    let result = file_privacy_request(&state, &body, Some(RequestType::Unsuppress)).await;
     answer("/v1/privacy/unsuppress", StatusCode::ACCEPTED, result)
 }
 
@@ -987,15 +981,7 @@ async fn privacy_state(state: &ApiState, id: &str) -> Result<Option<RequestState
 /// `GET /v1/privacy/requests/{id}`: status (`pending`, `in_progress`, `completed`,
 /// `failed` with the part that failed), per stage and store, and the receipt. It holds
 /// no personal data.
-async fn get_privacy_request(
-    State(state): State<ApiState>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Err(e) = secret(&state, &headers, addr, Scope::AdminPrivacy) {
-        return counted("/v1/privacy/requests/{id}", e);
-    }
+async fn get_privacy_request(State(state): State<ApiState>, Path(id): Path<String>) -> Response {
     let response = match privacy_state(&state, &id).await {
         Ok(Some(s)) => (StatusCode::OK, Json(s.receipt())).into_response(),
         Ok(None) => (StatusCode::OK, Json(json!({"request_id": id, "status": "pending"}))).into_response(),
@@ -1007,32 +993,14 @@ async fn get_privacy_request(
 
 /// `GET /v1/privacy/requests/{id}/export`: the access export. It is personal data, so
 /// it takes `Authorization: Bearer <privacy.api_key>`.
-async fn get_privacy_export(
-    State(state): State<ApiState>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    let result = match secret(&state, &headers, addr, Scope::AdminPrivacy) {
-        Ok(()) => privacy_export(&state, &id).await,
-        Err(e) => Err(e),
-    };
-    answer("/v1/privacy/requests/{id}/export", StatusCode::OK, result)
+async fn get_privacy_export(State(state): State<ApiState>, Path(id): Path<String>) -> Response {
+    answer("/v1/privacy/requests/{id}/export", StatusCode::OK, privacy_export(&state, &id).await)
 }
 
 /// `GET /v1/privacy/requests/{id}/export.zip`: the same export as `export.json` with a
 /// CSV file per kind of record (portability).
-async fn get_privacy_export_zip(
-    State(state): State<ApiState>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    let export = match secret(&state, &headers, addr, Scope::AdminPrivacy) {
-        Ok(()) => privacy_export(&state, &id).await,
-        Err(e) => Err(e),
-    };
-    let zipped = export.and_then(|export| {
+async fn get_privacy_export_zip(State(state): State<ApiState>, Path(id): Path<String>) -> Response {
+    let zipped = privacy_export(&state, &id).await.and_then(|export| {
         crate::export::zip(&export)
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "export_failed", e.to_string()))
     });
@@ -1105,17 +1073,8 @@ const DEFAULT_TOKEN_TTL_MS: i64 = 15 * 60_000;
 /// `POST /v1/tokens` (a secret key with admin:tokens): a short-lived visitor token for
 /// one customer, which the site's backend hands to the browser so that it can read that
 /// customer's context and recommendations, and nobody else's.
-async fn post_token(
-    State(state): State<ApiState>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let result = match secret(&state, &headers, addr, Scope::AdminTokens) {
-        Ok(()) => mint_token(&state, &body),
-        Err(e) => Err(e),
-    };
-    answer("/v1/tokens", StatusCode::OK, result)
+async fn post_token(State(state): State<ApiState>, body: Bytes) -> Response {
+    answer("/v1/tokens", StatusCode::OK, mint_token(&state, &body))
 }
 
 fn mint_token(state: &ApiState, body: &[u8]) -> Result<Value, ApiError> {
