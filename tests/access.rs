@@ -217,7 +217,11 @@ fn repeated_failures_from_one_address_are_rate_limited_and_development_keys_are_
     // The shipped topology: no keys configured, so chorus up makes and prints development ones.
     let base = std::fs::read_to_string(topology_path()).unwrap();
     let path = dir.path().join("topology.yaml");
-    std::fs::write(&path, base.replace("failed_auth_limit: 20", "failed_auth_limit: 3")).unwrap();
+    // ... and /metrics closed: it then takes read:metrics.
+    let text = base
+        .replace("failed_auth_limit: 20", "failed_auth_limit: 3")
+        .replace("open: [healthz, readyz, metrics]", "open: [healthz, readyz]");
+    std::fs::write(&path, text).unwrap();
     let chorus = Chorus::up(&dir.path().join("data"), &path);
     let http = chorus.http().to_owned();
     let write_key = chorus.printed_value("write_key").expect("a development write key printed");
@@ -230,7 +234,18 @@ fn repeated_failures_from_one_address_are_rate_limited_and_development_keys_are_
     assert_eq!(post.send().unwrap().status().as_u16(), 200);
     let read = |key: &str| Client::new().get(format!("{http}/v1/instances")).bearer_auth(key).send().unwrap();
     assert_eq!(read(&secret_key).status().as_u16(), 200);
-    for _ in 0..3 {
+    let metrics = |key: Option<&str>| {
+        let r = Client::new().get(format!("{http}/metrics"));
+        let r = match key {
+            Some(k) => r.bearer_auth(k),
+            None => r,
+        };
+        r.send().unwrap().status().as_u16()
+    };
+    assert_eq!(metrics(Some(&secret_key)), 200);
+    assert_eq!(metrics(None), 401, "a closed /metrics takes a key");
+    assert_eq!(Client::new().get(format!("{http}/healthz")).send().unwrap().status().as_u16(), 200);
+    for _ in 0..2 {
         assert_eq!(read("sk_guess_0123456789abcdefghij").status().as_u16(), 401);
     }
     let limited = read(&secret_key);
