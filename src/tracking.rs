@@ -66,6 +66,12 @@ impl Refusal {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Refusal {
         Refusal { status, code, message: message.into(), field: None }
     }
+
+    /// The field at fault; an empty one names none.
+    fn on_field(mut self, field: impl Into<String>) -> Refusal {
+        self.field = Some(field.into()).filter(|f| !f.is_empty());
+        self
+    }
 }
 
 impl IntoResponse for Refusal {
@@ -126,11 +132,8 @@ async fn accept(
         None | Some(Value::Null) => None,
         Some(Value::String(k)) => Some(k.clone()),
         Some(_) => {
-            let refusal = Refusal {
-                field: Some("writeKey".into()),
-                ..Refusal::new(StatusCode::BAD_REQUEST, "invalid_request", "writeKey must be a string")
-            };
-            return Err(refusal);
+            return Err(Refusal::new(StatusCode::BAD_REQUEST, "invalid_request", "writeKey must be a string")
+                .on_field("writeKey"))
         }
     };
     let Some(write_key) = from_header.or(from_body) else {
@@ -167,17 +170,13 @@ async fn accept(
     for (i, (message, size)) in messages.iter().enumerate() {
         let at = if call.is_none() { format!("batch[{i}]") } else { String::new() };
         if *size > MAX_MESSAGE_BYTES {
-            return Err(Refusal {
-                field: (!at.is_empty()).then(|| at.clone()),
-                ..Refusal::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "message_too_large",
-                    format!(
-                        "{at}{}a message is at most {MAX_MESSAGE_BYTES} bytes; this one is {size}",
-                        if at.is_empty() { "" } else { ": " }
-                    ),
-                )
-            });
+            let whose = if at.is_empty() { String::new() } else { format!("{at}: ") };
+            return Err(Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "message_too_large",
+                format!("{whose}a message is at most {MAX_MESSAGE_BYTES} bytes; this one is {size}"),
+            )
+            .on_field(at));
         }
         let event = tracking::to_event(message, call, &defaults, &receipt, &state.topology).map_err(|e| {
             let field = match (at.is_empty(), e.field.is_empty()) {
@@ -186,10 +185,7 @@ async fn accept(
                 (false, false) => format!("{at}.{}", e.field),
             };
             let message = if field.is_empty() { e.message.clone() } else { format!("{field}: {}", e.message) };
-            Refusal {
-                field: Some(field).filter(|f| !f.is_empty()),
-                ..Refusal::new(StatusCode::BAD_REQUEST, "invalid_message", message)
-            }
+            Refusal::new(StatusCode::BAD_REQUEST, "invalid_message", message).on_field(field)
         })?;
         let kind = message.get("type").and_then(Value::as_str).or(call.map(CallType::as_str)).unwrap_or("track");
         events.push((event, kind.to_owned()));
@@ -222,22 +218,17 @@ fn batch_messages<'a>(
     object: &'a Map<String, Value>,
     body: &[u8],
 ) -> Result<(Vec<SizedMessage<'a>>, BatchDefaults<'a>), Refusal> {
-    let field = |message: &str| Refusal {
-        field: Some("batch".into()),
-        ..Refusal::new(StatusCode::BAD_REQUEST, "invalid_request", message.to_owned())
-    };
     let Some(Value::Array(batch)) = object.get("batch") else {
-        return Err(field("batch must be an array of messages"));
+        return Err(Refusal::new(StatusCode::BAD_REQUEST, "invalid_request", "batch must be an array of messages")
+            .on_field("batch"));
     };
     if batch.len() > MAX_BATCH_MESSAGES {
-        return Err(Refusal {
-            field: Some("batch".into()),
-            ..Refusal::new(
-                StatusCode::BAD_REQUEST,
-                "too_many_messages",
-                format!("a batch holds at most {MAX_BATCH_MESSAGES} messages; this one has {}", batch.len()),
-            )
-        });
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "too_many_messages",
+            format!("a batch holds at most {MAX_BATCH_MESSAGES} messages; this one has {}", batch.len()),
+        )
+        .on_field("batch"));
     }
     // The size of each message as the client wrote it (whitespace and escapes kept).
     #[derive(serde::Deserialize)]
@@ -252,10 +243,8 @@ fn batch_messages<'a>(
         None | Some(Value::Null) => None,
         Some(Value::Object(c)) => Some(c),
         Some(_) => {
-            return Err(Refusal {
-                field: Some("context".into()),
-                ..Refusal::new(StatusCode::BAD_REQUEST, "invalid_request", "context must be an object")
-            })
+            return Err(Refusal::new(StatusCode::BAD_REQUEST, "invalid_request", "context must be an object")
+                .on_field("context"))
         }
     };
     Ok((messages, BatchDefaults { context, sent_at: object.get("sentAt") }))
