@@ -220,7 +220,8 @@ fn repeated_failures_from_one_address_are_rate_limited_and_development_keys_are_
     // ... and /metrics closed: it then takes read:metrics.
     let text = base
         .replace("failed_auth_limit: 20", "failed_auth_limit: 3")
-        .replace("open: [healthz, readyz, metrics]", "open: [healthz, readyz]");
+        .replace("open: [healthz, readyz, metrics]", "open: [healthz, readyz]")
+        .replace("cluster_secret: \"\"", "cluster_secret: test-cluster-secret-0123456789");
     std::fs::write(&path, text).unwrap();
     let chorus = Chorus::up(&dir.path().join("data"), &path);
     let http = chorus.http().to_owned();
@@ -245,6 +246,13 @@ fn repeated_failures_from_one_address_are_rate_limited_and_development_keys_are_
     assert_eq!(metrics(Some(&secret_key)), 200);
     assert_eq!(metrics(None), 401, "a closed /metrics takes a key");
     assert_eq!(Client::new().get(format!("{http}/healthz")).send().unwrap().status().as_u16(), 200);
+    // The configured cluster secret opens a member's stores to the others.
+    let store = Client::new()
+        .get(format!("{http}/internal/v1/stores/profile/0/profiles?key=nobody"))
+        .header("x-chorus-cluster-key", "test-cluster-secret-0123456789")
+        .send()
+        .unwrap();
+    assert!(matches!(store.status().as_u16(), 204 | 503), "{}", store.status());
     for _ in 0..2 {
         assert_eq!(read("sk_guess_0123456789abcdefghij").status().as_u16(), 401);
     }
