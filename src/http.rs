@@ -90,10 +90,10 @@ pub fn router(state: ApiState) -> Router {
             "/v1/privacy/requests/{id}/export.zip",
             secret(Scope::AdminPrivacy, "/v1/privacy/requests/{id}/export.zip", get(get_privacy_export_zip)),
         )
-        .route("/metrics", get(get_metrics))
+        .route("/metrics", open_or_keyed(&state, "metrics", get(get_metrics)))
         .route("/v1/tokens", secret(Scope::AdminTokens, "/v1/tokens", post(post_token)))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/healthz", open_or_keyed(&state, "healthz", get(healthz)))
+        .route("/readyz", open_or_keyed(&state, "readyz", get(readyz)))
         .merge(crate::tracking::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(axum::middleware::map_response(json_body_limit))
@@ -1199,32 +1199,28 @@ async fn cors(
 
 /// `/healthz`, `/readyz` and `/metrics` are open unless `access.open` leaves them out;
 /// then they take a secret key with read:metrics (Prometheus sends it as a bearer token).
-fn open_or_keyed(state: &ApiState, endpoint: &str, headers: &HeaderMap, addr: SocketAddr) -> Option<Response> {
+fn open_or_keyed(
+    state: &ApiState,
+    endpoint: &'static str,
+    route: axum::routing::MethodRouter<ApiState>,
+) -> axum::routing::MethodRouter<ApiState> {
     if state.access.is_open(endpoint) {
-        return None;
+        route
+    } else {
+        let label = match endpoint {
+            "healthz" => "/healthz",
+            "readyz" => "/readyz",
+            _ => "/metrics",
+        };
+        keyed(state, Scope::ReadMetrics, label, route)
     }
-    secret(state, headers, addr, Scope::ReadMetrics).err().map(|e| counted(&format!("/{endpoint}"), e))
 }
 
-async fn healthz(
-    State(state): State<ApiState>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(refused) = open_or_keyed(&state, "healthz", &headers, addr) {
-        return refused;
-    }
+async fn healthz() -> Response {
     Json(json!({"status": "ok"})).into_response()
 }
 
-async fn get_metrics(
-    State(state): State<ApiState>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(refused) = open_or_keyed(&state, "metrics", &headers, addr) {
-        return refused;
-    }
+async fn get_metrics(State(state): State<ApiState>) -> Response {
     let sizes = state.query.local.store_sizes(&state.topology);
     // Only partitions open right now: a partition handed to another member disappears.
     metrics().store_entries.reset();
@@ -1241,14 +1237,7 @@ async fn get_metrics(
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render()).into_response()
 }
 
-async fn readyz(
-    State(state): State<ApiState>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(refused) = open_or_keyed(&state, "readyz", &headers, addr) {
-        return refused;
-    }
+async fn readyz(State(state): State<ApiState>) -> Response {
     if let Some(why) = state.query.local.failure() {
         return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "task_failed", why).into_response();
     }
